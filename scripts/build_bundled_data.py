@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import io
 import json
 import shutil
 import sys
@@ -38,9 +39,11 @@ COPIES = [
     ("redial/original/movies_with_mentions.csv", "redial/original/movies_with_mentions.csv"),
     ("redial/llms_zero_shot/test.jsonl", "redial/llms_zero_shot/test.jsonl"),
     ("redial/llms_zero_shot/entity2id.json", "redial/llms_zero_shot/entity2id.json"),
+    ("redial/llms_zero_shot/item_ids.json", "redial/llms_zero_shot/item_ids.json"),
     ("inspired/SOURCE.md", "inspired/SOURCE.md"),
     ("inspired/llms_zero_shot/test.jsonl", "inspired/llms_zero_shot/test.jsonl"),
     ("inspired/llms_zero_shot/entity2id.json", "inspired/llms_zero_shot/entity2id.json"),
+    ("inspired/llms_zero_shot/item_ids.json", "inspired/llms_zero_shot/item_ids.json"),
     ("inspired/unicrs_dbpedia/train_data_dbpedia.jsonl", "inspired/unicrs_dbpedia/train_data_dbpedia.jsonl"),
     ("inspired/unicrs_dbpedia/test_data_dbpedia.jsonl", "inspired/unicrs_dbpedia/test_data_dbpedia.jsonl"),
     ("inspired/cfcrs/test_data.jsonl", "inspired/cfcrs/test_data.jsonl"),
@@ -67,8 +70,11 @@ def catalog_imdb_ids(shared: Path) -> set[str]:
 def filter_reviews(shared: Path, out: Path, keep: set[str]) -> tuple[int, int]:
     kept = total = 0
     out.parent.mkdir(parents=True, exist_ok=True)
+    # mtime=0 keeps the archive byte-identical across rebuilds
     with gzip.open(shared / "reviews/imdb_reviews.jsonl.gz", "rt", encoding="utf-8") as src, \
-            gzip.open(out, "wt", encoding="utf-8", compresslevel=9) as dst:
+            open(out, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as packed, \
+            io.TextIOWrapper(packed, encoding="utf-8") as dst:
         for line in src:
             total += 1
             if json.loads(line)["imdb_id"] in keep:
