@@ -1,0 +1,97 @@
+import threading
+
+import numpy as np
+import pytest
+
+from crs_core import store
+from crs_core.errors import WorkspaceError
+from crs_core.store import SCHEMA_VERSION, Workspace, blobs_to_vectors, vectors_to_blobs, workspace_path
+
+
+def test_new_workspace_is_migrated_to_current_version(tmp_path):
+    with Workspace(tmp_path / "w.duckdb") as ws:
+        assert ws.schema_version() == SCHEMA_VERSION
+        assert set(ws.status()) >= {"items", "reviews", "selections", "synthetic_queries", "runs"}
+        assert all(n == 0 for n in ws.status().values())
+
+
+def test_reopening_keeps_data_and_version(tmp_path):
+    path = tmp_path / "w.duckdb"
+    with Workspace(path) as ws:
+        with ws.transaction() as cur:
+            cur.execute("INSERT INTO items (item_id, title) VALUES ('tt1', 'Alien')")
+    with Workspace(path) as ws:
+        assert ws.count("items") == 1
+        assert ws.schema_version() == SCHEMA_VERSION
+
+
+def test_forward_migration_from_older_version(tmp_path, monkeypatch):
+    path = tmp_path / "w.duckdb"
+    with Workspace(path) as ws:
+        assert ws.schema_version() == 1
+    extra = "CREATE TABLE annotations_v2 (id INTEGER); ALTER TABLE items ADD COLUMN popularity DOUBLE;"
+    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [extra])
+    monkeypatch.setattr(store, "SCHEMA_VERSION", len(store.MIGRATIONS))
+    with Workspace(path) as ws:
+        assert ws.schema_version() == 2
+        assert "popularity" in ws.df("SELECT * FROM items").columns
+
+
+def test_workspace_from_a_newer_studio_is_refused(tmp_path):
+    path = tmp_path / "w.duckdb"
+    with Workspace(path) as ws:
+        ws.set_meta("schema_version", str(SCHEMA_VERSION + 5))
+    with pytest.raises(WorkspaceError, match="newer than this studio"):
+        Workspace(path)
+
+
+def test_failed_transaction_leaves_workspace_unchanged(tmp_path):
+    with Workspace(tmp_path / "w.duckdb") as ws:
+        with ws.transaction() as cur:
+            cur.execute("INSERT INTO items (item_id, title) VALUES ('tt1', 'Alien')")
+        with pytest.raises(RuntimeError):
+            with ws.transaction() as cur:
+                cur.execute("INSERT INTO items (item_id, title) VALUES ('tt2', 'Aliens')")
+                raise RuntimeError("crash half-way")
+        assert ws.df("SELECT item_id FROM items")["item_id"].tolist() == ["tt1"]
+
+
+def test_many_threads_write_through_their_own_cursors(tmp_path):
+    with Workspace(tmp_path / "w.duckdb") as ws:
+        errors = []
+
+        def write(i: int) -> None:
+            try:
+                for j in range(20):
+                    with ws.transaction() as cur:
+                        cur.execute("INSERT INTO tags VALUES (?, ?, 'tag', 0, 'test')", [f"u{i}", f"i{j}"])
+                    ws.count("tags")
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert ws.count("tags") == 120
+
+
+def test_read_only_open_of_missing_workspace_says_what_to_do(tmp_path):
+    with pytest.raises(WorkspaceError, match="crs_core init"):
+        Workspace(tmp_path / "nope.duckdb", read_only=True)
+
+
+def test_workspace_path_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRS_WORKSPACE", str(tmp_path / "env.duckdb"))
+    assert workspace_path() == tmp_path / "env.duckdb"
+    assert workspace_path(tmp_path / "flag.duckdb") == tmp_path / "flag.duckdb"
+    monkeypatch.delenv("CRS_WORKSPACE")
+    assert workspace_path() == store.DEFAULT_WORKSPACE
+
+
+def test_vector_blobs_round_trip():
+    matrix = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    assert np.array_equal(blobs_to_vectors(vectors_to_blobs(matrix), 7), matrix)
+    assert blobs_to_vectors([], 3).shape == (0, 3)
