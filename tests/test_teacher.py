@@ -1,0 +1,551 @@
+"""The teacher layer against a real OpenAI-compatible HTTP server on 127.0.0.1.
+
+No mocks: the real ``openai`` client talks HTTP to tests/openai_stub_server.py, whose faults
+(429 + Retry-After, 500, hangs, malformed / truncated bodies, empty choices) are injected per
+request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from crs_core.errors import CRSError  # noqa: E402
+from crs_core.store import Workspace  # noqa: E402
+from crs_core.teacher import (  # noqa: E402
+    Budget,
+    BudgetExceeded,
+    BudgetExhausted,
+    ChatRequest,
+    Completion,
+    JsonlCache,
+    MemoryCache,
+    Price,
+    Secret,
+    Teacher,
+    TeacherConfig,
+    TeacherError,
+    TeacherFailure,
+    TeacherSetupError,
+    import_cache_entries,
+    parse_json_text,
+    price_for,
+    summarize,
+)
+from openai_stub_server import Fault, OpenAIStubServer  # noqa: E402
+
+KEY = "sk-test-THIS-KEY-MUST-NEVER-BE-STORED-7f3a9c"
+
+
+def msgs(text: str) -> list[dict]:
+    return [{"role": "system", "content": "You are a movie expert."}, {"role": "user", "content": text}]
+
+
+@pytest.fixture()
+def stub():
+    with OpenAIStubServer() as server:
+        yield server
+
+
+def make_teacher(stub: OpenAIStubServer, cache=None, budget=None, **kw) -> Teacher:
+    cfg = dict(timeout=5.0, max_attempts=4, backoff_base=0.02, backoff_max=0.1)
+    cfg.update(kw)
+    model = cfg.pop("model", "gpt-4o-mini")
+    return Teacher(TeacherConfig.openai(stub.base_url, model, api_key=KEY, **cfg), cache=cache, budget=budget)
+
+
+# -- basics --------------------------------------------------------------------------------
+def test_chat_returns_text_tokens_and_cost(stub):
+    teacher = make_teacher(stub)
+    c = teacher.chat(msgs("recommend a heist movie"), max_tokens=50)
+    assert isinstance(c, Completion) and c.ok
+    assert c.text == "echo: recommend a heist movie"
+    # stub tokenizer: words + 3 per message
+    assert c.prompt_tokens == (5 + 3) + (4 + 3)
+    assert c.completion_tokens == 5
+    assert c.cost == pytest.approx((15 * 0.15 + 5 * 0.60) / 1e6)
+    assert not c.cached and c.attempts == 1 and c.finish_reason == "stop"
+    body = stub.requests[0].body
+    assert body["model"] == "gpt-4o-mini" and body["temperature"] == 0.8 and body["max_tokens"] == 50
+    assert body["messages"] == msgs("recommend a heist movie")
+    assert stub.requests[0].headers["authorization"] == f"Bearer {KEY}"  # the key is used...
+    assert teacher.ping() == ["stub-model"]
+
+
+def test_parameters_reach_the_server(stub):
+    teacher = make_teacher(stub, temperature=0.3, max_tokens=77)
+    teacher.chat(msgs("a"), response_format={"type": "json_object"}, seed=7)
+    body = stub.requests[-1].body
+    assert body["temperature"] == 0.3 and body["max_tokens"] == 77
+    assert body["response_format"] == {"type": "json_object"} and body["seed"] == 7
+
+
+def test_stub_reply_function_and_json():
+    with OpenAIStubServer(reply=lambda messages: '```json\n{"titles": ["Heat (1995)"]}\n```') as server:
+        c = make_teacher(server).chat(msgs("list"), response_format={"type": "json_object"})
+        assert c.json() == {"titles": ["Heat (1995)"]}
+        assert server.chat_requests == 1 and server.model_requests == 0
+
+
+def test_json_helper():
+    assert parse_json_text('```json\n{"a": 1}\n```') == {"a": 1}
+    assert parse_json_text('Sure! Here it is: [1, 2] hope it helps') == [1, 2]
+    with pytest.raises(ValueError):
+        parse_json_text("no json here")
+
+
+def test_price_table_prefix_and_unpriced(stub):
+    assert price_for("gpt-4o-2024-08-06", {"gpt-4o": Price(1, 2), "gpt-4o-mini": Price(3, 4)}) == Price(1, 2)
+    assert price_for("gpt-4o-mini-2024", {"gpt-4o": Price(1, 2), "gpt-4o-mini": Price(3, 4)}) == Price(3, 4)
+    teacher = make_teacher(stub, model="my-own-model")
+    c = teacher.chat(msgs("x"))
+    assert c.cost is None and teacher.tally().unpriced_calls == 1
+    with pytest.raises(TeacherSetupError, match="price"):
+        make_teacher(stub, model="my-own-model", budget=Budget(max_cost=1.0))
+    custom = make_teacher(stub, model="my-own-model", prices={"my-own": Price(1.0, 2.0)})
+    c = custom.chat(msgs("y"))
+    assert c.cost == pytest.approx((c.prompt_tokens * 1.0 + c.completion_tokens * 2.0) / 1e6)
+
+
+# -- cache ---------------------------------------------------------------------------------
+def test_second_identical_call_makes_no_request(stub):
+    teacher = make_teacher(stub)
+    first = teacher.chat(msgs("hello"))
+    second = teacher.chat(msgs("hello"))
+    assert stub.chat_requests == 1
+    assert second.cached and second.text == first.text and second.prompt_tokens == first.prompt_tokens
+    assert teacher.tally().cached_hits == 1 and teacher.tally().calls == 1
+    # anything that changes the answer changes the key
+    teacher.chat(msgs("hello"), temperature=0.1)
+    teacher.chat(msgs("hello"), max_tokens=9)
+    teacher.chat(msgs("hello"), response_format={"type": "json_object"})
+    teacher.chat(msgs("hello"), cache_salt=1)
+    teacher.chat(msgs("hello"), cache_salt=2)
+    assert stub.chat_requests == 6
+    assert isinstance(teacher.cache, MemoryCache) and len(teacher.cache) == 6
+
+
+def test_cache_key_ignores_the_api_key(stub):
+    a = make_teacher(stub)
+    b = Teacher(TeacherConfig.openai(stub.base_url, "gpt-4o-mini", api_key="sk-other"), cache=a.cache)
+    assert a.cache_key(msgs("x")) == b.cache_key(msgs("x"))
+    a.chat(msgs("x"))
+    assert b.chat(msgs("x")).cached and stub.chat_requests == 1
+    # but the endpoint and model are part of it
+    c = Teacher(TeacherConfig.openai(stub.base_url, "gpt-4o"), cache=a.cache)
+    assert c.cache_key(msgs("x")) != a.cache_key(msgs("x"))
+
+
+def test_workspace_cache_survives_a_restart(stub, tmp_path):
+    path = tmp_path / "ws.duckdb"
+    with Workspace(path) as ws:
+        teacher = make_teacher(stub, cache=ws)
+        teacher.chat(msgs("one"))
+        row = ws.cursor().execute(
+            "SELECT provider, model, request, prompt_tokens, completion_tokens, cost FROM llm_cache"
+        ).fetchone()
+        assert row[0] == "openai" and row[1] == "gpt-4o-mini"
+        assert json.loads(row[2])["messages"] == msgs("one") and row[3] > 0 and row[4] > 0 and row[5] > 0
+    with Workspace(path) as ws:  # a new process would see the same
+        teacher = make_teacher(stub, cache=ws)
+        c = teacher.chat(msgs("one"))
+        assert c.cached and c.text == "echo: one"
+    assert stub.chat_requests == 1
+
+
+def test_workspace_cache_group_commits_concurrent_results(stub, tmp_path):
+    stub.latency = 0.02
+    with Workspace(tmp_path / "ws.duckdb") as ws:
+        teacher = make_teacher(stub, cache=ws)
+        committed_when_reported = []
+
+        def on_result(i, r):  # a result is in the workspace before it is reported done
+            committed_when_reported.append(ws.scalar("SELECT count(*) FROM llm_cache WHERE cache_key = ?", [r.cache_key]))
+
+        results = teacher.chat_many([msgs(f"g{i}") for i in range(48)], concurrency=16, on_result=on_result)
+        assert all(r.ok for r in results) and committed_when_reported == [1] * 48
+        assert ws.count("llm_cache") == 48
+        # a row written meanwhile by someone else is kept, not an error
+        cache = teacher.cache
+        entry = cache.get(results[0].cache_key)
+        cache.put(results[0].cache_key, dict(entry, response={"text": "other"}))
+        assert cache.get(results[0].cache_key)["response"]["text"] == "echo: g0"
+        assert set(cache.get_many([r.cache_key for r in results[:5]] + ["missing"])) == {r.cache_key for r in results[:5]}
+
+
+def test_jsonl_cache_for_jobs_survives_a_crash_and_imports_into_the_workspace(stub, tmp_path):
+    path = tmp_path / "job" / "llm_cache.jsonl"
+    teacher = make_teacher(stub, cache=path)  # a path: a JSON-lines cache (a job's folder)
+    assert isinstance(teacher.cache, JsonlCache)
+    teacher.chat_many([msgs(f"j{i}") for i in range(6)], concurrency=3)
+    teacher.cache.close()
+    with open(path, "a") as f:  # a crash in the middle of writing a line
+        f.write('{"cache_key": "torn", "entry": {"te')
+    again = make_teacher(stub, cache=JsonlCache(path))
+    results = again.chat_many([msgs(f"j{i}") for i in range(7)])
+    assert [r.cached for r in results] == [True] * 6 + [False]
+    assert stub.chat_requests == 7
+    assert len(JsonlCache(path)) == 7  # the line written after the torn one is intact
+    assert KEY.encode() not in path.read_bytes()
+    with Workspace(tmp_path / "ws.duckdb") as ws:
+        assert import_cache_entries(ws, again.cache.entries()) == 7
+        assert import_cache_entries(ws, again.cache.entries()) == 7  # again: existing rows kept
+        assert ws.count("llm_cache") == 7
+        assert make_teacher(stub, cache=ws).chat(msgs("j3")).cached
+
+
+def test_identical_requests_in_flight_are_made_once(stub):
+    stub.latency = 0.2
+    teacher = make_teacher(stub)
+    results = teacher.chat_many([msgs("same")] * 8, concurrency=8)
+    assert stub.chat_requests == 1
+    assert all(r.ok and r.text == "echo: same" for r in results)
+    assert sum(r.cached for r in results) == 7
+
+
+def test_results_are_committed_before_they_count_so_a_crash_repeats_no_call(stub, tmp_path):
+    stub.latency = 0.02
+    path = tmp_path / "ws.duckdb"
+    requests = [msgs(f"query {i}") for i in range(20)]
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_five(index, result):
+        if crash_after_five.n == 5:
+            raise Crash()
+        crash_after_five.n += 1
+
+    crash_after_five.n = 0
+    with Workspace(path) as ws:
+        with pytest.raises(Crash):
+            make_teacher(stub, cache=ws).chat_many(requests, concurrency=4, on_result=crash_after_five)
+        made_before = stub.chat_requests
+        assert 6 <= made_before < 20
+        assert ws.count("llm_cache") == made_before  # every call made was committed
+    with Workspace(path) as ws:  # restart
+        teacher = make_teacher(stub, cache=ws)
+        results = teacher.chat_many(requests, concurrency=4)
+    assert [r.text for r in results] == [f"echo: query {i}" for i in range(20)]
+    assert stub.chat_requests == 20  # no call was repeated
+    assert teacher.tally().cached_hits == made_before
+
+
+def test_use_cache_false_always_calls(stub):
+    teacher = make_teacher(stub)
+    teacher.chat(msgs("z"))
+    teacher.chat(msgs("z"), use_cache=False)
+    assert stub.chat_requests == 2
+
+
+# -- retries -------------------------------------------------------------------------------
+def test_429_is_retried_after_retry_after_seconds(stub):
+    teacher = make_teacher(stub)
+    stub.push(Fault.rate_limit(retry_after=1))
+    t0 = time.monotonic()
+    c = teacher.chat(msgs("busy"))
+    elapsed = time.monotonic() - t0
+    assert c.text == "echo: busy" and c.attempts == 2 and stub.chat_requests == 2
+    assert elapsed >= 1.0  # honoured Retry-After, not the 0.02 s backoff
+    assert teacher.tally().retries == 1 and teacher.tally().requests == 2
+
+
+def test_429_without_retry_after_backs_off_exponentially(stub):
+    teacher = make_teacher(stub, backoff_base=0.1, backoff_max=10.0, max_attempts=4)
+    stub.push(Fault.rate_limit(), Fault.rate_limit(), Fault.rate_limit())
+    t0 = time.monotonic()
+    c = teacher.chat(msgs("busy"))
+    elapsed = time.monotonic() - t0
+    assert c.attempts == 4
+    # equal jitter: waits within [0.05, 0.1] + [0.1, 0.2] + [0.2, 0.4]
+    assert 0.35 <= elapsed < 2.0
+
+
+@pytest.mark.parametrize("fault", [Fault.server_error(500), Fault.server_error(502), Fault.server_error(503)])
+def test_5xx_is_retried(stub, fault):
+    teacher = make_teacher(stub)
+    stub.push(fault, fault)
+    c = teacher.chat(msgs("flaky"))
+    assert c.text == "echo: flaky" and c.attempts == 3 and stub.chat_requests == 3
+
+
+def test_timeout_is_retried(stub):
+    teacher = make_teacher(stub, timeout=0.5)
+    stub.push(Fault.hang(3))
+    t0 = time.monotonic()
+    c = teacher.chat(msgs("slow"))
+    assert c.text == "echo: slow" and c.attempts == 2
+    assert 0.5 <= time.monotonic() - t0 < 2.5
+
+
+def test_timeout_on_every_attempt_gives_a_clear_error(stub):
+    teacher = make_teacher(stub, timeout=0.3, max_attempts=2)
+    stub.push(Fault.hang(2), Fault.hang(2))
+    with pytest.raises(TeacherError) as info:
+        teacher.chat(msgs("slow"))
+    assert info.value.kind == "timeout" and info.value.attempts == 2
+    assert "did not answer within 0.3 s" in str(info.value) and "after 2 attempts" in str(info.value)
+
+
+def test_connection_errors_are_retried_then_reported():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    teacher = Teacher(TeacherConfig.openai(f"http://127.0.0.1:{port}/v1", "gpt-4o-mini", api_key=KEY,
+                                           max_attempts=3, backoff_base=0.01))
+    with pytest.raises(TeacherError) as info:
+        teacher.chat(msgs("anyone?"))
+    assert info.value.kind == "connection" and info.value.attempts == 3
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert teacher.tally().failures == 1 and teacher.tally().requests == 3
+
+
+@pytest.mark.parametrize(
+    "fault", [Fault.malformed(), Fault.truncated(), Fault.truncated_json(), Fault.empty_choices()],
+    ids=["malformed", "truncated", "truncated_json", "empty_choices"],
+)
+def test_unusable_responses_are_retried(stub, fault):
+    teacher = make_teacher(stub)
+    stub.push(fault)
+    c = teacher.chat(msgs("garbled"))
+    assert c.text == "echo: garbled" and c.attempts == 2 and stub.chat_requests == 2
+
+
+@pytest.mark.parametrize(
+    "fault,kind",
+    [(Fault.malformed(), "bad_response"), (Fault.truncated(), "connection"),
+     (Fault.truncated_json(), "bad_response"), (Fault.empty_choices(), "bad_response")],
+    ids=["malformed", "truncated", "truncated_json", "empty_choices"],
+)
+def test_unusable_responses_on_every_attempt_give_a_clear_error(stub, fault, kind):
+    teacher = make_teacher(stub, max_attempts=2)
+    stub.push(fault, fault)
+    with pytest.raises(TeacherError) as info:
+        teacher.chat(msgs("garbled"))
+    assert info.value.kind == kind and info.value.attempts == 2
+    assert stub.base_url in str(info.value)
+    assert len(teacher.cache) == 0  # nothing unusable is cached
+
+
+@pytest.mark.parametrize("fault,status", [(Fault.bad_request("model 'x' does not exist"), 400),
+                                          (Fault.unauthorized(), 401), (Fault.server_error(404), 404)])
+def test_4xx_other_than_429_is_not_retried(stub, fault, status):
+    teacher = make_teacher(stub)
+    stub.push(fault)
+    with pytest.raises(TeacherError) as info:
+        teacher.chat(msgs("bad"))
+    assert info.value.status == status and info.value.attempts == 1 and stub.chat_requests == 1
+    assert f"HTTP {status}" in str(info.value) and fault.message in str(info.value)
+
+
+def test_last_attempt_error_names_status_and_message(stub):
+    teacher = make_teacher(stub, max_attempts=3)
+    stub.push(Fault.server_error(503), Fault.server_error(503), Fault.server_error(503))
+    with pytest.raises(TeacherError) as info:
+        teacher.chat(msgs("down"))
+    err = info.value
+    assert isinstance(err, CRSError) and err.status == 503 and err.attempts == 3 and stub.chat_requests == 3
+    assert "HTTP 503" in str(err) and "The server had an error (stub)" in str(err) and "after 3 attempts" in str(err)
+
+
+# -- concurrency ---------------------------------------------------------------------------
+@pytest.mark.parametrize("limit", [1, 4, 16])
+def test_chat_many_honours_the_concurrency_limit_and_keeps_order(stub, limit):
+    stub.latency = 0.03
+    teacher = make_teacher(stub)
+    requests = [msgs(f"q{i}") for i in range(48)]
+    results = teacher.chat_many(requests, concurrency=limit)
+    assert [r.text for r in results] == [f"echo: q{i}" for i in range(48)]
+    assert stub.chat_requests == 48
+    assert stub.max_in_flight <= limit
+    assert stub.max_in_flight >= min(limit, 2)  # and it is actually concurrent
+
+
+def test_chat_many_accepts_request_objects_and_dicts(stub):
+    teacher = make_teacher(stub)
+    results = teacher.chat_many([
+        ChatRequest(msgs("a"), max_tokens=3), {"messages": msgs("b"), "temperature": 0.1}, msgs("c"),
+    ])
+    assert [r.text for r in results] == ["echo: a", "echo: b", "echo: c"]
+    assert [r.body["max_tokens"] for r in sorted(stub.requests, key=lambda r: r.body["messages"][1]["content"])] == [3, 512, 512]
+
+
+def test_chat_many_puts_failures_in_place_and_goes_on(stub):
+    stub.behaviour = lambda i, body: Fault.bad_request("no") if "bad" in body["messages"][-1]["content"] else None
+    teacher = make_teacher(stub)
+    results = teacher.chat_many([msgs("ok 0"), msgs("bad 1"), msgs("ok 2"), msgs("bad 3")], concurrency=2)
+    assert [r.ok for r in results] == [True, False, True, False]
+    assert isinstance(results[1], TeacherFailure) and results[1].status == 400 and results[1].kind == "http"
+    assert summarize(results) == {"completed": 2, "cached": 0, "failed": 2, "budget": 0, "cancelled": 0}
+
+
+def test_progress_and_live_tally(stub):
+    stub.latency = 0.05
+    teacher = make_teacher(stub)
+    seen, in_flight = [], []
+    stop_watch = threading.Event()
+
+    def watch():  # another thread (the app's display) reads the tally while calls run
+        while not stop_watch.is_set():
+            in_flight.append(teacher.tally().in_flight)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    results = teacher.chat_many([msgs(f"p{i}") for i in range(12)], concurrency=4,
+                                progress=lambda done, total: seen.append((done, total, teacher.tally().calls)))
+    stop_watch.set()
+    watcher.join()
+    assert [d for d, _, _ in seen] == list(range(1, 13)) and all(t == 12 for _, t, _ in seen)
+    assert all(calls >= done for done, _, calls in seen)  # counted before reported done
+    assert max(in_flight) >= 2 and max(in_flight) <= 4
+    t = teacher.tally()
+    assert t.calls == 12 and t.in_flight == 0
+    assert t.prompt_tokens == sum(r.prompt_tokens for r in results)
+    assert t.completion_tokens == sum(r.completion_tokens for r in results)
+    assert t.cost == pytest.approx(sum(r.cost for r in results))
+    assert t.as_dict()["total_tokens"] == t.total_tokens
+
+
+def test_stop_event_cancels_what_has_not_started(stub):
+    stub.latency = 0.1
+    teacher = make_teacher(stub)
+    stop = threading.Event()
+
+    def on_result(i, r):
+        stop.set()
+
+    results = teacher.chat_many([msgs(f"s{i}") for i in range(20)], concurrency=2, stop=stop, on_result=on_result)
+    counts = summarize(results)
+    assert counts["completed"] >= 1 and counts["cancelled"] >= 15
+    assert stub.chat_requests <= 4
+
+
+# -- budget --------------------------------------------------------------------------------
+def test_call_budget_stops_cleanly(stub):
+    stub.latency = 0.02
+    teacher = make_teacher(stub, budget=Budget(max_calls=5))
+    results = teacher.chat_many([msgs(f"b{i}") for i in range(12)], concurrency=4)
+    done = [r for r in results if isinstance(r, Completion)]
+    markers = [r for r in results if isinstance(r, BudgetExhausted)]
+    assert len(done) == 5 and len(markers) == 7 and stub.chat_requests == 5
+    assert all(not m.ok and m.kind == "budget" and "call limit" in m.message for m in markers)
+    assert teacher.tally().budget_refused == 7 and teacher.budget_exhausted
+    with pytest.raises(BudgetExceeded):
+        teacher.chat(msgs("one more"))
+    # cached results still come back (they cost nothing)
+    assert teacher.chat(msgs("b0")).cached
+    assert stub.chat_requests == 5
+
+
+def test_token_budget_is_never_crossed(stub):
+    teacher = make_teacher(stub, max_tokens=10, budget=Budget(max_tokens=150))
+    results = teacher.chat_many([msgs(f"t{i} " + "word " * 5) for i in range(20)], concurrency=4)
+    done = [r for r in results if isinstance(r, Completion)]
+    assert 0 < len(done) < 20
+    assert sum(r.total_tokens for r in done) <= 150
+    assert teacher.tally().total_tokens <= 150
+    assert all(isinstance(r, BudgetExhausted) for r in results if not isinstance(r, Completion))
+    assert "token limit" in teacher.budget_exhausted
+
+
+def test_money_budget_is_never_crossed(stub):
+    teacher = make_teacher(stub, model="pricey", prices={"pricey": Price(1000.0, 2000.0)}, max_tokens=8,
+                           budget=Budget(max_cost=0.5))
+    results = teacher.chat_many([msgs(f"m{i}") for i in range(40)], concurrency=8)
+    done = [r for r in results if isinstance(r, Completion)]
+    assert 0 < len(done) < 40 and stub.chat_requests == len(done)
+    assert teacher.tally().cost <= 0.5
+    assert "money limit" in teacher.budget_exhausted
+
+
+@pytest.mark.parametrize("budget", [Budget(max_calls=0), Budget(max_tokens=0), Budget(max_cost=0.0)])
+def test_zero_budget_makes_no_call(stub, budget):
+    teacher = make_teacher(stub, budget=budget)
+    with pytest.raises(BudgetExceeded, match="budget is 0"):
+        teacher.chat(msgs("anything"))
+    results = teacher.chat_many([msgs("a"), msgs("b")])
+    assert all(isinstance(r, BudgetExhausted) and "no call is made" in r.message for r in results)
+    assert stub.chat_requests == 0
+
+
+def test_set_budget_starts_a_new_budget(stub):
+    teacher = make_teacher(stub, budget=Budget(max_calls=1))
+    teacher.chat(msgs("1"))
+    with pytest.raises(BudgetExceeded):
+        teacher.chat(msgs("2"))
+    teacher.set_budget(Budget(max_calls=1))
+    assert teacher.chat(msgs("2")).ok
+    assert teacher.budget.describe() == "1 calls"
+
+
+# -- the API key ---------------------------------------------------------------------------
+def test_api_key_is_never_persisted_or_shown(stub, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)  # every logger, the openai client's included
+    ws_path = tmp_path / "ws.duckdb"
+    cfg = TeacherConfig.openai(stub.base_url, "gpt-4o-mini", api_key=KEY, max_attempts=2, backoff_base=0.01)
+    for text in (repr(cfg), str(cfg), f"{cfg}", repr(cfg.api_key), str(cfg.api_key), f"{cfg.api_key}",
+                 json.dumps(cfg.to_dict())):
+        assert KEY not in text
+    assert "api_key" not in cfg.to_dict()
+    with pytest.raises(TypeError):
+        pickle.dumps(cfg)
+    with Workspace(ws_path) as ws:
+        teacher = Teacher(cfg, cache=ws)
+        stub.push(Fault.server_error(500))
+        teacher.chat_many([msgs("a"), msgs("b")])
+        stub.push(Fault.bad_request("rejected"))
+        failure = teacher.chat_many([msgs("c")])[0]
+        ws.set_meta("teacher_config", cfg.to_dict())  # what the app may store
+        for text in (repr(teacher), str(teacher.tally()), str(failure), repr(teacher.cache)):
+            assert KEY not in text
+        cached = ws.df("SELECT * FROM llm_cache").to_json()
+        assert KEY not in cached and ws.count("llm_cache") == 2
+    assert stub.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    # the database files themselves
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
+    # the key from the environment is not copied into the config either
+    monkeypatch.setenv("MY_TEACHER_KEY", KEY)
+    env_cfg = TeacherConfig.openai(stub.base_url, "gpt-4o-mini", api_key_env="MY_TEACHER_KEY")
+    assert env_cfg.api_key is None and env_cfg.resolve_api_key() == KEY
+    Teacher(env_cfg).chat(msgs("from env"))
+    assert stub.requests[-1].headers["authorization"] == f"Bearer {KEY}"
+    assert KEY not in repr(env_cfg) and KEY not in json.dumps(env_cfg.to_dict())
+    assert "retry" in caplog.text and KEY not in caplog.text  # logs
+    assert TeacherConfig.from_dict(cfg.to_dict()) == cfg  # round trip without the key
+    assert Secret(KEY) == cfg.api_key and pickle.dumps(env_cfg)  # no key inside: picklable
+
+
+def test_remote_endpoint_without_key_is_a_setup_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    teacher = Teacher(TeacherConfig.openai("https://teacher.example.invalid/v1", "gpt-4o"))
+    with pytest.raises(TeacherSetupError, match=r"OPENAI_API_KEY"):
+        teacher.chat(msgs("x"))
+    with pytest.raises(TeacherSetupError):  # chat_many raises it too, instead of N failures
+        teacher.chat_many([msgs("x"), msgs("y")])
+
+
+def test_config_from_env(monkeypatch):
+    monkeypatch.delenv("CRS_TEACHER_BASE_URL", raising=False)
+    assert TeacherConfig.from_env().provider == "local"
+    monkeypatch.setenv("CRS_TEACHER_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("CRS_TEACHER_MODEL", "gpt-4o")
+    cfg = TeacherConfig.from_env()
+    assert (cfg.provider, cfg.base_url, cfg.model, cfg.temperature) == ("openai", "http://127.0.0.1:9/v1", "gpt-4o", 0.8)
+    with pytest.raises(TeacherSetupError):
+        TeacherConfig(provider="nonsense")
