@@ -121,6 +121,27 @@ def _cluster(ws: Workspace, args: argparse.Namespace) -> int:
     return 0
 
 
+@command("select")
+def _select(ws: Workspace, args: argparse.Namespace) -> int:
+    from .selections import list_selections, run_selection, selection_info
+
+    if args.list:
+        frame = list_selections(ws)
+        print(frame[["selection_id", "name", "strategy", "unit", "budget", "created_at"]].to_string(index=False)
+              if len(frame) else "no selections yet")
+        return 0
+    weights = tuple(args.weights) if args.weights else None
+    with TqdmProgress(f"Selecting ({args.strategy})", unit="pick") as bar:
+        selection_id = run_selection(ws, args.strategy, args.budget, unit=args.unit, set_id=args.set, k=args.k,
+                                     lam=args.lam, seed=args.seed, weights=weights, name=args.name,
+                                     parent_id=args.continue_from, progress=bar)
+    info = selection_info(ws, selection_id)
+    print(f"selection {selection_id}: {info['budget']:,} {info['unit']}s by {info['strategy']}")
+    for key, value in info["summary"].items():
+        print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m crs_core", description=__doc__,
@@ -156,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-map", action="store_true", help="skip the UMAP projection")
+
+    from .select import STRATEGIES
+
+    p = sub.add_parser("select", help="active selection of seeds under a budget (random, JS, Fisher, variants)")
+    p.add_argument("--strategy", type=str.upper, choices=STRATEGIES, default="JS")
+    p.add_argument("--budget", "-B", type=int, default=500, help="number of picks (default 500)")
+    p.add_argument("--unit", choices=["review", "item"], default="review",
+                   help="pick reviews, or items (mean of their review embeddings)")
+    p.add_argument("--set", default="review:minilm", help="review embedding set (default review:minilm)")
+    p.add_argument("--k", type=int, default=20, help="K-means clusters for JS (default 20)")
+    p.add_argument("--lam", type=float, default=1.0, help="JS weight lambda >= 0 (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", type=float, nargs=3, metavar=("W_REVIEW", "W_META", "W_USER"),
+                   help="block weights of the METADATA_/USER_ variants (default 1 1 1)")
+    p.add_argument("--name", help="a label for the selection")
+    p.add_argument("--continue-from", metavar="SELECTION_ID",
+                   help="continue an earlier selection by another round (Algorithm 1)")
+    p.add_argument("--list", action="store_true", help="list stored selections and exit")
 
     for register in _EXTENSIONS:
         register(sub)

@@ -1,0 +1,92 @@
+"""The background worker: ``python -m crs_core.job_worker <job_folder>``.
+
+Started detached by ``crs_core.jobs.launch_job`` / ``resume_job`` (stdout and stderr go to the
+folder's log.txt). It never opens the workspace: it reads the folder, runs the job's runner
+with a :class:`crs_core.jobs.JobContext` and writes status, progress, checkpoints and the
+result back to the folder.
+
+Stopping: a ``cancel`` flag file is honoured between steps (the runner saves a checkpoint and
+stops); SIGTERM stops at once (the last periodic checkpoint stays); SIGKILL is detected by the
+app from the dead pid. Exit codes: 0 succeeded or cancelled, 1 failed, 2 unreadable folder,
+3 another worker holds the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from . import jobs
+
+
+def _offline_env() -> None:
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+
+
+def run(folder: str | os.PathLike, *, install_signals: bool = True) -> int:
+    """Run the job in `folder` in this process; returns the exit code."""
+    _offline_env()
+    folder = Path(folder)
+    try:
+        ctx = jobs.JobContext(folder)
+    except jobs.JobError as exc:
+        print(f"job worker: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if not ctx.acquire_lock():
+        print(f"job worker: another worker is already running on {folder}; exiting", file=sys.stderr, flush=True)
+        return 3
+    ctx.start()
+    ctx.log(f"worker pid {os.getpid()} started: job {ctx.job_id} ({ctx.kind}), runner {ctx.meta.get('runner')}")
+
+    if install_signals:
+
+        def on_term(signum, frame):  # noqa: ARG001
+            if ctx.stop_signal is None:
+                ctx.stop_signal = "terminated (SIGTERM)"
+                raise jobs.JobCancelled(ctx.stop_signal)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    try:
+        result_file = folder / jobs.RESULT_FILE
+        if result_file.exists() and (folder / jobs.MODEL_DIR).exists():
+            # a previous attempt finished its work but died before reporting it
+            import json
+
+            ctx.log("result.json already present: marking the job succeeded")
+            ctx.finish(json.loads(result_file.read_text(encoding="utf-8")))
+            return 0
+        ctx.check_cancel()
+        runner = jobs._resolve(ctx.meta.get("runner") or jobs.RUNNERS.get(ctx.kind, ""))
+        result = runner(ctx)
+        ctx.finish(result or {})
+        ctx.log("job succeeded")
+        if not ctx.config.get("keep_checkpoints_after_success", False):
+            ctx.remove_checkpoints()  # the final model is saved; optimizer states are large
+        return 0
+    except jobs.JobCancelled as exc:
+        ctx.log(f"job cancelled: {exc}")
+        ctx.cancelled(f"cancelled: {exc}")
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - everything is reported in the folder
+        traceback.print_exc()
+        sys.stdout.flush()
+        msg = str(exc).strip() or repr(exc)
+        ctx.fail(f"{type(exc).__name__}: {msg}")
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m crs_core.job_worker <job_folder>", file=sys.stderr)
+        return 2
+    return run(argv[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

