@@ -5,6 +5,10 @@ item's review embeddings, for items with reviews). Synthesis (Algorithm 2) alway
 items with their reviews: from a review selection it takes the distinct items of the picked
 reviews in pick order, so both units feed it the same way.
 
+Every row is scaled to unit length (in float64) before selection: the sentence encoder's
+vectors are meant to be unit vectors, and an item's vector is the direction of the mean of its
+reviews' vectors.
+
 Features of the variants (the paper leaves them open; see `select.build_features` for the
 weighting): METADATA_* add an embedding of the item's text (title, year, genres, plot, cast)
 with the same sentence encoder; USER_* also add the item's collaborative factors, the right
@@ -53,11 +57,19 @@ def unit_matrix(ws: Workspace, set_id: str, unit: str) -> tuple[list[str], np.nd
     item_by_review = dict(zip(item_of["review_id"], item_of["item_id"]))
     items = [item_by_review.get(r) for r in review_ids]
     if unit == "review":
-        return review_ids, X, items
+        return review_ids, _unit_rows(X), items
     frame = pd.DataFrame({"item": items, "row": np.arange(len(items))}).dropna()
     groups = frame.groupby("item", sort=True)["row"].apply(list)
     means = np.stack([X[rows].mean(axis=0) for rows in groups]) if len(groups) else np.zeros((0, X.shape[1]))
-    return list(groups.index), means.astype(np.float32), list(groups.index)
+    return list(groups.index), _unit_rows(means), list(groups.index)
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length in float64 (encoders normalise only to float32 precision,
+    which would otherwise decide Fisher's first pick among rows that all score log 2)."""
+    X = X.astype(np.float64)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
 
 
 def item_text_matrix(ws: Workspace, item_ids: list[str], model: str = "minilm") -> np.ndarray:
@@ -133,7 +145,7 @@ def run_selection(ws: Workspace, strategy: str, budget: int, *, unit: str = "rev
         raise SelectionError(f"budget must be a positive whole number, got {budget!r}")
     if budget > remaining:
         raise SelectionError(f"budget {budget} is larger than the {remaining:,} {unit}s left to select")
-    if k > len(unit_ids):
+    if strategy.endswith("JS") and k > len(unit_ids):
         raise SelectionError(f"k ({k}) is larger than the number of {unit}s ({len(unit_ids)})")
     meta, user = variant_blocks(ws, strategy, row_items)
     weights = tuple(weights) if weights else (1.0, 1.0, 1.0)
