@@ -142,6 +142,123 @@ def _select(ws: Workspace, args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher(ws: Workspace, args: argparse.Namespace):
+    from .teacher import Budget, Teacher, TeacherConfig
+
+    budget = Budget(max_calls=args.max_calls, max_tokens=args.max_tokens, max_cost=args.max_cost)
+    if args.base_url:
+        config = TeacherConfig.openai(args.base_url, args.model or "gpt-4o", temperature=args.temperature)
+    else:
+        config = TeacherConfig.from_env(temperature=args.temperature)
+    return Teacher(config, cache=ws, budget=budget)
+
+
+@command("synth")
+def _synth(ws: Workspace, args: argparse.Namespace) -> int:
+    from .synth import run_synthesis
+
+    with _teacher(ws, args) as teacher, TqdmProgress("Synthesizing", unit="query") as bar:
+        report = run_synthesis(ws, args.selection, teacher, k_queries=args.k_queries, gt_mode=args.gt_mode,
+                               items_limit=args.items, seed=args.seed, progress=bar)
+    print("\n".join(report.lines()))
+    return 0
+
+
+@command("export")
+def _export(ws: Workspace, args: argparse.Namespace) -> int:
+    from .synth import export_synthetic
+
+    statuses = None if args.status == "all" else (args.status,)
+    info = export_synthetic(ws, args.path, shape=args.shape, fmt=args.format, statuses=statuses)
+    print_json(info)
+    return 0
+
+
+@command("augment")
+def _augment(ws: Workspace, args: argparse.Namespace) -> int:
+    from .augment import augment
+
+    teacher = _teacher(ws, args) if args.scorer != "similarity" else None
+    try:
+        with TqdmProgress(f"Augmenting {args.dataset}", unit="turn") as bar:
+            report = augment(ws, args.dataset, scorer=args.scorer, teacher=teacher, top_n=args.top_n,
+                             threshold=args.threshold, teacher_pairs=args.teacher_pairs,
+                             limit_turns=args.limit_turns, seed=args.seed, progress=bar)
+    finally:
+        if teacher is not None:
+            teacher.close()
+    print("\n".join(report.lines()))
+    return 0
+
+
+@command("eval")
+def _eval(ws: Workspace, args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, store_run
+    from .recommenders import make_recommender, training_set_from_synthetic, training_set_from_turns
+
+    recommender = make_recommender(args.model, ws)
+    if args.model in ("nbcrs", "popularity-labels"):
+        train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.train == "synthetic"
+                 else training_set_from_turns(ws, args.train))
+        recommender.fit(train)
+    results = {}
+    for dataset in args.dataset:
+        with TqdmProgress(f"Evaluating {recommender.name} on {dataset}", unit="turn") as bar:
+            results[dataset] = evaluate(ws, recommender, dataset, turn_sample=args.turn_sample,
+                                        seed=args.seed, progress=bar)
+    run_id = store_run(ws, {"model": recommender.name, "training_data": args.train, "seed": args.seed,
+                            "config": {"recommender": args.model}}, results)
+    for dataset, result in results.items():
+        cells = "  ".join(f"{m}={v:.3f}±{e:.3f}" for m, (v, e) in result.metrics.items())
+        print(f"{dataset} ({result.n_turns} turns): {cells}")
+    print(f"stored as run {run_id}")
+    return 0
+
+
+@command("train")
+def _train(ws: Workspace, args: argparse.Namespace) -> int:
+    from .catalog import item_text
+    from .evaluate import check_no_test_leakage
+    from .recommenders import training_set_from_synthetic, training_set_from_turns
+    from .train import KIND_RETRIEVER, KIND_SFT, launch_training
+
+    train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.data == "synthetic"
+             else training_set_from_turns(ws, args.data))
+    examples = [{"context": list(e.context), "labels": list(e.labels)} for e in train.examples]
+    check_no_test_leakage(ws, [e["context"] for e in examples])
+    wanted = {i for e in examples for i in e["labels"]}
+    items = {r["item_id"]: item_text(r) for r in ws.df("SELECT * FROM items").to_dict("records")
+             if r["item_id"] in wanted}
+    config = {"training_data": args.data}
+    if args.max_steps:
+        config["max_steps"] = args.max_steps
+    if args.kind == "sft":
+        config["method"] = args.method
+    job_id = launch_training(ws, KIND_RETRIEVER if args.kind == "retriever" else KIND_SFT, examples, items, config)
+    print(f"launched job {job_id} on {len(examples):,} examples; follow it with `python -m crs_core jobs`")
+    return 0
+
+
+@command("jobs")
+def _jobs(ws: Workspace, args: argparse.Namespace) -> int:
+    from .jobs import cancel_job, import_finished_jobs, job_folder, list_jobs, resume_job
+
+    if args.cancel:
+        cancel_job(job_folder(ws, args.cancel))
+        print(f"cancel requested for {args.cancel}")
+    if args.resume:
+        print(resume_job(ws, args.resume).describe())
+    imported = import_finished_jobs(ws)
+    if imported:
+        print(f"imported: {', '.join(imported)}")
+    states = list_jobs(ws)
+    for state in states:
+        print(f"{state.job_id}  {state.describe()}")
+    if not states:
+        print("no jobs yet; start one with `python -m crs_core train`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m crs_core", description=__doc__,
@@ -196,13 +313,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an earlier selection by another round (Algorithm 1)")
     p.add_argument("--list", action="store_true", help="list stored selections and exit")
 
-    for register in _EXTENSIONS:
-        register(sub)
+    def teacher_options(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("teacher (default: $CRS_TEACHER_BASE_URL, else the local llama.cpp server)")
+        g.add_argument("--base-url", help="an OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY")
+        g.add_argument("--model", dest="model", help="the endpoint's model name")
+        g.add_argument("--temperature", type=float, default=0.8, help="default 0.8 (the paper's)")
+        g.add_argument("--max-calls", type=int, help="budget: stop cleanly after this many calls")
+        g.add_argument("--max-tokens", type=int, help="budget: prompt + completion tokens")
+        g.add_argument("--max-cost", type=float, help="budget: US dollars (price table in crs_core.teacher)")
+
+    p = sub.add_parser("synth", help="Algorithm 2: queries and 20-item ground truth for a selection (resumable)")
+    p.add_argument("--selection", required=True, help="selection id (see `select --list`)")
+    p.add_argument("--k-queries", type=int, default=1, help="queries per item (default 1)")
+    p.add_argument("--gt-mode", choices=["llm", "retrieve", "retrieve+llm"], default="llm",
+                   help="ground truth: teacher titles grounded in the catalog (paper), dense retrieval, or both")
+    p.add_argument("--items", type=int, help="only the first N items of the selection")
+    p.add_argument("--seed", type=int, default=0)
+    teacher_options(p)
+
+    p = sub.add_parser("export", help="write synthetic dialogues as training data (JSONL or Parquet)")
+    p.add_argument("path")
+    p.add_argument("--shape", choices=["chat", "crs"], default="chat", help="chat SFT messages or CRS turns")
+    p.add_argument("--format", choices=["jsonl", "parquet"], help="default: from the file name")
+    p.add_argument("--status", choices=["approved", "pending", "rejected", "all"], default="approved")
+
+    p = sub.add_parser("augment", help="FNSCRS label augmentation: retrieve top-N, score 0-4, keep >= threshold")
+    p.add_argument("--dataset", default="inspired_train", help="dialogue dataset (default inspired_train)")
+    p.add_argument("--scorer", choices=["teacher", "distilled", "similarity"], default="distilled")
+    p.add_argument("--top-n", type=int, default=50)
+    p.add_argument("--threshold", type=float, default=3.5, help="keep pairs scoring at least this (paper: 3.5)")
+    p.add_argument("--teacher-pairs", type=int, default=300, help="pairs the teacher scores to train the distilled scorer")
+    p.add_argument("--limit-turns", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    teacher_options(p)
+
+    p = sub.add_parser("eval", help="Recall@k / NDCG@k of a recommender on the ReDial / INSPIRED test sets")
+    p.add_argument("--model", dest="model", choices=["popularity", "popularity-labels", "nbcrs", "dense"],
+                   default="dense")
+    p.add_argument("--dataset", nargs="+", default=["redial_test", "inspired_test"])
+    p.add_argument("--train", default="synthetic", help="training data of nbcrs / popularity-labels: "
+                   "'synthetic' (reviewed synthetic dialogues) or a dialogue dataset such as inspired_train")
+    p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")
+    p.add_argument("--turn-sample", type=int, help="evaluate a fixed, seeded subsample of turns")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train the dense retriever or fine-tune the student LM as a background job")
+    p.add_argument("--kind", choices=["retriever", "sft"], default="retriever")
+    p.add_argument("--method", choices=["lora", "full"], default="lora", help="SFT: LoRA (default) or full")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a dialogue dataset such as inspired_train")
+    p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+
+    p = sub.add_parser("jobs", help="background jobs: state, cancel, resume; imports finished results")
+    p.add_argument("--cancel", metavar="JOB_ID")
+    p.add_argument("--resume", metavar="JOB_ID")
+
     return parser
-
-
-# Later steps (selection, synthesis, training, evaluation, augmentation) add their subcommands here.
-_EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: list[str] | None = None) -> int:

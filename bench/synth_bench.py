@@ -1,0 +1,367 @@
+"""Synthesis benchmarks.
+
+Part 1, the teacher (runs anywhere, no model needed): calls/s of ``Teacher.chat_many`` against
+the OpenAI-compatible stub server (tests/openai_stub_server.py, in its own process) answering
+each call after a fixed latency, at several concurrency levels, next to the ideal
+concurrency / latency; then the same inputs again, which must make 0 calls (all cached).
+
+Part 2, the synthesis pipeline: see the marked section ``SYNTHESIS BENCH`` below.
+
+    python bench/synth_bench.py                      # teacher part, workspace (DuckDB) cache
+    python bench/synth_bench.py --cache memory       # with the in-memory cache
+    python bench/synth_bench.py --levels 1,4 --latency 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from crs_core.teacher import Completion, MemoryCache, Teacher, TeacherConfig  # noqa: E402
+
+STUB = ROOT / "tests" / "openai_stub_server.py"
+GOAL = 0.90  # measured / ideal calls per second
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ==============================================================================================
+# the stub server in its own process (its own GIL: the client side is what is measured)
+# ==============================================================================================
+class StubProcess:
+    def __init__(self, latency: float):
+        self.latency = latency
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def __enter__(self) -> "StubProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, str(STUB), "--latency", str(self.latency)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            raise RuntimeError(f"the stub server did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.proc is not None
+        self.proc.stdin.close()  # the stub serves until its stdin closes
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _get(self, route: str) -> dict[str, Any]:
+        with _OPENER.open(f"http://127.0.0.1:{self.port}{route}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def stats(self) -> dict[str, Any]:
+        return self._get("/_stub/stats")
+
+    def reset(self) -> None:
+        self._get("/_stub/reset")
+
+
+# ==============================================================================================
+# part 1: the teacher
+# ==============================================================================================
+def bench_teacher(levels: list[int], latency: float, rounds: int, min_calls: int, cache_kind: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, StubProcess(latency) as stub:
+        workspace = None
+        if cache_kind == "workspace":
+            from crs_core.store import Workspace
+
+            workspace = Workspace(Path(tmp) / "bench.duckdb")
+        cache = workspace if workspace is not None else MemoryCache()
+        try:
+            config = TeacherConfig.openai(stub.base_url, "bench-model", api_key="sk-bench", timeout=30, max_tokens=64)
+            for level in levels:
+                n = max(rounds * level, min_calls)
+                requests = [
+                    [{"role": "system", "content": "You write movie-recommendation requests."},
+                     {"role": "user", "content": f"level {level} call {i}: a cosy mystery for a rainy night"}]
+                    for i in range(n)
+                ]
+                teacher = Teacher(config, cache=cache)
+                teacher.ping()  # client made and first connection open before the clock starts
+                stub.reset()
+                t0 = time.perf_counter()
+                results = teacher.chat_many(requests, concurrency=level)
+                seconds = time.perf_counter() - t0
+                first = stub.stats()
+                ok = sum(isinstance(r, Completion) for r in results)
+                # the same inputs again: everything comes from the cache
+                stub.reset()
+                t1 = time.perf_counter()
+                again = teacher.chat_many(requests, concurrency=level)
+                seconds_again = time.perf_counter() - t1
+                second = stub.stats()
+                teacher.close()
+                ideal = level / latency
+                rows.append({
+                    "concurrency": level, "calls": n, "ok": ok, "seconds": seconds,
+                    "calls_per_s": n / seconds, "ideal_per_s": ideal, "ratio": (n / seconds) / ideal,
+                    "max_in_flight": first["max_in_flight"], "server_requests": first["chat_requests"],
+                    "rerun_requests": second["chat_requests"],
+                    "rerun_cached": sum(isinstance(r, Completion) and r.cached for r in again),
+                    "rerun_seconds": seconds_again,
+                })
+        finally:
+            if workspace is not None:
+                workspace.close()
+    return rows
+
+
+def print_teacher_table(rows: list[dict[str, Any]], latency: float, cache_kind: str) -> bool:
+    print(f"\nTeacher.chat_many against the stub server: {latency * 1000:.0f} ms per call, "
+          f"cache: {cache_kind}, goal: >= {GOAL:.0%} of concurrency/latency")
+    header = (f"{'conc.':>5} {'calls':>6} {'ok':>5} {'seconds':>8} {'calls/s':>8} {'limit/s':>8} {'ratio':>6} "
+              f"{'max in-flight':>13} {'| re-run: calls made':>20} {'cached':>7} {'seconds':>8}")
+    print(header)
+    print("-" * len(header))
+    all_ok = True
+    for r in rows:
+        good = r["ratio"] >= GOAL and r["rerun_requests"] == 0 and r["max_in_flight"] <= r["concurrency"]
+        all_ok &= good
+        print(f"{r['concurrency']:>5} {r['calls']:>6} {r['ok']:>5} {r['seconds']:>8.2f} {r['calls_per_s']:>8.1f} "
+              f"{r['ideal_per_s']:>8.1f} {r['ratio']:>6.0%} {r['max_in_flight']:>13} "
+              f"{r['rerun_requests']:>20} {r['rerun_cached']:>7} {r['rerun_seconds']:>8.2f}"
+              f"{'' if good else '   <-- below goal'}")
+    return all_ok
+
+
+# ==============================================================================================
+# SYNTHESIS BENCH ----- written by the synthesis author ----------------------------------------
+# On the default (bundled) data with the default local teacher (llama.cpp + SmolLM2-135M):
+#   * seconds per synthesized query (prompt building + teacher calls + parsing + grounding +
+#     store; the teacher's server is started before the clock runs),
+#   * grounding rate: share of the ground-truth titles matched to catalog items,
+#   * duplicate rate: share of stored queries marked as duplicates (normalised text or MiniLM
+#     cosine >= 0.95 against earlier queries of the workspace),
+# then a re-run of the same plan, which must make 0 teacher calls (all cached). A first row uses
+# a zero-latency stub teacher answering with real catalog titles: the pipeline's own cost.
+# Workspace: $SYNTH_BENCH_WORKSPACE, else data/workspaces/default.duckdb, copied to a temporary
+# folder (the original is never written); without one, a fresh one from the bundled data
+# (ingest_default, ~2 min). Size: $SYNTH_BENCH_ITEMS items (10) x $SYNTH_BENCH_K queries (1),
+# ground-truth mode $SYNTH_BENCH_GT_MODE (llm); stub row: $SYNTH_BENCH_STUB_ITEMS items (50);
+# SYNTH_BENCH_SKIP_LOCAL=1 skips the local model. The copy's llm_cache is emptied so every call is
+# really made.
+# ==============================================================================================
+def _bench_workspace(tmp: Path) -> Path:
+    import os
+    import shutil
+
+    from crs_core.store import DEFAULT_WORKSPACE, Workspace
+
+    source = Path(os.environ.get("SYNTH_BENCH_WORKSPACE") or DEFAULT_WORKSPACE)
+    target = tmp / "bench.duckdb"
+    if source.exists():
+        try:  # a workspace open in the studio is locked: then build a fresh one
+            Workspace(source, read_only=True).close()
+            shutil.copy(source, target)
+            wal = source.with_name(source.name + ".wal")
+            if wal.exists():
+                shutil.copy(wal, target.with_name(target.name + ".wal"))
+            print(f"synthesis bench: a copy of {source}")
+            return target
+        except Exception as exc:  # noqa: BLE001 - any reason to not use it
+            print(f"synthesis bench: cannot use {source} ({exc}); building a fresh workspace")
+    from crs_core.ingest import ingest_default
+
+    print("synthesis bench: ingesting the bundled data into a fresh workspace (~2 min)")
+    with Workspace(target) as ws:
+        ingest_default(ws)
+    return target
+
+
+def _bench_selection(ws: Any, sel_id: str, n_items: int) -> None:
+    """A selection of n items with at least 3 reviews (seeded random sample), replacing any old one."""
+    import numpy as np
+
+    with ws.transaction() as cur:
+        cur.execute("DELETE FROM selection_picks WHERE selection_id = ?", [sel_id])
+        cur.execute("DELETE FROM selections WHERE selection_id = ?", [sel_id])
+        cur.execute("DELETE FROM ground_truth WHERE query_id IN (SELECT query_id FROM synthetic_queries WHERE selection_id = ?)", [sel_id])
+        cur.execute("DELETE FROM synthetic_queries WHERE selection_id = ?", [sel_id])
+        pool = [r[0] for r in cur.execute(
+            "SELECT item_id FROM reviews GROUP BY item_id HAVING count(*) >= 3 ORDER BY item_id").fetchall()]
+        picks = [pool[i] for i in np.random.default_rng(0).choice(len(pool), size=min(n_items, len(pool)), replace=False)]
+        cur.execute("INSERT INTO selections (selection_id, name, strategy, unit, set_id, budget, params) "
+                    "VALUES (?, 'synthesis bench', 'random', 'item', 'item:bench', ?, '{}')", [sel_id, len(picks)])
+        cur.executemany("INSERT INTO selection_picks VALUES (?, ?, ?, 0, 1)", [[sel_id, r, iid] for r, iid in enumerate(picks, 1)])
+
+
+def _bench_row(label: str, ws: Any, sel_id: str, rep: Any, again: Any, k: int, gt_mode: str) -> dict[str, Any]:
+    import numpy as np
+
+    per_query = [json.loads(p)["seconds"] for p in ws.df(
+        "SELECT provenance FROM synthetic_queries WHERE selection_id = ?", [sel_id])["provenance"]]
+    nan = float("nan")
+    return {
+        "teacher": label, "gt_mode": gt_mode, "items": rep.items, "k": k,
+        "stored": rep.stored, "flagged": rep.flagged_replies, "failed": rep.failed,
+        "s_per_query": float(np.mean(per_query)) if per_query else nan,
+        "wall_s_per_query": rep.seconds_per_query or nan,
+        "teacher_share": rep.teacher_seconds / rep.seconds if rep.seconds else nan,
+        "grounding_rate": rep.grounding_rate if rep.grounding_rate is not None else nan,
+        "duplicate_rate": rep.duplicate_rate if rep.duplicate_rate is not None else nan,
+        "calls": rep.calls, "tokens": rep.prompt_tokens + rep.completion_tokens,
+        "tok_per_s": rep.completion_tokens / rep.teacher_seconds if rep.teacher_seconds else nan,
+        "rerun_calls": again.calls,
+    }
+
+
+def _print_run(title: str, ws: Any, sel_id: str, rep: Any) -> None:
+    print(f"\n{title}")
+    print("\n".join("  " + line for line in rep.lines()))
+    for f in rep.flagged[:8]:
+        print(f"  flagged {f['item_id']}: {f['reason']}: {f['reply'][:90]!r}")
+    sample = ws.df(
+        "SELECT i.title, q.query, "
+        "  (SELECT count(*) FROM ground_truth g WHERE g.query_id = q.query_id) AS gt, "
+        "  (SELECT count(*) FROM ground_truth g WHERE g.query_id = q.query_id AND g.item_id IS NOT NULL) AS grounded "
+        "FROM synthetic_queries q JOIN items i USING (item_id) WHERE q.selection_id = ? ORDER BY q.created_at LIMIT 10",
+        [sel_id])
+    for r in sample.itertuples():
+        print(f"  {r.title[:28]:<28} {r.grounded:>2}/{r.gt:<2} grounded | {r.query[:100]}")
+
+
+def _stub_reply_factory(titles: list[str]) -> Any:
+    """A well-behaved teacher for the pipeline-overhead row: a query made from the reviews' words,
+    then 20 real catalog titles (a seeded sample), as a numbered list with markdown."""
+    import hashlib
+    import random as _random
+    import re as _re
+
+    from crs_core.synth import QUERY_SYSTEM
+
+    def reply(messages: list[dict[str, Any]]) -> str:
+        user = messages[-1]["content"]
+        h = int(hashlib.sha1(user.encode()).hexdigest()[:8], 16)
+        if messages[0]["content"] == QUERY_SYSTEM:
+            words = _re.findall(r"[A-Za-z]{5,}", user.split("<review", 1)[-1])[:40]
+            pick = _random.Random(h).sample(words, min(6, len(words)))
+            return f'Query: "Can you recommend a movie that is {", ".join(w.lower() for w in pick)}?"'
+        rng = _random.Random(h)
+        return "Sure! Here are 20 recommendations:\n\n" + "\n".join(
+            f"{n}. **{t}**" for n, t in enumerate(rng.sample(titles, 20), 1))
+
+    return reply
+
+
+def bench_synthesis(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import os
+
+    from crs_core.catalog import display_title
+    from crs_core.store import Workspace
+    from crs_core.synth import run_synthesis
+
+    n_items = int(os.environ.get("SYNTH_BENCH_ITEMS", "10"))
+    n_stub_items = int(os.environ.get("SYNTH_BENCH_STUB_ITEMS", "50"))
+    k = int(os.environ.get("SYNTH_BENCH_K", "1"))
+    gt_mode = os.environ.get("SYNTH_BENCH_GT_MODE", "llm")
+    skip_local = os.environ.get("SYNTH_BENCH_SKIP_LOCAL") == "1"
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _bench_workspace(Path(tmp))
+        ws = Workspace(path)
+        try:
+            ws.cursor().execute("DELETE FROM llm_cache")
+            # 1. the pipeline's own cost: a zero-latency stub teacher answering with real titles
+            if str(ROOT / "tests") not in sys.path:
+                sys.path.insert(0, str(ROOT / "tests"))
+            from openai_stub_server import OpenAIStubServer
+
+            titles = [display_title(t, y) for t, y in ws.cursor().execute(
+                "SELECT title, year FROM items WHERE movielens_id IS NOT NULL AND year IS NOT NULL ORDER BY item_id").fetchall()]
+            _bench_selection(ws, "bench-stub", n_stub_items)
+            with OpenAIStubServer(reply=_stub_reply_factory(titles), record=False) as stub:
+                teacher = Teacher(TeacherConfig.openai(stub.base_url, "stub-model", api_key="sk-bench", concurrency=1), cache=ws)
+                rep = run_synthesis(ws, "bench-stub", teacher, k_queries=k, gt_mode=gt_mode)
+                again = run_synthesis(ws, "bench-stub", teacher, k_queries=k, gt_mode=gt_mode)
+                teacher.close()
+            _print_run("stub teacher (0 ms per call, real catalog titles): the pipeline's own cost", ws, "bench-stub", rep)
+            rows.append(_bench_row("stub (0 ms)", ws, "bench-stub", rep, again, k, gt_mode))
+            # 2. the default local teacher
+            if not skip_local:
+                _bench_selection(ws, "bench-synth", n_items)
+                teacher = Teacher(TeacherConfig.local(), cache=ws)
+                try:
+                    t0 = time.perf_counter()
+                    teacher.start()  # the llama.cpp server start is not part of a query's time
+                    start_s = time.perf_counter() - t0
+                    rep = run_synthesis(ws, "bench-synth", teacher, k_queries=k, gt_mode=gt_mode)
+                    again = run_synthesis(ws, "bench-synth", teacher, k_queries=k, gt_mode=gt_mode)
+                    model = teacher.model
+                finally:
+                    teacher.close()
+                _print_run(f"local teacher {model} (server start {start_s:.1f} s, not counted)", ws, "bench-synth", rep)
+                rows.append(_bench_row(f"local {model}", ws, "bench-synth", rep, again, k, gt_mode))
+        finally:
+            ws.close()
+    if hasattr(os, "getloadavg"):
+        print(f"\n(machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)")
+    return rows
+
+
+def print_synthesis_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("\nSynthesis bench: no rows.")
+        return
+    print("\nSynthesis (Algorithm 2) on the default data. s_per_query: teacher calls + parsing + grounding "
+          "per stored query; wall_s_per_query: the whole run (catalog matcher, MiniLM, flagged replies "
+          "included) / stored queries; teacher_share: share of the run spent inside teacher calls")
+    keys = list(rows[0])
+    width = {k: max(len(k), 8) for k in keys}
+    width["teacher"] = max(len("teacher"), *(len(str(r["teacher"])) for r in rows))
+    print("  ".join(f"{k:>{width[k]}}" for k in keys))
+    for r in rows:
+        print("  ".join(f"{r[k]:>{width[k]}.3f}" if isinstance(r[k], float) else f"{r[k]!s:>{width[k]}}" for k in keys))
+# ==============================================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["teacher", "synthesis", "all"], default="all")
+    ap.add_argument("--levels", default="1,4,16,64", help="concurrency levels, comma-separated")
+    ap.add_argument("--latency", type=float, default=0.1, help="stub seconds per call")
+    ap.add_argument("--rounds", type=int, default=8, help="calls per level = max(rounds * level, min-calls)")
+    ap.add_argument("--min-calls", type=int, default=40)
+    ap.add_argument("--cache", choices=["workspace", "memory"], default="workspace")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a level misses the goal")
+    args = ap.parse_args(argv)
+    ok = True
+    if args.part in ("teacher", "all"):
+        levels = [int(x) for x in args.levels.split(",") if x.strip()]
+        rows = bench_teacher(levels, args.latency, args.rounds, args.min_calls, args.cache)
+        ok = print_teacher_table(rows, args.latency, args.cache)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"(machine: {os.cpu_count()} cores, load average {load:.1f}; the client side is one Python "
+              "process, so at high concurrency calls/s is bounded by its CPU per call)")
+    if args.part in ("synthesis", "all"):
+        print_synthesis_table(bench_synthesis(args))
+    return 0 if ok or not args.strict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The CLI as a user runs it: real subprocesses, a real workspace file, a real HTTP teacher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crs_core.store import Workspace
+from openai_stub_server import OpenAIStubServer
+
+ROOT = Path(__file__).resolve().parent.parent
+MOVIES = [
+    ("tt0133093", "The Matrix", 1999, "action|sci-fi", "A hacker learns that reality is a simulation."),
+    ("tt0076759", "Star Wars", 1977, "adventure|sci-fi", "A farm boy joins a rebellion against an empire."),
+    ("tt0114709", "Toy Story", 1995, "animation|comedy", "Toys come to life when their owner is away."),
+    ("tt0109830", "Forrest Gump", 1994, "drama|romance", "A kind man witnesses decades of history."),
+    ("tt0120338", "Titanic", 1997, "drama|romance", "A romance aboard the doomed ocean liner."),
+]
+
+
+def run_cli(*args: str, workspace: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "CRS_WORKSPACE": str(workspace), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "crs_core", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def small_workspace(tmp_path) -> Path:
+    path = tmp_path / "w.duckdb"
+    with Workspace(path) as ws, ws.transaction() as cur:
+        for item_id, title, year, genres, plot in MOVIES:
+            cur.execute("INSERT INTO items (item_id, title, year, genres, plot, imdb_id) VALUES (?, ?, ?, ?, ?, ?)",
+                        [item_id, title, year, genres, plot, item_id])
+            for j in range(3):
+                cur.execute("INSERT INTO reviews VALUES (?, ?, NULL, ?, 8, NULL, 'test')",
+                            [f"{item_id}-{j}", item_id, f"{title}: {plot} Loved it, watch number {j + 1}."])
+    return path
+
+
+def test_help_explains_every_command(tmp_path):
+    out = run_cli("--help", workspace=tmp_path / "w.duckdb")
+    assert out.returncode == 0
+    for command in ("init", "status", "ingest", "embed", "cluster", "select", "synth", "export", "eval", "train",
+                    "jobs", "augment"):
+        assert command in out.stdout
+
+
+def test_status_of_an_empty_workspace_says_what_to_run(tmp_path):
+    out = run_cli("status", workspace=tmp_path / "w.duckdb")
+    assert out.returncode == 0
+    assert "[todo] Seed data" in out.stdout and "python -m crs_core init" in out.stdout
+
+
+def test_failures_exit_non_zero_with_one_line(tmp_path, small_workspace):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    out = run_cli("ingest", str(bad), workspace=small_workspace)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+    out = run_cli("select", "--strategy", "FISHER", "-B", "2", workspace=small_workspace)
+    assert out.returncode == 1 and "run `python -m crs_core embed`" in out.stderr
+
+
+def test_embed_select_synth_export_end_to_end(tmp_path, small_workspace):
+    assert run_cli("embed", workspace=small_workspace).returncode == 0
+    out = run_cli("select", "--strategy", "FISHER", "-B", "4", "--k", "2", workspace=small_workspace)
+    assert out.returncode == 0, out.stderr
+    selection_id = out.stdout.split()[1].rstrip(":")
+
+    def reply(messages):
+        prompt = messages[-1]["content"]
+        if "20" in prompt and "movie" in prompt.lower() and "query" not in prompt.lower()[:40]:
+            return "1. The Matrix (1999)\n2. Star Wars (1977)\n3. Toy Story (1995)"
+        return "I want a clever science-fiction film with great action."
+
+    with OpenAIStubServer(reply=reply) as stub:
+        out = run_cli("synth", "--selection", selection_id, "--gt-mode", "retrieve", "--base-url", stub.base_url,
+                      "--model", "stub-model", workspace=small_workspace, env={"OPENAI_API_KEY": "sk-test"})
+        assert out.returncode == 0, out.stderr
+        calls = stub.chat_requests
+        assert calls > 0
+        again = run_cli("synth", "--selection", selection_id, "--gt-mode", "retrieve", "--base-url", stub.base_url,
+                        "--model", "stub-model", workspace=small_workspace, env={"OPENAI_API_KEY": "sk-test"})
+        assert again.returncode == 0 and stub.chat_requests == calls  # resumed: nothing paid twice
+    with Workspace(small_workspace) as ws:
+        assert ws.count("synthetic_queries") > 0
+    target = tmp_path / "train.jsonl"
+    out = run_cli("export", str(target), "--shape", "crs", "--status", "all", workspace=small_workspace)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert rows and all(r["context"] and r["rec"] for r in rows)
+    assert "sk-test" not in target.read_text() and b"sk-test" not in small_workspace.read_bytes()
