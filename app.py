@@ -14,6 +14,20 @@ PAGES = {
     "Studio": [
         st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     ],
+    "Data": [
+        st.Page("pages/seeds.py", title="Seeds", icon=":material/dataset:"),
+        st.Page("pages/map.py", title="Map", icon=":material/scatter_plot:"),
+        st.Page("pages/selection.py", title="Selection", icon=":material/checklist:"),
+    ],
+    "Dialogues": [
+        st.Page("pages/synthesis.py", title="Synthesis", icon=":material/auto_awesome:"),
+        st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
+        st.Page("pages/augmentation.py", title="Augmentation", icon=":material/library_add:"),
+    ],
+    "Models": [
+        st.Page("pages/training.py", title="Training", icon=":material/model_training:"),
+        st.Page("pages/evaluation.py", title="Evaluation", icon=":material/analytics:"),
+    ],
 }
 
 navigation = st.navigation(PAGES)

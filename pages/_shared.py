@@ -67,3 +67,149 @@ class StreamlitProgress:
 
     def done(self) -> None:
         self._bar.empty()
+
+
+# -- small UI helpers for the pages (keep pages thin) ----------------------------------------
+def ensure_navigation() -> None:
+    """Make every page run inside app.py's st.navigation (call first in each page).
+
+    Streamlit treats a `pages/` folder next to the main script as the old multipage layout until
+    st.navigation has been called once in the process (AppTest even starts every run that way):
+    a deep link opened first after a start (e.g. /review) would run the page alone, without
+    app.py's page config, navigation and sidebar. Then run app.py here instead (it renders this
+    page through st.navigation) and stop; no rerun, so a click that triggered the run is kept."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if not PagesManager.uses_pages_directory:
+        return
+    PagesManager.uses_pages_directory = False
+    import runpy
+
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "app.py"), run_name="__main__")
+    st.stop()
+
+
+def data_version() -> str:
+    """Fingerprint of the current workspace's contents: part of every st.cache_data key."""
+    from crs_core.views import data_version as _version
+
+    return _version(workspace())
+
+
+@st.cache_data(show_spinner=False, max_entries=256, ttl=3600)
+def _cached_call(module: str, name: str, path: str, version: str, args: tuple, kwargs: tuple):
+    import importlib
+
+    fn = getattr(importlib.import_module(module), name)
+    return fn(_open(path), *args, **dict(kwargs))
+
+
+def cached(fn, *args, **kwargs):
+    """`fn(workspace(), *args, **kwargs)` through st.cache_data, keyed by the workspace path and
+    its data version, so a change to the workspace (by any session) invalidates the result."""
+    ws = workspace()
+    return _cached_call(fn.__module__, fn.__name__, str(ws.path), data_version(), tuple(args),
+                        tuple(sorted(kwargs.items())))
+
+
+PAGE_OF_STEP = {
+    "seeds": "pages/seeds.py", "embed": "pages/map.py", "cluster": "pages/map.py",
+    "select": "pages/selection.py", "synth": "pages/synthesis.py", "review": "pages/review.py",
+    "augment": "pages/augmentation.py", "train": "pages/training.py", "evaluate": "pages/evaluation.py",
+}
+
+
+def needs(message: str, page: str | None = None, label: str | None = None) -> None:
+    """A helpful empty state: what is missing and which step to run first."""
+    st.info(message, icon=":material/info:")
+    if page:
+        st.page_link(page, label=label or "Go to that step", icon=":material/arrow_forward:")
+
+
+def show_error(exc: BaseException) -> None:
+    """A crs_core error as one clear line (never as HTML)."""
+    st.error(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc), icon=":material/error:")
+
+
+def annotator_name() -> str:
+    """Who is acting (kept for the whole session; recorded in the review history)."""
+    if "annotator_input" not in st.session_state:
+        st.session_state["annotator_input"] = st.session_state.get("annotator", "")
+
+    def keep() -> None:
+        st.session_state["annotator"] = st.session_state["annotator_input"].strip()
+
+    with st.sidebar:
+        st.text_input("Your name (annotator)", key="annotator_input", on_change=keep,
+                      help="Recorded with every approve, reject, edit and undo.")
+    keep()
+    return st.session_state["annotator"] or "anonymous"
+
+
+class BackgroundRun:
+    """A crs_core call running in a thread of the studio process (not of one session), so a
+    page can show live progress, stop it (threading.Event) and survive reruns. The thread never
+    calls Streamlit; pages poll `done`, `total`, `result`, `error` from an st.fragment."""
+
+    def __init__(self, label: str, extra: dict | None = None):
+        import threading
+        import time
+
+        self.label = label
+        self.extra = extra or {}
+        self.stop = threading.Event()
+        self.done = 0
+        self.total = 0
+        self.result = None
+        self.error: BaseException | None = None
+        self.started = time.time()
+        self.finished: float | None = None
+        self.thread: threading.Thread | None = None
+
+    def progress(self, done: int, total: int) -> None:
+        self.done, self.total = int(done), int(total)
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+@st.cache_resource
+def _background_runs() -> dict:
+    return {}
+
+
+def background_run(key: str) -> BackgroundRun | None:
+    return _background_runs().get(key)
+
+
+def forget_background(key: str) -> None:
+    """Drop a finished run from the registry (its result has been shown)."""
+    run = _background_runs().get(key)
+    if run is not None and not run.running:
+        _background_runs().pop(key, None)
+
+
+def start_background(key: str, label: str, target, extra: dict | None = None) -> BackgroundRun:
+    """Run `target(progress, stop_event)` in a daemon thread, one at a time per key."""
+    import threading
+    import time
+
+    runs = _background_runs()
+    current = runs.get(key)
+    if current is not None and current.running:
+        return current
+    run = BackgroundRun(label, extra)
+
+    def body() -> None:
+        try:
+            run.result = target(run.progress, run.stop)
+        except BaseException as exc:  # noqa: BLE001 - shown by the page
+            run.error = exc
+        finally:
+            run.finished = time.time()
+
+    run.thread = threading.Thread(target=body, name=f"studio-{key}", daemon=True)
+    runs[key] = run
+    run.thread.start()
+    return run

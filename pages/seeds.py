@@ -1,0 +1,120 @@
+"""Seeds: browse and filter items and reviews; add your own file (validated first)."""
+
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from crs_core import datasets, views
+from crs_core.errors import CRSError
+from crs_core.ingest import ingest_file
+from pages._shared import cached, ensure_navigation, needs, show_error, workspace
+
+ensure_navigation()
+
+st.title("Seed data")
+ws = workspace()
+counts = views.counts(ws)
+c = st.columns(4)
+c[0].metric("Items", f"{counts['items']:,}")
+c[1].metric("Reviews", f"{counts['reviews']:,}")
+c[2].metric("Interactions", f"{counts['interactions']:,}")
+c[3].metric("Dialogue turns", f"{counts['dialogue_turns']:,}")
+
+tab_items, tab_reviews, tab_add = st.tabs(["Items", "Reviews", "Add your own file"])
+
+with tab_items:
+    if counts["items"] == 0:
+        needs("No items yet. Build the default workspace on Home, or add an items file in the "
+              "'Add your own file' tab.", "pages/home.py", "Home")
+    else:
+        f1, f2, f3 = st.columns([0.45, 0.4, 0.15], vertical_alignment="bottom")
+        search = f1.text_input("Search title, id or plot", key="seeds_item_search")
+        genre = f2.multiselect("Genres (all of)", cached(views.genres), key="seeds_item_genres")
+        reviewed = f3.checkbox("Only reviewed", key="seeds_item_reviewed")
+        items = cached(views.items_table, search, tuple(genre), reviewed, 500)
+        st.caption(f"{len(items):,} items shown (first 500 matches, most reviewed first)")
+        st.dataframe(items, hide_index=True, width="stretch", key="seeds_items_table",
+                     column_config={"avg_rating": st.column_config.NumberColumn(format="%.1f"),
+                                    "year": st.column_config.NumberColumn(format="%d")})
+
+with tab_reviews:
+    if counts["reviews"] == 0:
+        needs("No reviews yet. Build the default workspace on Home, or add a reviews file in the "
+              "'Add your own file' tab.", "pages/home.py", "Home")
+    else:
+        f1, f2 = st.columns(2)
+        search = f1.text_input("Search review text or title", key="seeds_review_search")
+        genre = f2.multiselect("Genres (all of)", cached(views.genres), key="seeds_review_genres")
+        lo, hi = cached(views.rating_range)
+        f3, f4, f5 = st.columns([0.4, 0.35, 0.25])
+        rating = f3.slider("Rating", lo, hi, (lo, hi), key="seeds_review_rating") if hi > lo else None
+        clusterings = cached(views.clusterings)
+        options = [None] + clusterings["clustering_id"].tolist()
+        clustering = f4.selectbox("Clustering", options, key="seeds_review_clustering",
+                                  format_func=lambda c: "(none)" if c is None else c,
+                                  help="Filter by K-means cluster (see the Map page).")
+        clusters = []
+        if clustering:
+            sizes = cached(views.cluster_sizes, clustering)
+            clusters = f5.multiselect("Clusters", sizes["cluster"].tolist(), key="seeds_review_clusters")
+        reviews = cached(views.reviews_table, search, tuple(genre), tuple(rating) if rating else None,
+                         clustering, tuple(clusters), None, None, 500)
+        st.caption(f"{len(reviews):,} reviews shown (first 500 matches). Select a row to read it in full.")
+        event = st.dataframe(reviews, hide_index=True, width="stretch", key="seeds_reviews_table",
+                             on_select="rerun", selection_mode="single-row",
+                             column_config={"text": st.column_config.TextColumn(width="large")})
+        rows = event.selection.rows if event is not None else []
+        if rows:
+            row = reviews.iloc[rows[0]]
+            with st.container(border=True):
+                st.text(f"{row['title']} ({row['year']}) — rating {row['rating']} — review {row['review_id']}")
+                st.text(row["text"])
+
+with tab_add:
+    st.write("Add reviews, items, interactions, tags or dialogues in a supported format. The whole "
+             "file is checked first; nothing is written when it has a problem (unless you choose "
+             "to skip bad rows, which are then listed).")
+    with st.expander("Supported formats"):
+        st.dataframe({"format": list(datasets.FORMATS),
+                      "holds": [f.kind for f in datasets.FORMATS.values()],
+                      "description": [f.description for f in datasets.FORMATS.values()]},
+                     hide_index=True, width="stretch")
+    upload = st.file_uploader("File (JSONL, JSON, CSV, TSV; .gz allowed)", key="seeds_upload",
+                              type=["jsonl", "json", "csv", "tsv", "gz", "txt"])
+    a1, a2, a3 = st.columns(3)
+    kind = a1.selectbox("It holds", ["(detect)", "reviews", "items", "interactions", "tags", "dialogues"],
+                        key="seeds_upload_kind")
+    skip_bad = a2.checkbox("Skip bad rows and unknown items (and list them)", key="seeds_upload_skip")
+    dataset = a3.text_input("Dataset name (dialogues)", key="seeds_upload_dataset")
+    kind_arg = None if kind == "(detect)" else kind
+    b1, b2 = st.columns(2)
+    check = b1.button("Check file", key="seeds_check", disabled=upload is None, icon=":material/rule:")
+    add = b2.button("Add to workspace", key="seeds_add", type="primary", disabled=upload is None,
+                    icon=":material/upload:")
+    if upload is not None and (check or add):
+        suffix = "".join(Path(upload.name).suffixes[-2:]) or ".jsonl"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / (Path(upload.name).name or f"upload{suffix}")
+            path.write_bytes(upload.getvalue())
+            try:
+                with st.spinner("Checking the file…"):
+                    loaded = datasets.load(path, kind=kind_arg, skip_bad=skip_bad)
+                rep = loaded.report
+                st.success(f"Valid {rep.kind} file ({rep.fmt}): {rep.kept:,} rows kept, {rep.skipped:,} skipped.")
+                if rep.problems:
+                    st.warning("Skipped rows and why:")
+                    st.dataframe({"line": [ln for ln, _ in rep.problems], "reason": [why for _, why in rep.problems]},
+                                 hide_index=True, width="stretch")
+                for note in rep.notes:
+                    st.text(note)
+                if add:
+                    with st.spinner("Adding to the workspace…"):
+                        result = ingest_file(ws, path, kind_arg, skip_bad=skip_bad, dataset=dataset.strip() or None)
+                    st.success("Added to the workspace.")
+                    st.code("\n".join(result.lines()), language=None)
+                    for what, examples in result.skipped.items():
+                        st.warning(f"Skipped {what} of items not in the catalog, e.g. {', '.join(map(str, examples))}")
+            except (CRSError, ValueError, OSError) as exc:
+                show_error(exc)
+                st.caption("Nothing was written to the workspace.")

@@ -1,0 +1,159 @@
+"""Synthesis: a teacher LLM turns the selected items' reviews into user queries and
+ground-truth lists (Algorithm 2), with live progress, tokens and cost; stop and resume."""
+
+import streamlit as st
+
+from crs_core import views
+from crs_core.errors import CRSError
+from crs_core.teacher import DEFAULT_API_KEY_ENV, Budget, Teacher, TeacherConfig
+from pages._shared import (background_run, cached, ensure_navigation, needs, show_error, start_background,
+                           workspace)
+
+ensure_navigation()
+
+try:
+    from crs_core import synth
+except ImportError:  # the synthesis module lands with its own issue
+    synth = None
+
+st.title("Synthesis")
+st.write("For each selected item: 3 of its reviews + 5 style templates → the teacher writes K user "
+         "queries; each gets up to 20 ground-truth items, grounded in the catalog (unmatched titles "
+         "are flagged, never kept silently). Finished queries are stored one by one; a stopped run "
+         "resumes where it left off.")
+ws = workspace()
+if synth is None:
+    needs("The synthesis step (crs_core.synth) is not installed in this build yet.")
+    st.stop()
+selections = cached(views.selections)
+if selections.empty:
+    needs("No selection yet: run a selection first; synthesis works on its picks.",
+          "pages/selection.py", "Selection")
+    st.stop()
+
+RUN_KEY = f"synthesis:{ws.path}"
+run = background_run(RUN_KEY)
+labels = {r.selection_id: f"{r.name or r.selection_id} — {r.strategy}, B={r.budget}" for r in selections.itertuples()}
+
+with st.container(border=True):
+    st.markdown("#### Teacher")
+    provider = st.radio("Provider", ["local", "openai"], horizontal=True, key="syn_provider",
+                        format_func={"local": "Local llama.cpp server (SmolLM2, offline)",
+                                     "openai": "OpenAI-compatible endpoint"}.get)
+    key_value = None
+    if provider == "openai":
+        t1, t2 = st.columns(2)
+        base_url = t1.text_input("Base URL", "https://api.openai.com/v1", key="syn_base_url")
+        model = t2.text_input("Model", "gpt-4o-mini", key="syn_model")
+        k1, k2 = st.columns(2)
+        key_env = k1.text_input("API key from environment variable", DEFAULT_API_KEY_ENV, key="syn_key_env")
+        key_value = k2.text_input("…or paste a key (kept only in this browser session)", type="password",
+                                  key="syn_api_key")
+        config = None
+        try:
+            config = TeacherConfig.openai(base_url.strip() or None, model.strip(), api_key=key_value or None,
+                                          api_key_env=key_env.strip() or DEFAULT_API_KEY_ENV)
+            if not config.has_api_key and not base_url.startswith(("http://127.0.0.1", "http://localhost")):
+                st.warning(f"No API key: set ${key_env} before starting the studio, or paste one.")
+        except CRSError as exc:
+            show_error(exc)
+    else:
+        config = TeacherConfig.local()
+        st.caption("Starts a llama.cpp server on 127.0.0.1 with SmolLM2-135M-Instruct (small and fast, "
+                   "modest quality; use an endpoint for a strong teacher).")
+
+with st.container(border=True):
+    st.markdown("#### What to synthesize")
+    c1, c2, c3 = st.columns(3)
+    selection_id = c1.selectbox("Selection", list(labels), format_func=labels.get, key="syn_selection")
+    gt_mode = c2.selectbox("Ground truth", list(synth.GT_MODES), key="syn_gt_mode",
+                           help="llm: the teacher lists 20 titles (the paper); retrieve: catalog retrieval "
+                                "(no LLM); retrieve+llm: retrieval scored 0–4 by the teacher.")
+    k_queries = c3.number_input("Queries per item (K)", 1, 10, 1, key="syn_k")
+    c4, c5, c6 = st.columns(3)
+    items_limit = c4.number_input("Items (0 = all of the selection)", 0, 100_000, 20, key="syn_items")
+    max_calls = c5.number_input("Budget: max teacher calls (0 = no limit)", 0, 10_000_000, 0, key="syn_max_calls")
+    max_cost = c6.number_input("Budget: max cost in $ (0 = no limit)", 0.0, 10_000.0, 0.0, step=0.5, key="syn_max_cost")
+    dedup = st.checkbox("Flag near-duplicate queries with embeddings (loads the MiniLM encoder)", True,
+                        key="syn_dedup", help="Off: only exact duplicates are detected.")
+    try:
+        state = synth.synthesis_progress(ws, selection_id, int(k_queries), int(items_limit) or None)
+        st.progress(state["done"] / state["planned"] if state["planned"] else 0.0,
+                    text=f"{state['done']:,} of {state['planned']:,} queries of this plan already stored "
+                         f"({state['items']:,} items)")
+    except CRSError as exc:
+        show_error(exc)
+
+busy = run is not None and run.running
+start = st.button("Resume synthesis" if not busy and run is not None else "Start synthesis", type="primary",
+                  key="syn_start", disabled=busy or config is None, icon=":material/play_arrow:")
+if start and config is not None:
+    budget = Budget(max_calls=int(max_calls) or None, max_cost=float(max_cost) or None)
+    try:
+        teacher = Teacher(config, cache=ws)
+    except CRSError as exc:
+        show_error(exc)
+    else:
+        def work(progress, stop_event, teacher=teacher):
+            try:
+                return synth.run_synthesis(ws, selection_id, teacher, k_queries=int(k_queries), gt_mode=gt_mode,
+                                           items_limit=int(items_limit) or None, dedup_embeddings=dedup,
+                                           budget=None if budget.unlimited else budget,
+                                           progress=progress, stop_event=stop_event)
+            finally:
+                teacher.close()
+
+        run = start_background(RUN_KEY, f"{selection_id} ({gt_mode}, K={k_queries})", work, {"teacher": teacher})
+        st.rerun()
+
+
+def live() -> None:
+    current = background_run(RUN_KEY)
+    if current is None:
+        return
+    if st.session_state.get("syn_was_running") and not current.running:
+        st.session_state["syn_was_running"] = False
+        st.rerun()  # the whole page: counts changed and polling can stop
+    st.session_state["syn_was_running"] = current.running
+    with st.container(border=True):
+        st.markdown("#### Run")
+        st.text(current.label)
+        share = current.done / current.total if current.total else 0.0
+        st.progress(min(1.0, share), text=f"{current.done:,} / {current.total:,} queries")
+        teacher = current.extra.get("teacher")
+        if teacher is not None:
+            tally = teacher.tally()
+            m = st.columns(4)
+            m[0].metric("Teacher calls", f"{tally.calls:,}", help=f"{tally.cached_hits:,} answered from the cache")
+            m[1].metric("Tokens", f"{tally.total_tokens:,}")
+            m[2].metric("Cost", f"${tally.cost:.4f}")
+            m[3].metric("Failures", f"{tally.failures:,}")
+        if current.running:
+            if st.button("Stop", key="syn_stop", icon=":material/stop:"):
+                current.stop.set()
+            if current.stop.is_set():
+                st.caption("Stopping after the queries in flight…")
+        elif current.error is not None:
+            show_error(current.error)
+        elif current.result is not None:
+            rep = current.result
+            if rep.complete:
+                st.success("Finished.")
+            else:
+                st.warning(f"Stopped: {rep.stopped or 'with failures'}")
+            st.code("\n".join(rep.lines()), language=None)
+            if rep.flagged:
+                with st.expander(f"{len(rep.flagged)} replies refused by the parser"):
+                    st.dataframe(rep.flagged, hide_index=True, width="stretch")
+            st.page_link("pages/review.py", label="Review the new dialogues", icon=":material/rate_review:")
+
+
+st.fragment(live, run_every=1.0 if run is not None and run.running else None)()
+
+stats = cached(views.synthesis_stats)
+st.subheader("In this workspace")
+m = st.columns(4)
+m[0].metric("Synthetic queries", f"{stats['queries']:,}")
+m[1].metric("Teacher calls (cached)", f"{stats['llm_calls']:,}")
+m[2].metric("Tokens", f"{stats['prompt_tokens'] + stats['completion_tokens']:,}")
+m[3].metric("Spent", f"${stats['cost']:.4f}")

@@ -1,0 +1,226 @@
+"""Shared fixtures: small real workspaces for the app, review and browser tests.
+
+`studio_workspace_file` builds, once per session, a workspace from the bundled data
+(`ingest_default`), embeds a subset of the reviews (crs_core.embed: MiniLM), clusters and
+projects them (crs_core.cluster: K-means, UMAP), stores one selection, a few synthetic queries
+(inserted with SQL, one of them shown a review that contains HTML) and one evaluated baseline. The built file is cached under test-artifacts/cache/ keyed by the code and
+data it depends on, so a second run skips the build (1-2 minutes on an idle 2-core machine, most
+of it ingest, MiniLM and UMAP's first compile); set CRS_TEST_REBUILD=1 to force a rebuild. Tests
+get copies, never the cached file itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ARTIFACTS = ROOT / "test-artifacts"
+N_EMBED = 400  # reviews embedded for the small workspace
+K = 8
+XSS_TEXT = "<script>window.__crs_xss = 1</script><b>bold?</b> An honest review & nothing else."
+
+
+# ---------------------------------------------------------------------------------- helpers
+def insert_synthetic_queries(ws, n: int = 4, *, selection_id: str | None = None, teacher: str = "offline-test",
+                             prefix: str = "q", extra_reviews: dict[int, list[str]] | None = None) -> list[str]:
+    """Insert `n` synthetic queries about the first items that have reviews (SQL only).
+
+    Query i is about the i-th reviewed item (by item id); the teacher was shown 3 reviews (of
+    that item, then of the following ones); its ground truth is that item and the next three
+    (matched, score 0.95) plus one title not found in the catalog (flagged).
+    """
+    items = ws.df(
+        "SELECT i.item_id, i.title, i.genres FROM items i WHERE i.item_id IN (SELECT item_id FROM reviews) "
+        "ORDER BY i.item_id LIMIT ?", [n + 4])
+    reviews = ws.df("SELECT review_id, item_id FROM reviews WHERE item_id IN (SELECT unnest(?::VARCHAR[])) "
+                    "ORDER BY item_id, review_id", [items["item_id"].tolist()])
+    by_item = reviews.groupby("item_id", sort=False)["review_id"].apply(list).to_dict()
+    ids = []
+    with ws.transaction() as cur:
+        for i in range(n):
+            item = items.iloc[i]
+            genre = (item["genres"] or "good").split("|")[0]
+            shown: list[str] = list((extra_reviews or {}).get(i, []))
+            for j in range(i, len(items)):
+                for rid in by_item.get(items.iloc[j]["item_id"], []):
+                    if len(shown) < 3 and rid not in shown:
+                        shown.append(rid)
+            qid = f"{prefix}{i:03d}"
+            ids.append(qid)
+            provenance = {"teacher": {"provider": "openai", "model": teacher}, "reviews": shown,
+                          "templates": ["style-1"], "prompt_tokens": 100, "completion_tokens": 50}
+            cur.execute(
+                "INSERT INTO synthetic_queries (query_id, selection_id, item_id, query, provenance, gt_mode) "
+                "VALUES (?, ?, ?, ?, ?, 'teacher')",
+                [qid, selection_id, item["item_id"], f"I want something like {item['title']}, a {genre} film",
+                 json.dumps(provenance)],
+            )
+            rows = [(qid, r + 1, f"{items.iloc[i + r]['title']}", items.iloc[i + r]["item_id"], 0.95, False)
+                    for r in range(4)]
+            rows.append((qid, 5, "Unknown Film (1900)", None, None, True))
+            cur.executemany("INSERT INTO ground_truth (query_id, rank, title_raw, item_id, match_score, flagged) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", rows)
+    return ids
+
+
+def fake_training_runner(ctx) -> dict:
+    """A job runner for app tests (`runner="conftest:fake_training_runner"`, with tests/ on the
+    worker's PYTHONPATH): `steps` quick steps with a falling loss, honouring cancel; no model."""
+    total = int(ctx.config.get("steps", 5))
+    delay = float(ctx.config.get("delay", 0.0))
+    ctx.set_total(total)
+    for step in range(1, total + 1):
+        ctx.check_cancel()
+        time.sleep(delay)
+        ctx.report(step, total, epoch=step / total, loss=1.0 / step, examples=4)
+        ctx.log(f"step {step}: loss {1.0 / step:.3f}")
+    return {"model_name": "fake-retriever", "steps": total, "final_loss": 1.0 / total}
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256()
+    used = {"store", "ingest", "datasets", "catalog", "titles", "embed", "cluster", "models", "evaluate",
+            "recommenders", "progress", "errors"}  # the modules that build the workspace
+    for f in [Path(__file__)] + sorted((ROOT / "crs_core").glob("*.py")):
+        if f.stem in used or f == Path(__file__):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    for f in sorted((ROOT / "data" / "bundled").rglob("*")):
+        if f.is_file():
+            h.update(f"{f.relative_to(ROOT)}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _embed_cluster_project(ws) -> str:
+    """Embed N_EMBED reviews, K-means them and project them to 2-D; returns the set id.
+
+    Uses crs_core.embed / crs_core.cluster when they exist; otherwise (early in the project)
+    stores TF-IDF + SVD vectors, scikit-learn K-means and a PCA map in the same tables."""
+    # the shortest reviews: real text, and the encoder (CPU) is the slowest part of the build
+    frame = ws.df("SELECT review_id, text FROM reviews ORDER BY length(text), review_id LIMIT ?", [N_EMBED])
+    ids, texts = frame["review_id"].tolist(), frame["text"].tolist()
+    try:
+        from crs_core.cluster import run_kmeans, run_projection
+        from crs_core.embed import build_embedding_set, get_encoder
+    except ImportError:
+        return _fallback_embedding(ws, ids, texts)
+    set_id = build_embedding_set(ws, "review", ids, texts, get_encoder("minilm"))
+    run_kmeans(ws, set_id, k=K, seed=0)
+    run_projection(ws, set_id, seed=0)
+    return set_id
+
+
+def _fallback_embedding(ws, ids: list[str], texts: list[str]) -> str:
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA, TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from crs_core.store import vectors_to_blobs
+
+    X = TruncatedSVD(32, random_state=0).fit_transform(TfidfVectorizer(min_df=2).fit_transform(texts))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    km = KMeans(K, n_init=4, random_state=0).fit(X)
+    xy = PCA(2, random_state=0).fit_transform(X)
+    set_id, model = "review:tfidf", "tfidf-svd32"
+    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    with ws.transaction() as cur:
+        cur.executemany("INSERT OR IGNORE INTO embedding_cache VALUES (?, ?, ?)",
+                        [(model, h, b) for h, b in zip(hashes, vectors_to_blobs(X))])
+        cur.execute("INSERT INTO embedding_sets (set_id, unit, model, dim, n) VALUES (?, 'review', ?, ?, ?)",
+                    [set_id, model, X.shape[1], len(ids)])
+        cur.executemany("INSERT INTO embedding_rows VALUES (?, ?, ?, ?)",
+                        [(set_id, i, rid, h) for i, (rid, h) in enumerate(zip(ids, hashes))])
+        cid = f"{set_id}:k{K}"
+        cur.execute("INSERT INTO clusterings (clustering_id, set_id, k, seed, inertia, centers) "
+                    "VALUES (?, ?, ?, 0, ?, ?)",
+                    [cid, set_id, K, float(km.inertia_), km.cluster_centers_.astype("<f4").tobytes()])
+        cur.executemany("INSERT INTO cluster_assignments VALUES (?, ?, ?)",
+                        [(cid, rid, int(c)) for rid, c in zip(ids, km.labels_)])
+        cur.executemany("INSERT INTO projections VALUES (?, ?, ?, ?)",
+                        [(set_id, rid, float(x), float(y)) for rid, (x, y) in zip(ids, xy)])
+    return set_id
+
+
+def _evaluate_baseline(ws) -> None:
+    """One real evaluated run (popularity on INSPIRED test) for the Evaluation page."""
+    from crs_core.evaluate import evaluate, store_run
+    from crs_core.recommenders import make_recommender
+
+    result = evaluate(ws, make_recommender("popularity", ws), "inspired_test")
+    store_run(ws, {"model": "popularity-interactions", "run_id": "test-popularity"}, {"inspired_test": result})
+
+
+def build_small_workspace(path: Path) -> None:
+    from crs_core.ingest import ingest_default
+    from crs_core.store import Workspace
+
+    ws = Workspace(path)
+    try:
+        ingest_default(ws)
+        set_id = _embed_cluster_project(ws)
+        first_item = ws.scalar("SELECT min(item_id) FROM items WHERE item_id IN (SELECT item_id FROM reviews)")
+        with ws.transaction() as cur:
+            cur.execute("INSERT INTO reviews (review_id, item_id, user_id, text, rating, source) "
+                        "VALUES ('xss-review', ?, 'tester', ?, 9, 'test')", [first_item, XSS_TEXT])
+            picks = cur.execute("SELECT unit_id FROM embedding_rows WHERE set_id = ? ORDER BY pos LIMIT 5",
+                                [set_id]).fetchall()
+            cur.execute("INSERT INTO selections (selection_id, name, strategy, unit, set_id, budget, params) "
+                        "VALUES ('test-random', 'test random', 'RANDOM_UNIFORM', 'review', ?, 5, '{}')", [set_id])
+            cur.executemany("INSERT INTO selection_picks (selection_id, rank, unit_id, score) VALUES (?, ?, ?, 0)",
+                            [("test-random", r + 1, u) for r, (u,) in enumerate(picks)])
+        insert_synthetic_queries(ws, n=6, selection_id="test-random", teacher="offline-test",
+                                 extra_reviews={0: ["xss-review"]})
+        _evaluate_baseline(ws)
+        ws.cursor().execute("CHECKPOINT")
+    finally:
+        ws.close()
+
+
+# --------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def studio_workspace_file() -> Path:
+    """The small real workspace (closed; do not open it: copy it). Cached across runs."""
+    cache = ARTIFACTS / "cache" / f"studio-{_fingerprint()}.duckdb"
+    if os.environ.get("CRS_TEST_REBUILD") or not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for old in cache.parent.glob("studio-*.duckdb*"):
+            old.unlink()
+        tmp = cache.with_suffix(".building")
+        for leftover in (tmp, Path(str(tmp) + ".wal")):
+            leftover.unlink(missing_ok=True)
+        build_small_workspace(tmp)
+        os.replace(tmp, cache)
+    return cache
+
+
+def copy_workspace(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def studio_workspace(studio_workspace_file, tmp_path_factory) -> Path:
+    """A session-wide copy of the small workspace (tests may add to it)."""
+    return copy_workspace(studio_workspace_file, tmp_path_factory.mktemp("studio") / "small.duckdb")
+
+
+@pytest.fixture(scope="session")
+def empty_workspace(tmp_path_factory) -> Path:
+    from crs_core.store import Workspace
+
+    path = tmp_path_factory.mktemp("empty") / "empty.duckdb"
+    Workspace(path).close()
+    return path

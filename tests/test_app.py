@@ -1,0 +1,272 @@
+"""Every page of the studio with streamlit.testing.v1.AppTest, on the small real workspace and on
+an empty one; and the main interactions: approve / edit / conflict on Review, a selection run,
+a file upload, an evaluation drill-down."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, XSS_TEXT, copy_workspace
+from crs_core import review
+from crs_core.store import Workspace
+
+PAGES = ["pages/home.py", "pages/seeds.py", "pages/map.py", "pages/selection.py", "pages/synthesis.py",
+         "pages/review.py", "pages/augmentation.py", "pages/training.py", "pages/evaluation.py"]
+
+
+def open_page(monkeypatch, workspace_path, page: str) -> AppTest:
+    monkeypatch.setenv("CRS_WORKSPACE", str(workspace_path))
+    monkeypatch.setenv("CRS_JOBS_ROOT", str(workspace_path.parent / "jobs"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page(page)
+    at.run()
+    assert_clean(at)
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+@pytest.fixture()
+def own_workspace(studio_workspace_file, tmp_path):
+    """A private copy of the small workspace for a test that changes it."""
+    return copy_workspace(studio_workspace_file, tmp_path / "own.duckdb")
+
+
+def _query(path, qid):
+    with Workspace(path) as ws:
+        row = ws.cursor().execute("SELECT query, status, version FROM synthetic_queries WHERE query_id = ?",
+                                  [qid]).fetchone()
+        gt = [r[0] for r in ws.cursor().execute(
+            "SELECT item_id FROM ground_truth WHERE query_id = ? ORDER BY rank", [qid]).fetchall()]
+    return row, gt
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_on_the_small_workspace(monkeypatch, studio_workspace, page):
+    at = open_page(monkeypatch, studio_workspace, page)
+    assert at.title, "every page has a title"
+    assert "workspace_picker" in [s.key for s in at.sidebar.selectbox], "rendered through app.py's navigation"
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_on_an_empty_workspace_and_says_what_to_do(monkeypatch, empty_workspace, page):
+    at = open_page(monkeypatch, empty_workspace, page)
+    if page == "pages/home.py":
+        assert at.button(key="home_build").label == "Build default workspace"
+    else:
+        assert at.info, f"{page} shows a helpful empty state"
+
+
+def test_home_shows_pipeline_status(monkeypatch, studio_workspace):
+    at = open_page(monkeypatch, studio_workspace, "pages/home.py")
+    texts = [t.value for t in at.text]
+    assert any("items" in t and "reviews" in t for t in texts)
+    assert "home_build" not in [b.key for b in at.button]  # nothing left to build
+
+
+def test_review_approve_persists(monkeypatch, own_workspace):
+    at = open_page(monkeypatch, own_workspace, "pages/review.py")
+    assert at.selectbox(key="rv_current").value == "q000"
+    at.button(key="rv_approve").click().run()
+    assert_clean(at)
+    assert "Saved q000 as version 2 (approved)." in [s.value for s in at.success]
+    assert at.selectbox(key="rv_current").value == "q001"  # the queue moves on to the next pending one
+    (query, status, version), _ = _query(own_workspace, "q000")
+    assert (status, version) == ("approved", 2)
+
+
+def test_review_edit_query_and_add_item_persist(monkeypatch, own_workspace):
+    at = open_page(monkeypatch, own_workspace, "pages/review.py")
+    at.selectbox(key="rv_current").set_value("q001").run()
+    at.text_area(key="rv_qinput_q001_1").set_value("Something funny and silent, please").run()
+    at.text_input(key="rv_search_q001_1").set_value("Titanic").run()
+    picked = next(s for s in at.selectbox if s.label == "Catalog item").value
+    assert picked is not None
+    at.button(key="rv_add_q001_1").click().run()
+    assert_clean(at)
+    at.text_input(key="rv_note_q001_1").set_value("clearer request").run()
+    at.button(key="rv_save").click().run()
+    assert_clean(at)
+    (query, status, version), gt = _query(own_workspace, "q001")
+    assert (query, status, version) == ("Something funny and silent, please", "pending", 2)
+    assert gt[-1] == picked and len(gt) == 6
+    with Workspace(own_workspace) as ws:
+        h = review.history(ws, "q001")
+    assert list(h["action"]) == ["edit", "created"] and h["note"].iloc[0] == "clearer request"
+
+
+def test_review_conflict_is_refused_and_edits_are_kept(monkeypatch, own_workspace):
+    at = open_page(monkeypatch, own_workspace, "pages/review.py")
+    at.selectbox(key="rv_current").set_value("q002").run()
+    at.text_area(key="rv_qinput_q002_1").set_value("my wording").run()
+    with Workspace(own_workspace) as ws:  # a second annotator saves first
+        d = review.get_dialogue(ws, "q002")
+        review.save_edit(ws, "q002", d.version, "their wording", d.ground_truth, annotator="other")
+    at.button(key="rv_save").click().run()
+    assert_clean(at)
+    assert any("someone else changed this dialogue" in e.value for e in at.error)
+    assert at.text_area(key="rv_qinput_q002_1").value == "my wording"  # nothing lost on screen
+    (query, _, version), _ = _query(own_workspace, "q002")
+    assert (query, version) == ("their wording", 2)  # nor in the workspace
+    at.button(key="rv_reload").click().run()
+    assert at.text_area(key="rv_qinput_q002_2").value == "their wording"
+    # without unsaved edits, a change by someone else simply shows the latest version
+    with Workspace(own_workspace) as ws:
+        d = review.get_dialogue(ws, "q002")
+        review.save_edit(ws, "q002", d.version, "third wording", d.ground_truth, annotator="other")
+    at.run()
+    assert_clean(at)
+    assert at.text_area(key="rv_qinput_q002_3").value == "third wording" and not at.warning
+
+
+def test_review_renders_review_html_as_text(monkeypatch, studio_workspace):
+    at = open_page(monkeypatch, studio_workspace, "pages/review.py")
+    assert XSS_TEXT in [t.value for t in at.text]
+    assert not any("<script" in m.value for m in at.markdown)
+    assert not any("<script" in str(c.value) for c in at.caption)
+
+
+@pytest.mark.parametrize("strategy", ["FISHER", "JS"])
+def test_a_selection_run_stores_a_selection(monkeypatch, own_workspace, strategy):
+    pytest.importorskip("crs_core.embed", reason="crs_core.selections loads embeddings through crs_core.embed")
+    at = open_page(monkeypatch, own_workspace, "pages/selection.py")
+    at.selectbox(key="sel_strategy").set_value(strategy)
+    at.number_input(key="sel_budget").set_value(7)
+    at.button(key="sel_run").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    with Workspace(own_workspace) as ws:
+        sel = ws.df("SELECT selection_id, strategy, budget FROM selections WHERE strategy = ?", [strategy])
+        assert len(sel) == 1 and sel["budget"].iloc[0] == 7
+        picks = ws.df("SELECT rank, unit_id FROM selection_picks WHERE selection_id = ? ORDER BY rank",
+                      [sel["selection_id"].iloc[0]])
+    assert list(picks["rank"]) == list(range(1, 8)) and picks["unit_id"].is_unique
+    assert at.selectbox(key="sel_compare_a").value == sel["selection_id"].iloc[0]
+
+
+def test_seeds_upload_validates_first_and_writes_nothing_on_error(monkeypatch, own_workspace):
+    with Workspace(own_workspace) as ws:
+        before = ws.count("reviews")
+        imdb = ws.scalar("SELECT imdb_id FROM items WHERE imdb_id IS NOT NULL ORDER BY imdb_id LIMIT 1")
+    at = open_page(monkeypatch, own_workspace, "pages/seeds.py")
+    good = json.dumps({"review_id": "mine-1", "imdb_id": imdb, "text": "Loved it.", "rating": 9})
+    bad = good.replace("mine-1", "mine-2") + "\n{not json\n"
+    at.file_uploader(key="seeds_upload").upload("mine.jsonl", bad.encode()).run()
+    at.button(key="seeds_add").click().run()
+    assert_clean(at)
+    assert at.error and any("line 2" in e.value for e in at.error)
+    with Workspace(own_workspace) as ws:
+        assert ws.count("reviews") == before
+    at.file_uploader(key="seeds_upload").upload("mine.jsonl", (good + "\n").encode()).run()
+    at.button(key="seeds_add").click().run()
+    assert_clean(at)
+    assert not at.error and any("Added" in s.value for s in at.success)
+    with Workspace(own_workspace) as ws:
+        assert ws.count("reviews") == before + 1
+
+
+def test_evaluation_drill_down(monkeypatch, own_workspace):
+    at = open_page(monkeypatch, own_workspace, "pages/evaluation.py")
+    assert at.get("plotly_chart"), "the stored run is charted"
+    at.number_input(key="ev_sample").set_value(25)
+    at.button(key="ev_go").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    turn = at.selectbox(key="ev_turn")
+    assert turn.value is not None and len(turn.options) == 25
+
+
+def test_synthesis_runs_in_the_background_against_an_openai_compatible_endpoint(monkeypatch, own_workspace):
+    from openai_stub_server import OpenAIStubServer
+
+    from pages import _shared
+
+    key = "sk-test-APP-KEY-NEVER-STORED-9c2"
+    with Workspace(own_workspace) as ws:
+        titles = ws.df("SELECT title, year FROM items WHERE year IS NOT NULL AND item_id IN "
+                       "(SELECT item_id FROM reviews) ORDER BY item_id LIMIT 8")
+        before = ws.count("synthetic_queries")
+    listing = "\n".join(f"{n}. {t} ({int(y)})" for n, (t, y) in enumerate(zip(titles["title"], titles["year"]), 1))
+
+    def reply(messages):
+        user = messages[-1]["content"]
+        if user.startswith("Pretend you are a movie recommender system"):
+            return listing + "\n9. A Film That Does Not Exist (1901)"
+        return "Can you recommend a quiet old comedy with a lot of physical gags and a sweet ending?"
+
+    with OpenAIStubServer(reply=reply) as stub:
+        at = open_page(monkeypatch, own_workspace, "pages/synthesis.py")
+        at.radio(key="syn_provider").set_value("openai").run()
+        at.text_input(key="syn_base_url").set_value(stub.base_url)
+        at.text_input(key="syn_model").set_value("gpt-4o-mini")
+        at.text_input(key="syn_api_key").set_value(key)
+        at.number_input(key="syn_items").set_value(2)
+        at.checkbox(key="syn_dedup").uncheck()
+        at.button(key="syn_start").click().run()
+        assert_clean(at)
+        run = _shared.background_run(f"synthesis:{own_workspace.resolve()}")
+        assert run is not None
+        run.thread.join(120)
+        assert run.error is None, run.error
+        at.run()
+        assert_clean(at)
+        assert stub.chat_requests >= 4  # a query and a list per item
+    report = "\n".join(c.value for c in at.code)
+    assert "stored now: 2" in report
+    with Workspace(own_workspace) as ws:
+        assert ws.count("synthetic_queries") == before + 2
+        leaked = ws.scalar("SELECT count(*) FROM llm_cache WHERE request::VARCHAR LIKE ? OR response::VARCHAR LIKE ?",
+                           [f"%{key}%", f"%{key}%"])
+        leaked += ws.scalar("SELECT count(*) FROM synthetic_queries WHERE provenance::VARCHAR LIKE ?", [f"%{key}%"])
+    assert leaked == 0
+
+
+def _launch_fake_job(monkeypatch, path, **config):
+    from crs_core import jobs
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the worker imports conftest's runner
+    with Workspace(path) as ws:
+        job_id = jobs.launch_job(ws, "train_retriever", config, {"train": [{"context": ["hi"], "labels": ["x"]}]},
+                                 path.parent / "jobs", runner="conftest:fake_training_runner")
+        return job_id, jobs.job_folder(ws, job_id)
+
+
+def test_training_page_follows_a_finished_job(monkeypatch, own_workspace):
+    from crs_core import jobs
+
+    job_id, folder = _launch_fake_job(monkeypatch, own_workspace, steps=4)
+    assert jobs.wait_for_job(folder, timeout=60).state == "succeeded"
+    at = open_page(monkeypatch, own_workspace, "pages/training.py")
+    assert at.selectbox(key="tr_job").value == job_id
+    assert at.get("vega_lite_chart"), "the loss curve is drawn"
+    assert "step 4: loss 0.250" in "\n".join(c.value for c in at.code)  # the log
+    with Workspace(own_workspace) as ws:
+        assert ws.scalar("SELECT status FROM jobs WHERE job_id = ?", [job_id]) == "succeeded"
+
+
+def test_training_page_cancels_and_resumes_a_job(monkeypatch, own_workspace):
+    from crs_core import jobs
+
+    job_id, folder = _launch_fake_job(monkeypatch, own_workspace, steps=400, delay=0.1)
+    deadline = __import__("time").monotonic() + 60
+    while jobs.job_state(folder).step < 2:
+        assert __import__("time").monotonic() < deadline, "the fake job did not start"
+        __import__("time").sleep(0.2)
+    at = open_page(monkeypatch, own_workspace, "pages/training.py")
+    at.button(key="tr_cancel").click().run()
+    assert_clean(at)
+    assert jobs.wait_for_job(folder, timeout=60).state == "cancelled"
+    at.run()
+    at.button(key="tr_resume").click().run()
+    assert_clean(at)
+    try:
+        assert jobs.job_state(folder).state in ("queued", "running") and jobs.job_state(folder).attempt == 2
+    finally:
+        jobs.cancel_job(folder, wait=True, grace_seconds=20)
+    assert jobs.job_state(folder).state == "cancelled"
