@@ -387,15 +387,17 @@ def _smoothed_linear_cls():
             self.register_buffer("inv_scale", inv_scale.detach().clone())
 
         def forward(self, x):
-            x = x * self.inv_scale
             lengths = getattr(_SEQ, "lengths", None)
             if lengths is None or x.dim() != 3 or len(lengths) != x.shape[0]:
-                return self.qlinear(x)
-            if len(lengths) == 1 and lengths[0] == x.shape[1]:
-                return self.qlinear(x[0]).unsqueeze(0)
-            out = x.new_zeros(x.shape[:-1] + (self.out_features,))
+                return self.qlinear(x * self.inv_scale)
+            # text by text; each text's rows are small enough to stay in cache for the
+            # scaling, quantising and GEMM passes
+            out = x.new_empty(x.shape[:-1] + (self.out_features,))
+            width = x.shape[1]
             for b, n in enumerate(lengths):
-                out[b, :n] = self.qlinear(x[b, :n])
+                out[b, :n] = self.qlinear(x[b, :n] * self.inv_scale)
+                if n < width:
+                    out[b, n:] = 0.0
             return out
 
     return SmoothedInt8Linear
@@ -486,10 +488,11 @@ def _read_cache(ws: Workspace, model: str, hashes: list[str], dim: int) -> dict[
     view = _view_name()
     cur.register(view, pa.table({"text_hash": pa.array(hashes, pa.string())}))
     try:
-        table = cur.sql(
+        # execute + fetch (not .sql): a relation refuses to run while the cursor holds a result
+        table = cur.execute(
             f"SELECT c.text_hash, c.vector FROM embedding_cache c JOIN {view} h "
             "ON c.text_hash = h.text_hash WHERE c.model = ?",
-            params=[model],
+            [model],
         ).to_arrow_table()
     finally:
         cur.unregister(view)
@@ -679,10 +682,10 @@ def embedding_set_info(ws: Workspace, set_id: str) -> dict:
 def load_embedding_set(ws: Workspace, set_id: str) -> tuple[list[str], np.ndarray]:
     """(unit_ids, float32 (n, dim) matrix), in the order the set was built."""
     info = embedding_set_info(ws, set_id)
-    table = ws.cursor().sql(
+    table = ws.cursor().execute(
         "SELECT r.unit_id, c.vector FROM embedding_rows r LEFT JOIN embedding_cache c "
         "ON c.model = ? AND c.text_hash = r.text_hash WHERE r.set_id = ? ORDER BY r.pos",
-        params=[info["model"], set_id],
+        [info["model"], set_id],
     ).to_arrow_table()
     if table.column("vector").null_count:
         raise WorkspaceError(

@@ -54,6 +54,7 @@ __all__ = [
     "LeakageError",
     "TurnResult",
     "EvalResult",
+    "EvalTurn",
     "recall_at_k",
     "ndcg_at_k",
     "turn_metrics",
