@@ -278,6 +278,7 @@ def test_store_run_metrics_frame_and_csv(ws, tmp_path):
     store_run(ws, {"model": "fake", "run_id": "r2", "budget": 100}, {"toy_test": one})
     df = metrics_frame(ws)
     assert len(df) == 16 and set(df["run_id"]) == {run_id, "r2"}
+    assert list(df["metric"][:8]) == list(res.metrics)  # recall@1 ... ndcg@20, in that order
     row = df[(df.run_id == run_id) & (df.metric == "recall@1")].iloc[0]
     assert row["value"] == pytest.approx(res.value("recall@1"))
     assert row["stderr"] == pytest.approx(res.stderr("recall@1")) and row["n_turns"] == 3
