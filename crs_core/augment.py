@@ -64,6 +64,10 @@ single real label. This module finds them and stores them as extra labels:
    stored labels as they were (finished teacher calls stay in the cache, so a rerun repeats no
    call). The run's summary (coverage, score histogram of all scored pairs, agreement) is
    stored in ``meta`` under ``augment:<dataset>:<scorer>`` in the same transaction.
+   ``AugmentReport.warnings`` says when the labels are not worth much: a teacher that often
+   answers outside 0–4 or not at all, a distilled scorer that does not reproduce the teacher on
+   held-out pairs. (SmolLM2-135M, the local teacher, answers by list position — "4, 3, 2, 1" —
+   whatever the films: on INSPIRED its distilled scorer has held-out Spearman ~ -0.1.)
 
 Datasets: any ``dialogue_turns`` dataset (``inspired_train``, a user's ingested CRS file, ...),
 and synthetic dialogues: ``synthetic`` / ``synthetic:approved`` (approved synthetic queries) or
@@ -111,7 +115,7 @@ __all__ = [
     "AugmentReport", "load_turns", "load_item_pool", "retrieve_candidates", "render_dialogue",
     "render_candidate", "build_scoring_messages", "parse_scores", "score_schema", "augment", "coverage",
     "compute_coverage", "augmented_training_set", "score_histogram", "agreement",
-    "configure_cli_parser", "run_cli",
+    "quality_warnings", "configure_cli_parser", "run_cli",
 ]
 
 # ----------------------------------------------------------------------------- constants
@@ -1133,6 +1137,7 @@ class AugmentReport:
     similarity_bounds: tuple[float, float] | None = None
     histogram: list[dict[str, Any]] = field(default_factory=list)  # all scored pairs
     coverage: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # signs that the labels are not worth much
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -1170,11 +1175,33 @@ class AugmentReport:
         if self.similarity_bounds:
             lo, hi = self.similarity_bounds
             out.append(f"similarity scale        cosine {lo:.3f} -> 0, {hi:.3f} -> 4")
-        cov = dict(self.coverage)
-        cov["histogram_all"] = self.histogram
-        out += format_coverage(cov)
+        if self.coverage:
+            cov = dict(self.coverage)
+            cov["histogram_all"] = self.histogram
+            out += format_coverage(cov)
+        out += [f"WARNING                 {w}" for w in self.warnings]
         out.append(f"time                    {self.seconds:.1f} s")
         return out
+
+
+def quality_warnings(rep: AugmentReport) -> list[str]:
+    """Plain-language warnings about a run whose labels should not be trusted."""
+    out = []
+    t = rep.teacher
+    asked = t.get("pairs_asked") or 0
+    if asked and t.get("pairs_clipped", 0) > 0.2 * asked:
+        out.append(f"the teacher answered outside 0-4 for {t['pairs_clipped']:,} of {asked:,} pairs "
+                   "(clipped): it does not follow the scale")
+    if asked and t.get("pairs_unscored", 0) > 0.2 * asked:
+        out.append(f"the teacher gave no readable score for {t['pairs_unscored']:,} of {asked:,} pairs")
+    a = rep.distilled.get("agreement") or {}
+    if a.get("n"):
+        rho, mae, base = a.get("spearman"), a.get("mae"), a.get("mean_baseline_mae")
+        if rho is None or rho < 0.3 or (base is not None and mae is not None and mae >= base):
+            out.append(f"the distilled scorer does not reproduce the teacher on held-out pairs (spearman "
+                       f"{_fmt(rho)}, MAE {_fmt(mae)} vs {_fmt(base)} for always predicting the mean): its "
+                       "labels are close to noise; use a stronger teacher or more teacher pairs")
+    return out
 
 
 def _meta_key(dataset: str, scorer: str) -> str:
@@ -1352,6 +1379,7 @@ def augment(
         rows.append((dataset, turns[t].turn_id, it, float(score), scorer, json.dumps(prov)))
         kept[turns[t].turn_id].append(it)
     rep.labels_kept = len(rows)
+    rep.warnings = quality_warnings(rep)
     if not rows:
         raise NothingKeptError(_nothing_kept_message(dataset, scorer, threshold, final, len(pairs)))
     rep.coverage = compute_coverage({t.turn_id: t.positives for t in turns}, kept,

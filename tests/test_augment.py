@@ -491,6 +491,21 @@ def test_distilled_scorer_learns_from_teacher_pairs(ws, stub):
     assert agree["threshold_accuracy"] == 0.75 and agree["mae"] == pytest.approx(0.475)
 
 
+def test_quality_warnings():
+    rep = A.AugmentReport(DATASET, "distilled", "r", 3.5, 50, "minilm")
+    assert A.quality_warnings(rep) == []
+    # what SmolLM2-135M did on INSPIRED: scores by list position, often above 4
+    rep.teacher = {"pairs_asked": 300, "pairs_clipped": 114, "pairs_unscored": 0}
+    rep.distilled = {"agreement": {"n": 60, "spearman": -0.1, "mae": 0.91, "mean_baseline_mae": 0.80}}
+    warnings = A.quality_warnings(rep)
+    assert len(warnings) == 2 and "outside 0-4 for 114 of 300" in warnings[0] and "close to noise" in warnings[1]
+    rep.warnings = warnings
+    assert sum(line.startswith("WARNING") for line in rep.lines()) == 2
+    rep.distilled = {"agreement": {"n": 60, "spearman": 0.7, "mae": 0.5, "mean_baseline_mae": 0.9}}
+    rep.teacher = {"pairs_asked": 300, "pairs_clipped": 3, "pairs_unscored": 90}
+    assert A.quality_warnings(rep) == ["the teacher gave no readable score for 90 of 300 pairs"]
+
+
 def test_synthetic_dialogues(ws):
     with ws.transaction() as cur:
         for qid, status, query, gt in [
