@@ -51,6 +51,8 @@ def run(folder: str | os.PathLike, *, install_signals: bool = True) -> int:
 
         signal.signal(signal.SIGTERM, on_term)
 
+    # the final model is saved by then; optimizer states in checkpoints are large
+    drop_checkpoints = not ctx.config.get("keep_checkpoints_after_success", False)
     try:
         result_file = folder / jobs.RESULT_FILE
         if result_file.exists() and (folder / jobs.MODEL_DIR).exists():
@@ -58,15 +60,13 @@ def run(folder: str | os.PathLike, *, install_signals: bool = True) -> int:
             import json
 
             ctx.log("result.json already present: marking the job succeeded")
-            ctx.finish(json.loads(result_file.read_text(encoding="utf-8")))
+            ctx.finish(json.loads(result_file.read_text(encoding="utf-8")), drop_checkpoints=drop_checkpoints)
             return 0
         ctx.check_cancel()
         runner = jobs._resolve(ctx.meta.get("runner") or jobs.RUNNERS.get(ctx.kind, ""))
         result = runner(ctx)
-        ctx.finish(result or {})
+        ctx.finish(result or {}, drop_checkpoints=drop_checkpoints)
         ctx.log("job succeeded")
-        if not ctx.config.get("keep_checkpoints_after_success", False):
-            ctx.remove_checkpoints()  # the final model is saved; optimizer states are large
         return 0
     except jobs.JobCancelled as exc:
         ctx.log(f"job cancelled: {exc}")

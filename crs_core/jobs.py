@@ -949,8 +949,13 @@ class JobContext:
         self._write_status()
         self._cleanup_tmp()
 
-    def finish(self, result: Mapping[str, Any]) -> None:
+    def finish(self, result: Mapping[str, Any], *, drop_checkpoints: bool = False) -> None:
+        """Record the result, then (optionally) drop checkpoints, then publish `succeeded`: a
+        watcher never sees the final state before the folder is final, and a crash in between
+        is finished on restart from result.json + model/."""
         _write_json_atomic(self.folder / RESULT_FILE, dict(result))
+        if drop_checkpoints:
+            self.remove_checkpoints()
         self._status.update(state="succeeded", eta_seconds=0, message=None)
         self._write_status()
 
