@@ -17,13 +17,12 @@ Each run replaces an older one of the same id in one transaction.
 from __future__ import annotations
 
 import re
-import uuid
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .embed import embedding_set_info, load_embedding_set
+from .embed import embedding_set_info, load_embedding_set, registered, write
 from .errors import CRSError, WorkspaceError
 from .progress import ProgressFn, report
 from .store import Workspace
@@ -36,10 +35,6 @@ UMAP_PARAMS = dict(n_neighbors=15, min_dist=0.1, metric="cosine")
 
 def clustering_id(set_id: str, k: int) -> str:
     return f"{set_id}:k{k}"
-
-
-def _view() -> str:
-    return f"_crs_tmp_{uuid.uuid4().hex[:12]}"
 
 
 # ------------------------------------------------------------------------------ K-means
@@ -84,22 +79,20 @@ def run_kmeans(ws: Workspace, set_id: str, k: int = 20, seed: int = 0, *, method
         }
     )
     with ws.transaction() as cur:
-        cur.execute("DELETE FROM cluster_assignments WHERE clustering_id = ?", [cid])
-        cur.execute("DELETE FROM clusterings WHERE clustering_id = ?", [cid])
-        cur.execute(
+        write(cur, "DELETE FROM cluster_assignments WHERE clustering_id = ?", [cid])
+        write(cur, "DELETE FROM clusterings WHERE clustering_id = ?", [cid])
+        write(
+            cur,
             "INSERT INTO clusterings (clustering_id, set_id, k, seed, inertia, centers) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [cid, set_id, k, int(seed), inertia, np.ascontiguousarray(centers, "<f4").tobytes()],
         )
-        view = _view()
-        cur.register(view, rows)
-        try:
-            cur.execute(
+        with registered(cur, rows) as view:
+            write(
+                cur,
                 f"INSERT INTO cluster_assignments (clustering_id, unit_id, cluster) "
-                f"SELECT clustering_id, unit_id, cluster FROM {view}"
+                f"SELECT clustering_id, unit_id, cluster FROM {view}",
             )
-        finally:
-            cur.unregister(view)
     return cid
 
 
@@ -179,13 +172,9 @@ def run_projection(ws: Workspace, set_id: str, seed: int = 0, progress: Progress
         }
     )
     with ws.transaction() as cur:
-        cur.execute("DELETE FROM projections WHERE set_id = ?", [set_id])
-        view = _view()
-        cur.register(view, rows)
-        try:
-            cur.execute(f"INSERT INTO projections (set_id, unit_id, x, y) SELECT set_id, unit_id, x, y FROM {view}")
-        finally:
-            cur.unregister(view)
+        write(cur, "DELETE FROM projections WHERE set_id = ?", [set_id])
+        with registered(cur, rows) as view:
+            write(cur, f"INSERT INTO projections (set_id, unit_id, x, y) SELECT set_id, unit_id, x, y FROM {view}")
     return len(unit_ids)
 
 

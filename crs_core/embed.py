@@ -24,6 +24,7 @@ where it stopped. ``build_embedding_set`` turns a list of units into a named set
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -33,7 +34,7 @@ import threading
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -89,6 +90,8 @@ class _TransformerEncoder(Encoder):
 
     max_length: int = 256
     pad_id: int = 0
+    equal_length_batches: bool = False
+    batch_tokens: int = 256  # with equal_length_batches: tokens per batch (long texts go alone)
 
     def __init__(self, workers: int | None = None):
         self.workers = max(1, int(workers)) if workers else usable_cores()
@@ -111,12 +114,35 @@ class _TransformerEncoder(Encoder):
         for row, toks in enumerate(token_lists):
             ids[row, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
             mask[row, : len(toks)] = 1
+        unpadded = min(lengths) == width
         with torch.inference_mode():
-            hidden = self._hidden(ids, mask).float()
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            # without padding no mask is needed (and attention takes its faster unmasked path)
+            hidden = self._hidden(ids, None if unpadded else mask).float()
+            if unpadded:
+                pooled = hidden.mean(dim=1)
+            else:
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.numpy().astype(np.float32, copy=False)
+
+    def _batches(self, order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
+        """Batches over ``order`` (longest first). Padded batches of ``batch_size``, or, with
+        ``equal_length_batches``, only texts of one token length together, up to
+        ``batch_tokens`` tokens: no padding, so a text's computation never depends on which
+        texts share its batch; long texts run alone (the int8 layers work text by text anyway,
+        and a single text needs no re-assembly of the batch)."""
+        if not self.equal_length_batches:
+            return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        batches: list[list[int]] = []
+        for i in order:
+            last = batches[-1] if batches else None
+            cap = min(batch_size, max(1, self.batch_tokens // max(1, lengths[i])))
+            if last and len(last) < cap and lengths[last[0]] == lengths[i]:
+                last.append(i)
+            else:
+                batches.append([i])
+        return batches
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 32, progress: ProgressFn | None = None
@@ -132,8 +158,9 @@ class _TransformerEncoder(Encoder):
         # an empty text still gets a vector (of its special/padding token), never a zero row
         tokens = [toks or [self.pad_id] for toks in self._tokenize(texts)]
         # longest first: the slowest batches start early and padding stays minimal
-        order = sorted(range(n), key=lambda i: -len(tokens[i]))
-        batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+        lengths = [len(t) for t in tokens]
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        batches = self._batches(order, lengths, batch_size)
         done = 0
         if progress:
             progress(0, n)
@@ -234,7 +261,7 @@ class MiniLMEncoder(_TransformerEncoder):
 
     SMOOTH_ALPHA = 0.8
     FLOOR_QUANTILE = 0.6
-    FP32_LINEARS = ("encoder.layer.0.output.dense", "encoder.layer.1.output.dense")
+    FP32_LINEARS = ("encoder.layer.0.output.dense",)
 
     def __init__(self, quantize: bool = True, workers: int | None = None, max_length: int | None = None):
         super().__init__(workers)
@@ -264,6 +291,9 @@ class MiniLMEncoder(_TransformerEncoder):
                 model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         self.model = model
         self.name = "minilm" if quantize else "minilm-fp32"
+        # int8 rounding amplifies float noise from padding/masking into ~1e-3 differences, so
+        # the quantised path batches only texts of equal length (exactly reproducible vectors)
+        self.equal_length_batches = self.quantized
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(
@@ -271,7 +301,12 @@ class MiniLMEncoder(_TransformerEncoder):
         )["input_ids"]
 
     def _hidden(self, input_ids, attention_mask):
-        _SEQ.lengths = attention_mask.sum(dim=1).tolist() if self.quantized else None
+        if not self.quantized:
+            _SEQ.lengths = None
+        elif attention_mask is None:
+            _SEQ.lengths = [input_ids.shape[1]] * input_ids.shape[0]
+        else:
+            _SEQ.lengths = attention_mask.sum(dim=1).tolist()
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         finally:
@@ -390,6 +425,8 @@ def _smoothed_linear_cls():
             lengths = getattr(_SEQ, "lengths", None)
             if lengths is None or x.dim() != 3 or len(lengths) != x.shape[0]:
                 return self.qlinear(x * self.inv_scale)
+            if len(lengths) == 1 and lengths[0] == x.shape[1]:  # one unpadded text: no copies
+                return self.qlinear(x * self.inv_scale)
             # text by text; each text's rows are small enough to stay in cache for the
             # scaling, quantising and GEMM passes
             out = x.new_empty(x.shape[:-1] + (self.out_features,))
@@ -463,6 +500,37 @@ def _view_name() -> str:
     return f"_crs_tmp_{uuid.uuid4().hex[:12]}"
 
 
+def settle(cur) -> None:
+    """Run any result still pending on ``cur`` to its end.
+
+    DuckDB 2 evaluates ``execute`` results lazily and refuses ``register`` (and relations)
+    while one is unfinished -- e.g. after ``fetchone()`` of a one-row query elsewhere on this
+    thread's cursor. Settling after a write also makes sure the write has fully run.
+    """
+    complete = getattr(cur, "complete", None)
+    if complete is not None:
+        complete()
+
+
+@contextlib.contextmanager
+def registered(cur, table: pa.Table) -> Iterator[str]:
+    """Expose an Arrow table to SQL on ``cur`` under a unique temporary name."""
+    settle(cur)
+    name = _view_name()
+    cur.register(name, table)
+    try:
+        yield name
+    finally:
+        settle(cur)
+        cur.unregister(name)
+
+
+def write(cur, sql: str, params: list | None = None) -> None:
+    """Execute a write statement and run it to completion."""
+    cur.execute(sql, params or [])
+    settle(cur)
+
+
 def _vectors_from_arrow(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """float32 (n, dim) from a binary column of float32 blobs, without a Python loop."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -481,21 +549,27 @@ def _vectors_from_arrow(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndar
     return data.reshape(n, dim).astype(np.float32, copy=True)
 
 
+def _arrow(cur, sql: str, params: list) -> pa.Table:
+    """Run a query and fetch an Arrow table. Through ``execute`` (a DuckDB relation from
+    ``.sql`` refuses to run while the cursor holds another result); DuckDB's note that this
+    copies the rows once is expected and silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Arrow output on a DB-API result.*")
+        return cur.execute(sql, params).to_arrow_table()
+
+
 def _read_cache(ws: Workspace, model: str, hashes: list[str], dim: int) -> dict[str, np.ndarray]:
     if not hashes:
         return {}
     cur = ws.cursor()
-    view = _view_name()
-    cur.register(view, pa.table({"text_hash": pa.array(hashes, pa.string())}))
-    try:
+    with registered(cur, pa.table({"text_hash": pa.array(hashes, pa.string())})) as view:
         # execute + fetch (not .sql): a relation refuses to run while the cursor holds a result
-        table = cur.execute(
+        table = _arrow(
+            cur,
             f"SELECT c.text_hash, c.vector FROM embedding_cache c JOIN {view} h "
             "ON c.text_hash = h.text_hash WHERE c.model = ?",
             [model],
-        ).to_arrow_table()
-    finally:
-        cur.unregister(view)
+        )
     found = table.column("text_hash").to_pylist()
     vecs = _vectors_from_arrow(table.column("vector"), dim)
     return dict(zip(found, vecs))
@@ -510,16 +584,12 @@ def _write_cache(ws: Workspace, model: str, hashes: list[str], vectors: np.ndarr
             "vector": pa.array([row.tobytes() for row in blobs], pa.binary()),
         }
     )
-    with ws.transaction() as cur:
-        view = _view_name()
-        cur.register(view, table)
-        try:
-            cur.execute(
-                f"INSERT OR IGNORE INTO embedding_cache (model, text_hash, vector) "
-                f"SELECT model, text_hash, vector FROM {view}"
-            )
-        finally:
-            cur.unregister(view)
+    with ws.transaction() as cur, registered(cur, table) as view:
+        write(
+            cur,
+            f"INSERT OR IGNORE INTO embedding_cache (model, text_hash, vector) "
+            f"SELECT model, text_hash, vector FROM {view}",
+        )
 
 
 def _encode_with(encoder, texts: list[str], batch_size: int, progress: ProgressFn | None) -> np.ndarray:
@@ -630,21 +700,19 @@ def build_embedding_set(
         changed = [tuple(r) for r in old] != list(zip(unit_ids, hashes))
         if changed:
             _delete_derived(cur, set_id)
-        cur.execute("DELETE FROM embedding_rows WHERE set_id = ?", [set_id])
-        cur.execute("DELETE FROM embedding_sets WHERE set_id = ?", [set_id])
-        cur.execute(
+        write(cur, "DELETE FROM embedding_rows WHERE set_id = ?", [set_id])
+        write(cur, "DELETE FROM embedding_sets WHERE set_id = ?", [set_id])
+        write(
+            cur,
             "INSERT INTO embedding_sets (set_id, unit, model, dim, n) VALUES (?, ?, ?, ?, ?)",
             [set_id, unit, encoder.name, int(encoder.dim), len(unit_ids)],
         )
-        view = _view_name()
-        cur.register(view, rows)
-        try:
-            cur.execute(
+        with registered(cur, rows) as view:
+            write(
+                cur,
                 f"INSERT INTO embedding_rows (set_id, pos, unit_id, text_hash) "
-                f"SELECT set_id, pos, unit_id, text_hash FROM {view}"
+                f"SELECT set_id, pos, unit_id, text_hash FROM {view}",
             )
-        finally:
-            cur.unregister(view)
         covered = cur.execute(
             "SELECT count(*) FROM embedding_rows r JOIN embedding_cache c "
             "ON c.model = ? AND c.text_hash = r.text_hash WHERE r.set_id = ?",
@@ -659,13 +727,14 @@ def build_embedding_set(
 
 
 def _delete_derived(cur, set_id: str) -> None:
-    cur.execute(
+    write(
+        cur,
         "DELETE FROM cluster_assignments WHERE clustering_id IN "
         "(SELECT clustering_id FROM clusterings WHERE set_id = ?)",
         [set_id],
     )
-    cur.execute("DELETE FROM clusterings WHERE set_id = ?", [set_id])
-    cur.execute("DELETE FROM projections WHERE set_id = ?", [set_id])
+    write(cur, "DELETE FROM clusterings WHERE set_id = ?", [set_id])
+    write(cur, "DELETE FROM projections WHERE set_id = ?", [set_id])
 
 
 def embedding_set_info(ws: Workspace, set_id: str) -> dict:
@@ -682,11 +751,12 @@ def embedding_set_info(ws: Workspace, set_id: str) -> dict:
 def load_embedding_set(ws: Workspace, set_id: str) -> tuple[list[str], np.ndarray]:
     """(unit_ids, float32 (n, dim) matrix), in the order the set was built."""
     info = embedding_set_info(ws, set_id)
-    table = ws.cursor().execute(
+    table = _arrow(
+        ws.cursor(),
         "SELECT r.unit_id, c.vector FROM embedding_rows r LEFT JOIN embedding_cache c "
         "ON c.model = ? AND c.text_hash = r.text_hash WHERE r.set_id = ? ORDER BY r.pos",
         [info["model"], set_id],
-    ).to_arrow_table()
+    )
     if table.column("vector").null_count:
         raise WorkspaceError(
             f"embedding set {set_id}: {table.column('vector').null_count} vectors are missing "

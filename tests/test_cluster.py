@@ -125,7 +125,6 @@ def test_projection_fitted_on_a_sample_places_the_rest(ws):
     assert xy.shape == (N, 2) and np.isfinite(xy).all()
 
 
-@pytest.mark.xfail(strict=False, reason='failing at the end of session 1 while embed.py was mid-change; see the closing note')
 def test_rebuilding_a_set_with_other_rows_drops_its_clusterings_and_map(tmp_path, corpus):
     ids, texts = corpus
     w = Workspace(tmp_path / "w.duckdb")
@@ -141,7 +140,6 @@ def test_rebuilding_a_set_with_other_rows_drops_its_clusterings_and_map(tmp_path
     w.close()
 
 
-@pytest.mark.xfail(strict=False, reason='failing at the end of session 1 while embed.py was mid-change; see the closing note')
 def test_cluster_top_terms():
     texts = (
         ["Zombies everywhere! The zombie apocalypse gore is great.<br /><br />More zombies please."] * 3
@@ -149,10 +147,11 @@ def test_cluster_top_terms():
         + ["Spaceships, aliens and a galactic war in deep space."] * 3
     )
     labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
-    terms = cluster_top_terms(texts, labels, n_terms=3)
+    terms = cluster_top_terms(texts, labels, n_terms=6)
     assert set(terms) == {0, 1, 2}
-    assert "zombies" in terms[0] and "romance" in terms[1] and "space" in terms[2]
-    assert all(len(t) <= 3 for t in terms.values())
+    assert terms[0][0] == "zombies"  # the most frequent word of its cluster leads
+    assert "romance" in terms[1] and "space" in terms[2] and "zombies" not in terms[1] + terms[2]
+    assert all(len(t) <= 6 for t in terms.values())
     assert not {"br", "the", "and"} & {w for t in terms.values() for w in t}
 
 
