@@ -190,6 +190,32 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, dataset, metric)
     );
     """,
+    # 2: budget-curve experiments (crs_core.budget_curve): metric vs selection budget per strategy.
+    """
+    CREATE TABLE budget_curve_experiments (
+        experiment_id VARCHAR PRIMARY KEY,  -- hash of the parameters that define its points
+        params     JSON NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE budget_curve_points (
+        experiment_id VARCHAR NOT NULL,
+        strategy   VARCHAR NOT NULL,
+        budget     INTEGER NOT NULL,
+        seed       INTEGER NOT NULL,
+        dataset    VARCHAR NOT NULL,
+        metric     VARCHAR NOT NULL,
+        value      DOUBLE NOT NULL,
+        stderr     DOUBLE,
+        n_turns    INTEGER,
+        n_train    INTEGER NOT NULL,       -- training examples (synthetic queries) behind the point
+        teacher    VARCHAR,
+        gt_mode    VARCHAR,
+        selection_id VARCHAR,
+        run_id     VARCHAR,                -- set when the point was also stored as a run
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (experiment_id, strategy, budget, dataset, metric)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
