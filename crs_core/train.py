@@ -19,6 +19,49 @@ folder as the inputs ``train`` and ``items`` (see :func:`launch_training`).
   need a larger step; 1e-5 barely moves them). Micro-batch 4 x gradient accumulation 8 = 32
   examples per optimizer step. Saves the adapter (or the full model) plus tokenizer.
 
+Label modes (config ``labels``; "Beyond Single Labels" section 3.2). The job gets the real
+examples as ``train`` and, for the modes that use them, the augmented examples as
+``augmented`` (one row per augmented turn: its real labels first, then the augmented ones, as
+``augment.augmented_training_set(include_ground_truth=True)`` builds them):
+
+- ``real``: one run on the real labels (the base model).
+- ``mixed``: one run on real + augmented labels together (the paper's "mix" variant, Table 5):
+  each real example gets the augmented labels of the same context appended
+  (:func:`merge_labels`); augmented turns without a real twin are added as they are.
+- ``two_stage``: stage 1 pre-trains on the same real + augmented labels with plain CE
+  (equation 1); its model is saved to ``stage1/`` in the job folder. Stage 2 continues from
+  those weights on the real labels only with
+  ``L_finetune = L_ce + alpha * L_soft``, ``L_soft = KL(P || y_hat)`` (equations 2-4, the
+  paper's argument order: the model's distribution first), ``y_hat`` the soft labels of the
+  stage-1 model, frozen. ``alpha`` >= 0 (the paper sweeps 0-1; 0 = plain fine-tuning).
+  Choices where the paper is vague:
+
+  * Bi-encoder: P(i) is the softmax over the step's in-batch candidate items of
+    ``cos(q_i, d_j) / temperature`` (the same logits InfoNCE uses, other labels of the same
+    context masked out); y_hat(i) is the same softmax with the stage-1 model's vectors. The
+    stage-1 vectors of every training query and label item are computed once at the start of
+    stage 2 from the weights stage 2 starts from (= stage 1's, also after a resume), so no
+    second model is kept: a few MB instead of a 90 MB copy and a second forward pass. With
+    ``symmetric`` the KL term applies to the query->item direction only.
+  * LM: P(i) is the model's next-token distribution at each target token (teacher-forced on
+    the real target titles), y_hat(i) the stage-1 model's distribution at the same position.
+    The stage-1 model runs alongside as a frozen copy (LoRA: base + stage-1 adapter merged):
+    storing its distributions instead would take 49,152 floats per target token (~30 MB per
+    example, ~24 GB for INSPIRED), or a lossy top-k; the copy costs 0.54 GB of RAM (135M
+    parameters in fp32) and one extra forward pass without gradients per micro-batch.
+  * Both terms are means: CE and KL per query (retriever) or per target token (LM) over the
+    optimizer step, so alpha weighs like-for-like quantities independent of batch size.
+  * Stage 2 trains the same parameters as stage 1 (LoRA: the stage-1 adapter keeps training)
+    with a fresh optimizer and warm-up; ``finetune_lr`` (default ``lr``) sets its learning rate,
+    ``stage1_epochs`` (default ``epochs``) the length of stage 1, ``max_steps`` caps each stage.
+    ``stage1_model`` (a finished ``stage1/`` or ``mixed`` model folder with the same base)
+    skips stage 1: an alpha sweep pre-trains once.
+
+  Both stages run inside one job: progress counts stage-1 then stage-2 steps on one axis;
+  checkpoints carry their stage, and a job killed in stage 2 resumes from its newest stage-2
+  checkpoint without repeating stage 1 (``stage1/`` is complete or absent: written to a
+  temporary folder, then renamed).
+
 Generation (``generate_titles``: greedy, numbered list parsed) runs in-process or as a background
 job (kind ``lm_generate``, :func:`launch_generation`) that appends ``generations.jsonl`` batch by
 batch and resumes where it stopped.
@@ -57,6 +100,8 @@ __all__ = [
     "KIND_GENERATE",
     "TRAIN_INPUT",
     "ITEMS_INPUT",
+    "AUGMENTED_INPUT",
+    "LABEL_MODES",
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_USER_INSTRUCTION",
     "TrainingError",
@@ -67,6 +112,10 @@ __all__ = [
     "launch_training",
     "train_retriever",
     "train_sft",
+    "train_two_stage",
+    "train_with_labels",
+    "merge_labels",
+    "soft_label_loss",
     "run_retriever_job",
     "run_sft_job",
     "trained_models",
@@ -88,6 +137,9 @@ KIND_SFT = "train_lm"
 KIND_GENERATE = "lm_generate"
 TRAIN_INPUT = "train"
 ITEMS_INPUT = "items"
+AUGMENTED_INPUT = "augmented"
+LABEL_MODES = ("real", "mixed", "two_stage")
+STAGE1_DIR = "stage1"
 CONTEXTS_INPUT = "contexts"
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -252,6 +304,11 @@ class RetrieverConfig:
     log_every: int = 1
     device: str = "auto"
     num_threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
+    labels: str = "real"  # "real" | "mixed" | "two_stage" (see the module docstring)
+    alpha: float = 0.0  # two_stage: weight of KL(P || stage-1 soft labels) in stage 2
+    stage1_epochs: int | None = None  # two_stage: epochs of stage 1 (default: epochs)
+    finetune_lr: float | None = None  # two_stage: learning rate of stage 2 (default: lr)
+    stage1_model: str | None = None  # two_stage: reuse this finished stage-1 / mixed model, skip stage 1
 
 
 @dataclass
@@ -282,6 +339,11 @@ class SFTConfig:
     log_every: int = 1
     device: str = "auto"
     num_threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
+    labels: str = "real"  # "real" | "mixed" | "two_stage" (see the module docstring)
+    alpha: float = 0.0  # two_stage: weight of KL(P || stage-1 soft labels) in stage 2
+    stage1_epochs: int | None = None  # two_stage: epochs of stage 1 (default: epochs)
+    finetune_lr: float | None = None  # two_stage: learning rate of stage 2 (default: lr)
+    stage1_model: str | None = None  # two_stage: reuse this finished stage-1 / mixed model, skip stage 1
 
     @property
     def learning_rate(self) -> float:
@@ -314,6 +376,27 @@ def _config_from(cls, data: Mapping[str, Any] | None):
         raise TrainingError(f"SFTConfig.method must be 'lora' or 'full', got {cfg.method!r}")
     if cfg.max_steps is not None and int(cfg.max_steps) < 1:
         raise TrainingError(f"{cls.__name__}.max_steps must be >= 1 or None")
+    if cfg.labels not in LABEL_MODES:
+        raise TrainingError(f"labels must be one of {', '.join(LABEL_MODES)}, got {cfg.labels!r}")
+    try:
+        alpha = float(cfg.alpha)
+    except (TypeError, ValueError):
+        raise TrainingError(f"alpha must be a number >= 0, got {cfg.alpha!r}") from None
+    if not math.isfinite(alpha) or alpha < 0:
+        raise TrainingError(f"alpha must be a finite number >= 0 (the paper sweeps 0-1), got {cfg.alpha!r}")
+    cfg.alpha = alpha
+    if alpha and cfg.labels != "two_stage":
+        raise TrainingError(f"alpha weighs the stage-2 KL term; it needs labels='two_stage' (got labels={cfg.labels!r})")
+    if cfg.stage1_epochs is not None and int(cfg.stage1_epochs) < 1:
+        raise TrainingError(f"{cls.__name__}.stage1_epochs must be >= 1 or None")
+    for name in ("finetune_lr", "lr"):
+        value = getattr(cfg, name)
+        if value is not None and (not math.isfinite(float(value)) or float(value) < 0):
+            raise TrainingError(f"{cls.__name__}.{name} must be a number >= 0, got {value!r}")
+    if cfg.labels != "two_stage" and (cfg.stage1_model or cfg.stage1_epochs or cfg.finetune_lr is not None):
+        raise TrainingError("stage1_model, stage1_epochs and finetune_lr apply to labels='two_stage' only")
+    if cfg.stage1_model and not Path(cfg.stage1_model).is_dir():
+        raise TrainingError(f"stage1_model {cfg.stage1_model} is not a folder (give a finished stage-1 or mixed model)")
     return cfg
 
 
@@ -325,14 +408,19 @@ def launch_training(
     items: Any,
     config: Mapping[str, Any] | None = None,
     jobs_root: str | os.PathLike | None = None,
+    augmented: Iterable[Any] | None = None,
 ) -> str:
-    """Validate and launch a training job (``KIND_RETRIEVER`` or ``KIND_SFT``); returns its id."""
+    """Validate and launch a training job (``KIND_RETRIEVER`` or ``KIND_SFT``); returns its id.
+
+    `augmented`: the augmented examples (context, real + augmented labels) that config
+    ``labels`` "mixed" and "two_stage" train on; required by those modes, refused by "real".
+    Everything is checked before the job starts."""
     from . import jobs
 
     if kind == KIND_RETRIEVER:
-        _config_from(RetrieverConfig, config)
+        cfg = _config_from(RetrieverConfig, config)
     elif kind == KIND_SFT:
-        _config_from(SFTConfig, config)
+        cfg = _config_from(SFTConfig, config)
     else:
         raise TrainingError(f"unknown training kind {kind!r}; use {KIND_RETRIEVER!r} or {KIND_SFT!r}")
     exs = load_examples(examples)
@@ -340,16 +428,54 @@ def launch_training(
     known = sum(1 for e in exs if any(lab in its for lab in e.labels))
     if known == 0:
         raise TrainingError("no training example has a label among the given items")
-    return jobs.launch_job(
-        ws,
-        kind,
-        dict(config or {}),
-        {
-            TRAIN_INPUT: [{"context": e.context, "labels": e.labels} for e in exs],
-            ITEMS_INPUT: [{"item_id": i.item_id, "title": i.title, "text": i.text} for i in its.values()],
-        },
-        jobs_root,
-    )
+    inputs: dict[str, Any] = {
+        TRAIN_INPUT: [{"context": e.context, "labels": e.labels} for e in exs],
+        ITEMS_INPUT: [{"item_id": i.item_id, "title": i.title, "text": i.text} for i in its.values()],
+    }
+    aug_rows = list(augmented) if augmented is not None else []
+    if cfg.labels == "real":
+        if aug_rows:
+            raise TrainingError("augmented examples were given but labels='real' would ignore them; "
+                                "use labels='mixed' or 'two_stage'")
+    else:
+        if not aug_rows:
+            raise TrainingError(f"labels={cfg.labels!r} needs augmented labels and none were given; "
+                                "run `python -m crs_core augment` on the training dataset first")
+        aug = load_examples(aug_rows, "augmented examples")
+        merged = merge_labels(exs, aug)
+        n_real = sum(len([lab for lab in e.labels if lab in its]) for e in exs)
+        n_merged = sum(len([lab for lab in e.labels if lab in its]) for e in merged)
+        if n_merged <= n_real:
+            raise TrainingError("the augmented examples add no label among the given items to the real ones; "
+                                "pass the augmented items too, or check the augmentation run")
+        inputs[AUGMENTED_INPUT] = [{"context": e.context, "labels": e.labels} for e in aug]
+    return jobs.launch_job(ws, kind, dict(config or {}), inputs, jobs_root)
+
+
+def merge_labels(real: Sequence[Example], augmented: Sequence[Example]) -> list[Example]:
+    """Real examples with the augmented labels of the same context appended (real labels first,
+    duplicates dropped), then augmented examples whose context matches no real one. Contexts
+    match on their non-empty utterances, stripped."""
+
+    def key(ex: Example) -> tuple[str, ...]:
+        return tuple(u.strip() for u in ex.context if u.strip())
+
+    extra: dict[tuple[str, ...], list[str]] = {}
+    order: list[tuple[str, ...]] = []
+    for ex in augmented:
+        k = key(ex)
+        if k not in extra:
+            extra[k] = []
+            order.append(k)
+        extra[k].extend(ex.labels)
+    out: list[Example] = []
+    used: set[tuple[str, ...]] = set()
+    for ex in real:
+        k = key(ex)
+        out.append(Example(list(ex.context), list(dict.fromkeys(list(ex.labels) + extra.get(k, [])))))
+        used.add(k)
+    out.extend(Example(list(k), list(dict.fromkeys(extra[k]))) for k in order if k not in used)
+    return out
 
 
 # -- shared machinery ------------------------------------------------------------------------
@@ -499,6 +625,83 @@ class _LoopSpec:
         return min(total, int(self.max_steps)) if self.max_steps else total
 
 
+def soft_label_loss(logits, target, teacher_logits=None, alpha: float = 0.0, mask=None):
+    """Per-row terms of ``L_finetune = L_ce + alpha * KL(P || y_hat)`` (paper equations 2-4).
+
+    `logits` [rows, classes] give P = softmax(logits); `target` [rows] the real label's class;
+    `teacher_logits` (same shape, no gradient) give the soft labels y_hat = softmax; `mask`
+    (bool, same shape) removes classes from both distributions (a bi-encoder's other positives).
+    Returns ``(ce, kl)``, each a [rows] tensor: ``ce_i = -log P_i[target_i]`` and
+    ``kl_i = sum_j P_ij (log P_ij - log y_hat_ij)`` (masked classes contribute 0); ``kl`` is
+    all zeros without teacher or with alpha == 0. The caller averages and adds
+    ``ce.mean() + alpha * kl.mean()``."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    logp = F.log_softmax(logits, dim=-1)
+    ce = -logp.gather(1, target.view(-1, 1)).squeeze(1)
+    if teacher_logits is None or not alpha:
+        return ce, torch.zeros_like(ce)
+    t = teacher_logits.detach().float()
+    if mask is not None:
+        t = t.masked_fill(mask, float("-inf"))
+    logq = F.log_softmax(t, dim=-1)
+    p = logp.exp()
+    if mask is not None:  # 0 * log(0 / 0) := 0, with finite values so no NaN reaches the gradient
+        logp, logq = logp.masked_fill(mask, 0.0), logq.masked_fill(mask, 0.0)
+    return ce, (p * (logp - logq)).sum(-1)
+
+
+class _StageHooks:
+    """A job's hooks seen by one stage of a two-stage run: progress on one axis (stage 2 after
+    stage 1), checkpoints tagged with their stage, stage 1's model saved as ``stage1/``."""
+
+    def __init__(self, hooks: Any, stage: int, offset: int, grand_total: int, output_name: str | None = None):
+        self._h, self.stage, self.offset, self.grand_total = hooks, stage, offset, grand_total
+        self.output_name = output_name
+        self.last_checkpoint_step: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._h, name)
+
+    def log(self, message: str) -> None:
+        self._h.log(f"[stage {self.stage}] {message}")
+
+    def report(self, step, total_steps, **kw) -> None:
+        self._h.report(self.offset + step, self.grand_total, **kw)
+
+    def set_total(self, total_steps, step=0) -> None:
+        self._h.set_total(self.grand_total, self.offset + step)
+
+    def truncate_progress(self, step) -> None:
+        self._h.truncate_progress(self.offset + step)
+
+    def save_checkpoint(self, step, write, meta=None, keep=2):
+        out = self._h.save_checkpoint(step, write, {**dict(meta or {}), "stage": self.stage}, keep=keep)
+        self.last_checkpoint_step = step
+        return out
+
+    def load_checkpoint(self, read):
+        from .jobs import CheckpointError
+
+        def read_stage(path: Path, manifest: dict[str, Any]):
+            stage = (manifest.get("meta") or {}).get("stage", 1)
+            if stage != self.stage:
+                raise CheckpointError(f"{path.name} belongs to stage {stage}")
+            return read(path, manifest)
+
+        loaded = self._h.load_checkpoint(read_stage)
+        if loaded is not None:
+            self.last_checkpoint_step = loaded[0]
+        return loaded
+
+    def save_output(self, write, name="model"):
+        return self._h.save_output(write, name=self.output_name or name)
+
+
 def _trainable(model) -> list[tuple[str, Any]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -633,8 +836,15 @@ def train_retriever(
     config: RetrieverConfig | Mapping[str, Any] | None = None,
     hooks: Any = None,
     out_dir: str | os.PathLike | None = None,
+    *,
+    kl_alpha: float = 0.0,
 ) -> dict[str, Any]:
-    """Fine-tune the bi-encoder; saves through `hooks.save_output` (a job) or into `out_dir`."""
+    """Fine-tune the bi-encoder; saves through `hooks.save_output` (a job) or into `out_dir`.
+
+    `kl_alpha` > 0 (stage 2 of two-stage training): the model as loaded from ``base_model`` is
+    the frozen stage-1 model; the loss is ``CE + kl_alpha * KL(P || y_hat)`` over the in-batch
+    candidates, y_hat from the vectors that model gives every training query and label item
+    before the first step."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
@@ -687,6 +897,22 @@ def train_retriever(
             out = model(**enc).last_hidden_state
         return F.normalize(_mean_pool(out.float(), enc["attention_mask"]), dim=-1)
 
+    teacher_q: dict[int, Any] = {}
+    teacher_d: dict[str, Any] = {}
+    if kl_alpha:
+        # soft labels of the frozen start model (stage 1): its vectors, once, before any update
+        model.eval()
+        q_ids = sorted({e for e, _ in pairs})
+        d_ids = sorted({it for _, it in pairs})
+        with torch.no_grad():
+            for s in range(0, len(q_ids), 64):
+                chunk = q_ids[s : s + 64]
+                teacher_q.update(zip(chunk, encode([queries[e] for e in chunk], cfg.query_max_len, "left")))
+            for s in range(0, len(d_ids), 64):
+                chunk = d_ids[s : s + 64]
+                teacher_d.update(zip(chunk, encode([items[i].text for i in chunk], cfg.item_max_len, "right")))
+        hooks.log(f"soft labels: stage-1 vectors of {len(q_ids)} queries and {len(d_ids)} items (alpha {kl_alpha:g})")
+
     def step_fn(idx: list[int]) -> tuple[float, int]:
         batch = [pairs[i] for i in idx]
         q = encode([queries[e] for e, _ in batch], cfg.query_max_len, "left")
@@ -700,9 +926,16 @@ def train_retriever(
                     mask[i, j] = True  # another label of the same context is not a negative
         mask = mask.to(device)
         target = torch.arange(b, device=device)
-        loss = F.cross_entropy(sim.masked_fill(mask, float("-inf")), target)
+        teacher = None
+        if kl_alpha:
+            tq = torch.stack([teacher_q[e] for e, _ in batch])
+            td = torch.stack([teacher_d[it] for _, it in batch])
+            teacher = tq @ td.T / cfg.temperature
+        ce, kl = soft_label_loss(sim, target, teacher, kl_alpha, mask)
+        loss = ce.mean()
         if cfg.symmetric:
             loss = (loss + F.cross_entropy(sim.T.masked_fill(mask.T, float("-inf")), target)) / 2
+        loss = loss + kl_alpha * kl.mean()
         loss.backward()
         return float(loss.detach()), b
 
@@ -817,10 +1050,16 @@ def train_sft(
     config: SFTConfig | Mapping[str, Any] | None = None,
     hooks: Any = None,
     out_dir: str | os.PathLike | None = None,
+    *,
+    init_from: str | os.PathLike | None = None,
+    kl_alpha: float = 0.0,
 ) -> dict[str, Any]:
-    """SFT (LoRA or full) of the student LM on (conversation -> numbered title list)."""
+    """SFT (LoRA or full) of the student LM on (conversation -> numbered title list).
+
+    `init_from` (stage 2 of two-stage training): start from that saved model, a LoRA adapter
+    (which keeps training) or a full model. `kl_alpha` > 0 adds ``kl_alpha * KL(P || y_hat)``
+    per target token, y_hat from a frozen copy of the `init_from` model."""
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import models
@@ -829,6 +1068,16 @@ def train_sft(
     hooks = _hooks_or_default(hooks, out_dir)
     models.offline_env()
     base = _resolve_student(cfg)
+    init_path = Path(init_from) if init_from is not None else None
+    if init_path is not None:
+        is_adapter = (init_path / "adapter_config.json").is_file()
+        if is_adapter != (cfg.method == "lora"):
+            raise TrainingError(f"{init_path} holds a {'LoRA adapter' if is_adapter else 'full model'}; "
+                                f"it cannot start a {cfg.method} run")
+        if not is_adapter:
+            base = init_path
+    if kl_alpha and init_path is None:
+        raise TrainingError("the KL term needs the stage-1 model (init_from)")
     tok = AutoTokenizer.from_pretrained(str(base))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -851,7 +1100,11 @@ def train_sft(
     device = pick_device(cfg.device)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model.config.use_cache = False
-    if cfg.method == "lora":
+    if cfg.method == "lora" and init_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_path), is_trainable=True)
+    elif cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
@@ -881,6 +1134,11 @@ def train_sft(
         f"{min(lens)}-{max(lens)} tokens, device {device}"
     )
     pad_id = tok.pad_token_id
+    teacher = None
+    if kl_alpha:
+        teacher = load_lm(init_path, str(device))[0]
+        teacher.requires_grad_(False)
+        hooks.log(f"soft labels: a frozen copy of {init_path} runs alongside (alpha {kl_alpha:g})")
 
     def step_fn(idx: list[int]) -> tuple[float, int]:
         chunk = [data[i] for i in idx]
@@ -899,10 +1157,14 @@ def train_sft(
             ids, labels, att = ids.to(device), labels.to(device), att.to(device)
             with _autocast(device):
                 logits = model(input_ids=ids, attention_mask=att).logits
-            loss_sum = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                ignore_index=-100, reduction="sum",
-            )
+            sel = labels[:, 1:] != -100  # position t predicts token t+1: target tokens only
+            rows, target = logits[:, :-1][sel], labels[:, 1:][sel]
+            soft = None
+            if teacher is not None:
+                with torch.no_grad(), _autocast(device):
+                    soft = teacher(input_ids=ids, attention_mask=att).logits[:, :-1][sel]
+            ce, kl = soft_label_loss(rows, target, soft, kl_alpha)
+            loss_sum = ce.sum() + kl_alpha * kl.sum()
             (loss_sum / n_tok).backward()
             total_loss += float(loss_sum.detach())
         return total_loss / max(1, n_tok), len(chunk)
@@ -944,13 +1206,155 @@ def _job_data(ctx) -> tuple[list[Example], dict[str, Item]]:
 
 
 def run_retriever_job(ctx) -> dict[str, Any]:
-    examples, items = _job_data(ctx)
-    return train_retriever(examples, items, _config_from(RetrieverConfig, ctx.config), hooks=ctx)
+    return _run_training_job(ctx, KIND_RETRIEVER)
 
 
 def run_sft_job(ctx) -> dict[str, Any]:
+    return _run_training_job(ctx, KIND_SFT)
+
+
+def _run_training_job(ctx, kind: str) -> dict[str, Any]:
+    cfg = _config_from(RetrieverConfig if kind == KIND_RETRIEVER else SFTConfig, ctx.config)
     examples, items = _job_data(ctx)
-    return train_sft(examples, items, _config_from(SFTConfig, ctx.config), hooks=ctx)
+    augmented = None
+    if cfg.labels != "real":
+        if not ctx.has_input(AUGMENTED_INPUT):
+            raise TrainingError(f"labels={cfg.labels!r} but the job folder has no augmented examples")
+        augmented = load_examples(ctx.read_input(AUGMENTED_INPUT), str(ctx.folder / "inputs"))
+    return train_with_labels(kind, examples, augmented, items, cfg, hooks=ctx)
+
+
+def _retriever_units(examples: Sequence[Example], items: Mapping[str, Item], cfg: RetrieverConfig) -> int:
+    return sum(min(sum(1 for lab in dict.fromkeys(ex.labels) if lab in items), cfg.max_labels_per_context)
+               for ex in examples)
+
+
+def _planned_steps(kind: str, examples: Sequence[Example], items: Mapping[str, Item], cfg: Any) -> int:
+    """Optimizer steps the trainer will make (the same _LoopSpec the trainers build)."""
+    if kind == KIND_RETRIEVER:
+        n, per, min_last = _retriever_units(examples, items, cfg), cfg.batch_size, 2
+    else:
+        n, per, min_last = sum(1 for ex in examples if any(lab in items for lab in ex.labels)), cfg.batch_size * cfg.grad_accum, 1
+    spec = _LoopSpec(n, max(1, min(per, n)), min_last, cfg.epochs, cfg.seed, cfg.max_steps,
+                     cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+    return spec.total_steps
+
+
+def train_with_labels(
+    kind: str,
+    real: Sequence[Example],
+    augmented: Sequence[Example] | None,
+    items: Mapping[str, Item],
+    config: RetrieverConfig | SFTConfig | Mapping[str, Any] | None = None,
+    hooks: Any = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train `kind` as config ``labels`` says: real, mixed or two_stage (module docstring)."""
+    cls = RetrieverConfig if kind == KIND_RETRIEVER else SFTConfig
+    cfg = config if isinstance(config, cls) else _config_from(cls, config)
+    trainer = train_retriever if kind == KIND_RETRIEVER else train_sft
+    if cfg.labels == "real":
+        return {**trainer(real, items, cfg, hooks=hooks, out_dir=out_dir), "labels": "real"}
+    if not augmented:
+        raise TrainingError(f"labels={cfg.labels!r} needs augmented examples; run augment first")
+    if cfg.labels == "mixed":
+        res = trainer(merge_labels(real, augmented), items, cfg, hooks=hooks, out_dir=out_dir)
+        return {**res, "labels": "mixed", "real_examples": len(real), "model_name": f"{res['model_name']} [mixed labels]"}
+    return train_two_stage(kind, real, augmented, items, cfg, hooks=hooks, out_dir=out_dir)
+
+
+def train_two_stage(
+    kind: str,
+    real: Sequence[Example],
+    augmented: Sequence[Example],
+    items: Mapping[str, Item],
+    config: RetrieverConfig | SFTConfig | Mapping[str, Any] | None = None,
+    hooks: Any = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Stage 1: real + augmented labels, plain CE; stage 2: real labels, CE + alpha * KL against
+    the stage-1 model (module docstring). In a job, stage 1's model is ``stage1/`` in the job
+    folder; in-process, ``<out_dir>-stage1`` next to `out_dir`."""
+    from dataclasses import replace
+
+    cls = RetrieverConfig if kind == KIND_RETRIEVER else SFTConfig
+    cfg = config if isinstance(config, cls) else _config_from(cls, config)
+    job = _hooks_or_default(hooks, out_dir)
+    trainer = train_retriever if kind == KIND_RETRIEVER else train_sft
+    plain = dict(labels="real", alpha=0.0, stage1_epochs=None, finetune_lr=None, stage1_model=None)
+    s1_cfg = replace(cfg, **plain, epochs=int(cfg.stage1_epochs or cfg.epochs))
+    s2_cfg = replace(cfg, **plain, lr=cfg.lr if cfg.finetune_lr is None else float(cfg.finetune_lr))
+    stage1_data = merge_labels(real, augmented)
+    folder = getattr(job, "folder", None)
+    if cfg.stage1_model:
+        stage1_dir, s1_steps = Path(cfg.stage1_model), 0
+    elif out_dir is not None:
+        stage1_dir = Path(out_dir).with_name(f"{Path(out_dir).name}-stage1")
+        s1_steps = _planned_steps(kind, stage1_data, items, s1_cfg)
+    else:
+        stage1_dir = Path(folder) / STAGE1_DIR
+        s1_steps = _planned_steps(kind, stage1_data, items, s1_cfg)
+    s2_steps = _planned_steps(kind, real, items, s2_cfg)
+    grand = s1_steps + s2_steps
+    res1: dict[str, Any] | None = None
+    ran_stage1 = False
+    summary_file = (Path(folder) if folder else stage1_dir.parent) / f"{stage1_dir.name}_result.json"
+    if cfg.stage1_model:
+        if not (stage1_dir / "crs_model.json").is_file():
+            raise TrainingError(f"stage1_model {stage1_dir} is not a finished model folder (no crs_model.json)")
+        job.log(f"stage 1 skipped: starting stage 2 from {stage1_dir}")
+    elif not (stage1_dir / "crs_model.json").is_file():  # the folder appears complete or not at all
+        job.log(f"stage 1: {len(stage1_data)} examples with real + augmented labels, {s1_steps} steps")
+        res1 = trainer(stage1_data, items, s1_cfg, hooks=_StageHooks(job, 1, 0, grand, STAGE1_DIR),
+                       out_dir=stage1_dir if out_dir is not None else None)
+        ran_stage1 = True
+        tmp = summary_file.with_name(f".{summary_file.name}.tmp")
+        tmp.write_text(json.dumps({k: v for k, v in res1.items() if k != "config"}, default=str))
+        os.replace(tmp, summary_file)
+        if folder is not None:
+            _drop_checkpoints_of_stage(Path(folder), 1)
+    else:
+        if folder is not None:  # died between saving stage1/ and dropping its checkpoints
+            _drop_checkpoints_of_stage(Path(folder), 1)
+        job.log(f"stage 1 already done ({stage1_dir})")
+    if res1 is None and summary_file.is_file():
+        res1 = json.loads(summary_file.read_text())
+    job.log(f"stage 2: {len(real)} examples with real labels, {s2_steps} steps, alpha {cfg.alpha:g}")
+    hooks2 = _StageHooks(job, 2, s1_steps, grand)
+    if kind == KIND_RETRIEVER:
+        res2 = train_retriever(real, items, replace(s2_cfg, base_model=str(stage1_dir)), hooks=hooks2,
+                               out_dir=out_dir, kl_alpha=cfg.alpha)
+    else:
+        res2 = train_sft(real, items, s2_cfg, hooks=hooks2, out_dir=out_dir, init_from=stage1_dir,
+                         kl_alpha=cfg.alpha)
+    return {
+        **res2,
+        "labels": "two_stage",
+        "alpha": cfg.alpha,
+        "model_name": f"{(res1 or res2).get('model_name', res2['model_name'])} [two-stage, alpha={cfg.alpha:g}]",
+        "steps": grand,
+        "stage1_steps": s1_steps,
+        "stage2_steps": s2_steps,
+        "resumed_from_step": (int(res1.get("resumed_from_step") or 0) if ran_stage1
+                              else s1_steps + int(res2.get("resumed_from_step") or 0)),
+        "stage1_model_dir": str(stage1_dir),
+        "stage1": {k: v for k, v in (res1 or {}).items() if k in (
+            "steps", "first_loss", "final_loss", "examples", "pairs", "seconds_this_run", "seconds_per_step")},
+        "base_model": (res1 or {}).get("base_model", res2.get("base_model")),
+        "config": asdict(cfg),
+    }
+
+
+def _drop_checkpoints_of_stage(folder: Path, stage: int) -> None:
+    from .jobs import MANIFEST_FILE, list_checkpoints
+
+    for _step, path in list_checkpoints(folder):
+        try:
+            meta = json.loads((path / MANIFEST_FILE).read_text()).get("meta") or {}
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("stage", 1) == stage:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def trained_models(ws: Any, kind: str | None = None) -> list[dict[str, Any]]:
