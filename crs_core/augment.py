@@ -114,7 +114,7 @@ __all__ = [
     "AugmentIncomplete", "AugTurn", "ItemPool", "Retrieval", "ParsedScores", "DistilledScorer",
     "AugmentReport", "load_turns", "load_item_pool", "retrieve_candidates", "render_dialogue",
     "render_candidate", "build_scoring_messages", "parse_scores", "score_schema", "augment", "coverage",
-    "compute_coverage", "augmented_training_set", "score_histogram", "agreement",
+    "compute_coverage", "augmented_training_set", "augmented_examples", "stored_scorers", "score_histogram", "agreement",
     "quality_warnings", "configure_cli_parser", "run_cli",
 ]
 
@@ -1508,12 +1508,38 @@ def augmented_training_set(ws: "Workspace", dataset: str, scorer: str, *,
     return out
 
 
+def stored_scorers(ws: "Workspace", dataset: str) -> list[str]:
+    """Scorers with augmented labels stored for `dataset` (in SCORERS order)."""
+    rows = ws.df("SELECT DISTINCT scorer FROM augmented_labels WHERE dataset = ?", [dataset])
+    have = set(rows["scorer"].astype(str))
+    return [s for s in SCORERS if s in have] + sorted(have - set(SCORERS))
+
+
+def augmented_examples(ws: "Workspace", dataset: str, scorer: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The stored augmentation of `dataset` as training examples for ``crs_core.train``
+    (``{"context", "labels"}``, real labels first, then augmented ones best first) and the scorer
+    used. `scorer` None picks the only stored one; several stored need a choice."""
+    if scorer is None:
+        found = stored_scorers(ws, dataset)
+        if not found:
+            raise AugmentError(f"no augmented labels stored for {dataset!r}; run "
+                               f"`python -m crs_core augment {dataset} --scorer similarity` (or distilled) first")
+        if len(found) > 1:
+            raise AugmentError(f"{dataset!r} has augmented labels from several scorers ({', '.join(found)}); "
+                               "name the one to train on")
+        scorer = found[0]
+    pairs = augmented_training_set(ws, dataset, scorer, include_ground_truth=True)
+    return [{"context": list(ctx), "labels": list(labels)} for ctx, labels in pairs], scorer
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 def configure_cli_parser(p: Any) -> Any:
     """Arguments of ``python -m crs_core augment`` (an argparse (sub)parser)."""
-    p.add_argument("dataset", help="dialogue_turns dataset (e.g. inspired_train) or synthetic / synthetic:all")
+    p.add_argument("dataset", nargs="?", help="dialogue_turns dataset or synthetic / synthetic:all "
+                   "(default inspired_train)")
+    p.add_argument("--dataset", dest="dataset_option", metavar="DATASET", help="the same, as an option")
     p.add_argument("--scorer", choices=SCORERS, default="distilled",
                    help="teacher: LLM scores all; distilled: LLM scores --teacher-pairs, a small head the rest; "
                         "similarity: rescaled cosine, no LLM (default distilled)")
@@ -1540,6 +1566,10 @@ def run_cli(ws: "Workspace", args: Any) -> int:
     """Body of ``python -m crs_core augment`` (teacher: $CRS_TEACHER_BASE_URL, else local)."""
     from .progress import TqdmProgress
 
+    option = getattr(args, "dataset_option", None)
+    if args.dataset and option and args.dataset != option:
+        raise AugmentError(f"two datasets given ({args.dataset!r} and --dataset {option!r}); give one")
+    args.dataset = args.dataset or option or "inspired_train"
     if args.coverage:
         cov = coverage(ws, args.dataset, args.scorer)
         print(json.dumps(cov, indent=2, default=str) if args.json else "\n".join(format_coverage(cov)))

@@ -176,19 +176,9 @@ def _export(ws: Workspace, args: argparse.Namespace) -> int:
 
 @command("augment")
 def _augment(ws: Workspace, args: argparse.Namespace) -> int:
-    from .augment import augment
+    from .augment import run_cli
 
-    teacher = _teacher(ws, args) if args.scorer != "similarity" else None
-    try:
-        with TqdmProgress(f"Augmenting {args.dataset}", unit="turn") as bar:
-            report = augment(ws, args.dataset, scorer=args.scorer, teacher=teacher, top_n=args.top_n,
-                             threshold=args.threshold, teacher_pairs=args.teacher_pairs,
-                             limit_turns=args.limit_turns, seed=args.seed, progress=bar)
-    finally:
-        if teacher is not None:
-            teacher.close()
-    print("\n".join(report.lines()))
-    return 0
+    return run_cli(ws, args)
 
 
 @command("eval")
@@ -220,22 +210,33 @@ def _train(ws: Workspace, args: argparse.Namespace) -> int:
     from .catalog import item_text
     from .evaluate import check_no_test_leakage
     from .recommenders import training_set_from_synthetic, training_set_from_turns
-    from .train import KIND_RETRIEVER, KIND_SFT, launch_training
+    from .train import KIND_RETRIEVER, KIND_SFT, launch_training, validate_config
 
     train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.data == "synthetic"
              else training_set_from_turns(ws, args.data))
     examples = [{"context": list(e.context), "labels": list(e.labels)} for e in train.examples]
-    check_no_test_leakage(ws, [e["context"] for e in examples])
-    wanted = {i for e in examples for i in e["labels"]}
-    items = {r["item_id"]: item_text(r) for r in ws.df("SELECT * FROM items").to_dict("records")
-             if r["item_id"] in wanted}
-    config = {"training_data": args.data}
-    if args.max_steps:
-        config["max_steps"] = args.max_steps
+    config = {"training_data": args.data, "labels": args.labels}
+    for key in ("max_steps", "epochs", "alpha", "stage1_model"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
     if args.kind == "sft":
         config["method"] = args.method
-    job_id = launch_training(ws, KIND_RETRIEVER if args.kind == "retriever" else KIND_SFT, examples, items, config)
-    print(f"launched job {job_id} on {len(examples):,} examples; follow it with `python -m crs_core jobs`")
+    kind = KIND_RETRIEVER if args.kind == "retriever" else KIND_SFT
+    validate_config(kind, config)  # a bad alpha is refused before the labels are read
+    augmented = None
+    if args.labels != "real":  # checked before anything is exported: no labels, no job
+        from .augment import augmented_examples
+
+        augmented, scorer = augmented_examples(ws, args.aug_dataset or args.data, args.aug_scorer)
+        config["augmentation"] = f"{args.aug_dataset or args.data}:{scorer}"
+    check_no_test_leakage(ws, [e["context"] for e in examples + (augmented or [])])
+    wanted = {i for e in examples + (augmented or []) for i in e["labels"]}
+    items = {r["item_id"]: item_text(r) for r in ws.df("SELECT * FROM items").to_dict("records")
+             if r["item_id"] in wanted}
+    job_id = launch_training(ws, kind, examples, items, config, augmented=augmented)
+    print(f"launched job {job_id} on {len(examples):,} examples (labels: {args.labels}"
+          + (f", {len(augmented):,} augmented turns from {config['augmentation']}" if augmented else "")
+          + "); follow it with `python -m crs_core jobs`")
     return 0
 
 
@@ -338,14 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=["approved", "pending", "rejected", "all"], default="approved")
 
     p = sub.add_parser("augment", help="FNSCRS label augmentation: retrieve top-N, score 0-4, keep >= threshold")
-    p.add_argument("--dataset", default="inspired_train", help="dialogue dataset (default inspired_train)")
-    p.add_argument("--scorer", choices=["teacher", "distilled", "similarity"], default="distilled")
-    p.add_argument("--top-n", type=int, default=50)
-    p.add_argument("--threshold", type=float, default=3.5, help="keep pairs scoring at least this (paper: 3.5)")
-    p.add_argument("--teacher-pairs", type=int, default=300, help="pairs the teacher scores to train the distilled scorer")
-    p.add_argument("--limit-turns", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    teacher_options(p)
+    from .augment import configure_cli_parser
+
+    configure_cli_parser(p)
 
     p = sub.add_parser("eval", help="Recall@k / NDCG@k of a recommender on the ReDial / INSPIRED test sets")
     p.add_argument("--model", dest="model", choices=["popularity", "popularity-labels", "nbcrs", "dense"],
@@ -362,7 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["lora", "full"], default="lora", help="SFT: LoRA (default) or full")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a dialogue dataset such as inspired_train")
     p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (per stage with two_stage)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: 1 retriever, 3 SFT)")
+    p.add_argument("--labels", choices=["real", "mixed", "two_stage"], default="real",
+                   help="real labels only; real + augmented in one run; or pre-train on real + augmented, "
+                        "then fine-tune on real with the KL term (FNSCRS two-stage)")
+    p.add_argument("--alpha", type=float, help="two_stage: weight of KL(P || stage-1 soft labels), >= 0 (default 0)")
+    p.add_argument("--aug-dataset", help="dataset whose augmented labels are used (default: --data)")
+    p.add_argument("--aug-scorer", help="scorer of those labels (default: the only one stored)")
+    p.add_argument("--stage1-model", help="two_stage: reuse a finished stage-1 / mixed model folder, skip stage 1")
 
     p = sub.add_parser("jobs", help="background jobs: state, cancel, resume; imports finished results")
     p.add_argument("--cancel", metavar="JOB_ID")

@@ -110,6 +110,7 @@ __all__ = [
     "RetrieverConfig",
     "SFTConfig",
     "launch_training",
+    "validate_config",
     "train_retriever",
     "train_sft",
     "train_two_stage",
@@ -154,7 +155,7 @@ DEFAULT_USER_INSTRUCTION = "List {n} movie recommendations:"
 # job-config keys that describe the run (for the runs table) rather than set a hyperparameter
 METADATA_KEYS = frozenset(
     {"name", "notes", "training_data", "selection_strategy", "budget", "model_name", "source",
-     "keep_checkpoints_after_success"}
+     "keep_checkpoints_after_success", "augmentation"}
 )
 
 
@@ -417,12 +418,7 @@ def launch_training(
     Everything is checked before the job starts."""
     from . import jobs
 
-    if kind == KIND_RETRIEVER:
-        cfg = _config_from(RetrieverConfig, config)
-    elif kind == KIND_SFT:
-        cfg = _config_from(SFTConfig, config)
-    else:
-        raise TrainingError(f"unknown training kind {kind!r}; use {KIND_RETRIEVER!r} or {KIND_SFT!r}")
+    cfg = validate_config(kind, config)
     exs = load_examples(examples)
     its = load_items(items)
     known = sum(1 for e in exs if any(lab in its for lab in e.labels))
@@ -450,6 +446,15 @@ def launch_training(
                                 "pass the augmented items too, or check the augmentation run")
         inputs[AUGMENTED_INPUT] = [{"context": e.context, "labels": e.labels} for e in aug]
     return jobs.launch_job(ws, kind, dict(config or {}), inputs, jobs_root)
+
+
+def validate_config(kind: str, config: Mapping[str, Any] | None) -> RetrieverConfig | SFTConfig:
+    """The config of a `kind` training job, checked (TrainingError naming what to change)."""
+    if kind == KIND_RETRIEVER:
+        return _config_from(RetrieverConfig, config)
+    if kind == KIND_SFT:
+        return _config_from(SFTConfig, config)
+    raise TrainingError(f"unknown training kind {kind!r}; use {KIND_RETRIEVER!r} or {KIND_SFT!r}")
 
 
 def merge_labels(real: Sequence[Example], augmented: Sequence[Example]) -> list[Example]:
