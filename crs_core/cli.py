@@ -205,6 +205,20 @@ def _eval(ws: Workspace, args: argparse.Namespace) -> int:
     return 0
 
 
+@command("budget-curve")
+def _budget_curve(ws: Workspace, args: argparse.Namespace) -> int:
+    from .budget_curve import run_budget_curve
+
+    with _teacher(ws, args) as teacher, TqdmProgress("Budget curve", unit="step") as bar:
+        report = run_budget_curve(ws, teacher, strategies=args.strategies, budgets=args.budgets,
+                                  queries_per_item=args.queries_per_item, gt_mode=args.gt_mode,
+                                  datasets=args.datasets, turn_sample=args.turn_sample, seed=args.seed,
+                                  set_id=args.embedding_set, unit=args.unit, k=args.k, lam=args.lam,
+                                  store_runs=args.store_runs, progress=bar)
+    print("\n".join(report.lines()))
+    return 0 if report.complete else 1
+
+
 @command("train")
 def _train(ws: Workspace, args: argparse.Namespace) -> int:
     from .catalog import item_text
@@ -352,6 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")
     p.add_argument("--turn-sample", type=int, help="evaluate a fixed, seeded subsample of turns")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("budget-curve", help="Recall@5 / NDCG@5 against the selection budget for each strategy "
+                       "(select, synthesise, train NBCRS, evaluate; reuses finished points)")
+    p.add_argument("--strategies", nargs="+", type=str.upper, choices=STRATEGIES, default=list(STRATEGIES),
+                   metavar="STRATEGY", help=f"default: all ({' '.join(STRATEGIES)})")
+    p.add_argument("--budgets", nargs="+", type=int, default=[10, 25, 50, 100], metavar="B",
+                   help="selection budgets (default 10 25 50 100)")
+    p.add_argument("--queries-per-item", type=int, default=1, help="K queries per selected item (default 1)")
+    p.add_argument("--gt-mode", choices=["llm", "retrieve", "retrieve+llm"], default="retrieve",
+                   help="ground truth of the synthetic queries (default retrieve: no LLM call)")
+    p.add_argument("--datasets", nargs="+", default=["redial_test", "inspired_test"])
+    p.add_argument("--turn-sample", type=int, help="evaluate a fixed, seeded subsample of each test set's turns")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedding-set", default="review:minilm", help="review embedding set (default review:minilm)")
+    p.add_argument("--unit", choices=["item", "review"], default="item",
+                   help="what a pick is (default item: B = synthesis units; see crs_core.budget_curve)")
+    p.add_argument("--k", type=int, default=20, help="K-means clusters for the JS strategies (default 20)")
+    p.add_argument("--lam", type=float, default=1.0, help="JS weight lambda (default 1)")
+    p.add_argument("--store-runs", action="store_true", help="also store every point as a run (runs table)")
+    teacher_options(p)
 
     p = sub.add_parser("train", help="train the dense retriever or fine-tune the student LM as a background job")
     p.add_argument("--kind", choices=["retriever", "sft"], default="retriever")
