@@ -254,6 +254,48 @@ def test_kill9_then_resume_reaches_the_same_final_step(ws, tmp_path, reference):
     assert jobs.import_finished_jobs(ws) == [job_id]
 
 
+def test_two_stage_job_killed_in_stage2_resumes_without_repeating_stage1(ws, tmp_path):
+    """Stage 1 on real + augmented labels (60 pairs, 15 steps), stage 2 on the real first labels
+    (40 pairs, 10 steps) with the KL term; kill -9 in stage 2, resume."""
+    real = [{"context": c, "labels": labels[:1]} for c, labels in EXAMPLES]
+    augmented = [{"context": c, "labels": labels} for c, labels in EXAMPLES]
+    full, rest = divmod(sum(len(labels) for _c, labels in EXAMPLES), 4)
+    s1, s2 = full + (rest >= 2), TOTAL_STEPS  # a last batch of one pair has no negative: dropped
+    config = {**CONFIG, "max_labels_per_context": 2, "labels": "two_stage", "alpha": 0.5}
+    job_id = train.launch_training(ws, train.KIND_RETRIEVER, real, ITEMS, config, jobs_root=tmp_path / "jobs",
+                                   augmented=augmented)
+    folder = jobs.job_folder(ws, job_id)
+    st = _wait_until(folder, lambda s: s.step >= s1 + 5 or s.finished)
+    assert not st.finished, "job finished before it could be killed"
+    assert st.total_steps == s1 + s2  # one progress axis over both stages
+    os.killpg(st.pid, signal.SIGKILL)
+    dead = _wait_until(folder, lambda s: s.finished, timeout=30)
+    assert dead.state == "failed" and s1 + 5 <= dead.step < s1 + s2
+    stage1 = folder / "stage1"
+    assert (stage1 / "crs_model.json").is_file()
+    stage1_mtime = (stage1 / "model.safetensors").stat().st_mtime_ns
+    newest = jobs.list_checkpoints(folder)[0][0]
+    assert newest in (4, 6, 8)  # stage-2 step numbers; stage 1's checkpoints are gone
+    assert all(json.loads((p / "manifest.json").read_text())["meta"]["stage"] == 2
+               for _s, p in jobs.list_checkpoints(folder))
+
+    jobs.refresh_jobs(ws)
+    jobs.resume_job(ws, job_id)
+    st = jobs.wait_for_job(folder, timeout=JOB_TIMEOUT, poll=0.2)
+    _assert_succeeded(st)
+    log = jobs.read_log(folder)
+    assert "stage 1 already done" in log and f"resuming from checkpoint step {newest}" in log
+    assert (stage1 / "model.safetensors").stat().st_mtime_ns == stage1_mtime  # stage 1 not repeated
+    res = st.result
+    assert res["labels"] == "two_stage" and res["alpha"] == 0.5
+    assert res["steps"] == st.step == s1 + s2 and res["resumed_from_step"] == s1 + newest
+    assert res["stage1_steps"] == s1 and res["stage2_steps"] == s2 and res["pairs"] == 40
+    assert [p["step"] for p in jobs.read_progress(folder)] == list(range(1, s1 + s2 + 1))
+    assert "soft labels: stage-1 vectors of 40 queries" in log
+    assert (Path(res["model_dir"]) / "model.safetensors").is_file()
+    assert jobs.import_finished_jobs(ws) == [job_id]
+
+
 def test_cancel_stops_at_a_step_boundary_with_a_checkpoint(ws, tmp_path):
     job_id, folder = _launch(ws, tmp_path / "jobs", epochs=20, checkpoint_every=100)
     _wait_until(folder, lambda s: s.step >= 2 or s.finished)
