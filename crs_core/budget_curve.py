@@ -374,6 +374,14 @@ def list_experiments(ws: Workspace) -> pd.DataFrame:
         "ORDER BY coalesce(p.last_point, e.created_at) DESC, e.experiment_id")
 
 
+def describe_params(params: str | dict[str, Any]) -> str:
+    """One line for a UI: teacher, ground truth, K, unit, evaluation sample."""
+    p = json.loads(params) if isinstance(params, str) else dict(params)
+    sample = f"{p['turn_sample']} sampled turns" if p.get("turn_sample") else "all turns"
+    return (f"teacher {p.get('teacher')}, ground truth {p.get('gt_mode')}, K={p.get('queries_per_item')} "
+            f"per {p.get('unit')}, seed {p.get('seed')}, {sample}")
+
+
 def budget_curve_frame(ws: Workspace, experiment_id: str | None = None, *, strategies: Sequence[str] | None = None,
                        budgets: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
                        metrics: Sequence[str] | None = None) -> pd.DataFrame:

@@ -39,7 +39,8 @@ SELECT (SELECT count(*) FROM items), (SELECT count(*) FROM reviews), (SELECT cou
        (SELECT count(*) FROM ground_truth), (SELECT count(*) FROM query_history),
        (SELECT count(*) FROM augmented_labels), (SELECT count(*) FROM jobs),
        (SELECT string_agg(status, ',' ORDER BY job_id) FROM jobs), (SELECT count(*) FROM runs),
-       (SELECT count(*) FROM metrics)
+       (SELECT count(*) FROM metrics), (SELECT count(*) FROM budget_curve_points),
+       (SELECT count(*) FROM budget_curve_experiments)
 """
 
 

@@ -4,7 +4,7 @@ curves per selection strategy, and a per-turn drill-down of a fresh evaluation."
 import plotly.express as px
 import streamlit as st
 
-from crs_core import evaluate, recommenders, train, views
+from crs_core import budget_curve, evaluate, recommenders, train, views
 from crs_core.errors import CRSError
 from pages._shared import StreamlitProgress, cached, ensure_navigation, needs, show_error, workspace
 
@@ -75,6 +75,31 @@ else:
         fig = px.line(curves, x="budget", y="value", color="strategy", error_y="stderr", markers=True,
                       title=f"{curve_metric} vs budget B on {dataset}")
         st.plotly_chart(fig, key="ev_curves")
+
+st.subheader("Budget curves")
+experiments = cached(budget_curve.list_experiments)
+experiments = experiments[experiments["n_points"] > 0]
+if experiments.empty:
+    needs("No budget-curve experiment yet. It selects with each strategy, synthesises queries for the picks, "
+          "trains NBCRS on the first B picks and evaluates every budget B. Run it from the command line, e.g. "
+          "`python -m crs_core budget-curve --budgets 10 25 50 100 --turn-sample 500`.")
+else:
+    c1, c2 = st.columns([0.5, 0.5])
+    params = dict(zip(experiments["experiment_id"], experiments["params"]))
+    experiment = c1.selectbox("Experiment", list(params), key="ev_bc_experiment",
+                              format_func=lambda e: f"{e} — {budget_curve.describe_params(params[e])}")
+    points = cached(budget_curve.budget_curve_frame, experiment, metrics=budget_curve.CHART_METRICS)
+    bc_dataset = c2.selectbox("Test set", sorted(points["dataset"].unique()), key="ev_bc_dataset")
+    shown = points[points["dataset"] == bc_dataset]
+    fig = px.line(shown, x="budget", y="value", color="strategy", facet_col="metric", error_y="stderr",
+                  markers=True, hover_data=["n_train", "n_turns", "selection_id"],
+                  labels={"budget": "budget B (picks)", "value": ""},
+                  title=f"Recall@5 and NDCG@5 vs budget on {bc_dataset} (NBCRS trained on the first B picks)")
+    fig.update_yaxes(matches=None, showticklabels=True)
+    fig.update_layout(height=420, legend_title_text="", margin={"t": 60, "b": 10})
+    st.plotly_chart(fig, key="ev_budget_curves")
+    st.caption(f"{budget_curve.describe_params(params[experiment])}. Error bars: standard errors over "
+               f"{int(shown['n_turns'].max())} test turns.")
 
 st.subheader("Evaluate a recommender now (with per-turn drill-down)")
 if not tests:

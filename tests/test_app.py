@@ -270,3 +270,52 @@ def test_training_page_cancels_and_resumes_a_job(monkeypatch, own_workspace):
     finally:
         jobs.cancel_job(folder, wait=True, grace_seconds=20)
     assert jobs.job_state(folder).state == "cancelled"
+
+
+def test_evaluation_budget_curves_empty_state_gives_the_command(monkeypatch, studio_workspace):
+    at = open_page(monkeypatch, studio_workspace, "pages/evaluation.py")
+    assert any("python -m crs_core budget-curve" in i.value for i in at.info)
+    assert "ev_budget_curves" not in [c.key for c in at.get("plotly_chart") if hasattr(c, "key")]
+
+
+def test_evaluation_draws_budget_curves_per_strategy(monkeypatch, own_workspace):
+    from openai_stub_server import OpenAIStubServer
+
+    from crs_core.budget_curve import run_budget_curve
+    from crs_core.teacher import Teacher, TeacherConfig
+
+    counter = iter(range(10_000))
+
+    def reply(messages):
+        if messages[-1]["content"].startswith("Pretend you are a movie recommender system"):
+            return "1. Toy Story (1995)\n2. Heat (1995)\n3. Alien (1979)"
+        return f"Any suggestion for a tense thriller with a clever plot twist, number {next(counter)}?"
+
+    with OpenAIStubServer(reply=reply) as stub, Workspace(own_workspace) as ws:
+        cfg = TeacherConfig.openai(stub.base_url, "gpt-4o-mini", api_key="sk-test", concurrency=1)
+        with Teacher(cfg, cache=ws) as teacher:
+            rep = run_budget_curve(ws, teacher, strategies=["RANDOM_UNIFORM", "FISHER"], budgets=[2, 3],
+                                   datasets=["inspired_test"], turn_sample=20, gt_mode="llm")
+    assert rep.complete and rep.computed == 4
+    at = open_page(monkeypatch, own_workspace, "pages/evaluation.py")
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="ev_bc_experiment").value == rep.experiment_id
+    chart = next(c for c in at.get("plotly_chart") if "budget" in c.proto.spec)
+    spec = json.loads(chart.proto.spec)
+    traces = {(t["name"], t["xaxis"]) for t in spec["data"]}
+    assert {name for name, _ in traces} == {"RANDOM_UNIFORM", "FISHER"}
+    assert len(traces) == 4  # one line per strategy in each of the two panels (Recall@5, NDCG@5)
+    for trace in spec["data"]:
+        assert _plotly_array(trace["x"]).tolist() == [2, 3]
+        assert (_plotly_array(trace["error_y"]["array"]) >= 0).all()  # error bars: standard errors
+
+
+def _plotly_array(value):
+    """A trace array from a figure's JSON (plotly writes numeric arrays as typed base64 blobs)."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return np.asarray(value)
