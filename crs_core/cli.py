@@ -183,26 +183,45 @@ def _augment(ws: Workspace, args: argparse.Namespace) -> int:
 
 @command("eval")
 def _eval(ws: Workspace, args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, store_run
+    from . import model_eval
     from .recommenders import make_recommender, training_set_from_synthetic, training_set_from_turns
 
-    recommender = make_recommender(args.model, ws)
-    if args.model in ("nbcrs", "popularity-labels"):
-        train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.train == "synthetic"
-                 else training_set_from_turns(ws, args.train))
-        recommender.fit(train)
-    results = {}
-    for dataset in args.dataset:
-        with TqdmProgress(f"Evaluating {recommender.name} on {dataset}", unit="turn") as bar:
-            results[dataset] = evaluate(ws, recommender, dataset, turn_sample=args.turn_sample,
-                                        seed=args.seed, progress=bar)
-    run_id = store_run(ws, {"model": recommender.name, "training_data": args.train, "seed": args.seed,
-                            "config": {"recommender": args.model}}, results)
-    for dataset, result in results.items():
-        cells = "  ".join(f"{m}={v:.3f}±{e:.3f}" for m, (v, e) in result.metrics.items())
-        print(f"{dataset} ({result.n_turns} turns): {cells}")
-    print(f"stored as run {run_id}")
+    if args.model == "lm":
+        sample = "auto" if args.turn_sample is None else args.turn_sample
+        job_id = model_eval.launch_lm_eval(ws, args.lm, args.dataset, turn_sample=sample, seed=args.seed)
+        print(f"generation job {job_id} started ({args.lm})")
+        if args.no_wait:
+            print("not waiting; `python -m crs_core jobs` imports the run when the job has finished")
+            return 0
+        with TqdmProgress(f"Generating with {args.lm}", unit="turn") as bar:
+            run_id = model_eval.wait_for_lm_eval(ws, job_id, progress=bar)
+        _print_run(model_eval.run_results(ws, run_id), run_id)
+        return 0
+    if args.model == "dense" and args.retriever:
+        recommender, ref = model_eval.dense_retriever(ws, args.retriever, args.dataset)
+        meta = ref.run_meta(ref.label, recommender="dense", retriever=args.retriever,
+                            encoder=recommender.encoder.name)
+    else:
+        recommender = make_recommender(args.model, ws)
+        if args.model in ("nbcrs", "popularity-labels"):
+            train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.train == "synthetic"
+                     else training_set_from_turns(ws, args.train))
+            recommender.fit(train)
+        meta = {"model": recommender.name, "training_data": args.train, "config": {"recommender": args.model}}
+    run_id, results = model_eval.evaluate_and_store(
+        ws, recommender, args.dataset, meta, turn_sample=args.turn_sample, seed=args.seed,
+        progress_for=lambda label: TqdmProgress(label, unit="turn"))
+    _print_run(model_eval.run_results(ws, run_id), run_id)
     return 0
+
+
+def _print_run(results: dict, run_id: str) -> None:
+    for dataset, metrics in results.items():
+        n = next(iter(metrics.values()))[2] if metrics else 0
+        cells = "  ".join(f"{m}={v:.3f}" + (f"±{e:.3f}" if e is not None else "")
+                          for m, (v, e, _n) in metrics.items())
+        print(f"{dataset} ({n} turns): {cells}")
+    print(f"stored as run {run_id}")
 
 
 @command("budget-curve")
@@ -358,13 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     configure_cli_parser(p)
 
     p = sub.add_parser("eval", help="Recall@k / NDCG@k of a recommender on the ReDial / INSPIRED test sets")
-    p.add_argument("--model", dest="model", choices=["popularity", "popularity-labels", "nbcrs", "dense"],
+    p.add_argument("--model", dest="model", choices=["popularity", "popularity-labels", "nbcrs", "dense", "lm"],
                    default="dense")
     p.add_argument("--dataset", nargs="+", default=["redial_test", "inspired_test"])
     p.add_argument("--train", default="synthetic", help="training data of nbcrs / popularity-labels: "
                    "'synthetic' (reviewed synthetic dialogues) or a dialogue dataset such as inspired_train")
     p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")
-    p.add_argument("--turn-sample", type=int, help="evaluate a fixed, seeded subsample of turns")
+    p.add_argument("--retriever", metavar="JOB_ID|FOLDER",
+                   help="dense: a fine-tuned retriever (finished train_retriever job, or its model folder)")
+    p.add_argument("--lm", default="zero-shot", metavar="JOB_ID|FOLDER|zero-shot",
+                   help="lm: a finished train_lm job (or its model folder), or zero-shot (default)")
+    p.add_argument("--turn-sample", type=int,
+                   help="evaluate a fixed, seeded subsample of turns per dataset (lm default: "
+                        "100 on CPU, all on a GPU; others: all)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="lm: return once the generation job has started; `jobs` imports the run later")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("budget-curve", help="Recall@5 / NDCG@5 against the selection budget for each strategy "

@@ -61,6 +61,7 @@ __all__ = [
     "aggregate",
     "titles_to_item_ids",
     "load_eval_turns",
+    "sample_turns",
     "evaluate",
     "evaluate_rankings",
     "candidate_items",
@@ -311,6 +312,23 @@ def load_eval_turns(ws: "Workspace", dataset: str) -> tuple[list[EvalTurn], dict
     return turns, skipped, total
 
 
+def sample_turns(turns: Sequence[EvalTurn], turn_sample: int | None,
+                 seed: int = 0) -> tuple[list[EvalTurn], int | None]:
+    """(the fixed random subsample of `turn_sample` turns seeded by `seed`, in dataset order;
+    the sample size to record). A sample as large as the set or larger is the whole set, and
+    is recorded as None (no subsample)."""
+    turns = list(turns)
+    if turn_sample is None:
+        return turns, None
+    if int(turn_sample) < 1:
+        raise EvalError(f"turn_sample must be >= 1, got {turn_sample}")
+    if turn_sample >= len(turns):
+        return turns, None
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(turns), size=int(turn_sample), replace=False))
+    return [turns[i] for i in keep], int(turn_sample)
+
+
 def _catalog_ids(ws: "Workspace") -> set[str]:
     return set(ws.df("SELECT item_id FROM items")["item_id"].astype(str))
 
@@ -398,13 +416,7 @@ def evaluate(
             f"items mentioned earlier ({skipped['mentioned']}) or unknown to the catalog "
             f"({skipped['no_labels']}); nothing to evaluate"
         )
-    if turn_sample is not None:
-        if turn_sample < 1:
-            raise EvalError(f"turn_sample must be >= 1, got {turn_sample}")
-        if turn_sample < len(turns):
-            rng = np.random.default_rng(seed)
-            keep = np.sort(rng.choice(len(turns), size=turn_sample, replace=False))
-            turns = [turns[i] for i in keep]
+    turns, turn_sample = sample_turns(turns, turn_sample, seed)
     batch = int(batch_size or getattr(recommender, "batch_size", None) or DEFAULT_BATCH)
     name = str(getattr(recommender, "name", type(recommender).__name__))
 

@@ -16,6 +16,8 @@ utterances (oldest first), results are catalog item ids, best first, never an ex
   interaction popularity.
 - `DenseRetrieval` (zero-shot): cosine between the embedded context and embedded item texts
   "Title (Year). Genres: a, b. Plot Directed by X. Starring: A, B, C."
+  With `encoder=RetrieverEncoder(folder)` the same ranking uses a bi-encoder fine-tuned by
+  `crs_core.train` (queries then go through its `encode_queries`: left-truncated, as trained).
 
 Context text (NBCRS and dense retrieval): the last 3 non-empty utterances joined with
 spaces, then cut from the START to its last 1,000 characters. The latest turns carry the
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +59,7 @@ __all__ = [
     "Popularity",
     "NBCRS",
     "DenseRetrieval",
+    "RetrieverEncoder",
     "training_set_from_synthetic",
     "training_set_from_turns",
     "context_text",
@@ -310,6 +314,15 @@ class Catalog:
         ids = items["item_id"].astype(str).tolist()
         return cls(ids, texts, [n.get(i, 0.0) for i in ids])
 
+    def subset(self, item_ids: Iterable[str]) -> "Catalog":
+        """The catalog restricted to `item_ids` (unknown ids ignored), in catalog order."""
+        keep = self.candidate_mask(item_ids)
+        idx = np.flatnonzero(keep)
+        if not len(idx):
+            raise RecommenderError("none of the given item ids is in the catalog")
+        return Catalog(self.item_ids[idx].tolist(), [self.texts[i] for i in idx],
+                       self.interaction_counts[idx])
+
     def fingerprint(self) -> str:
         h = hashlib.sha1()
         for item, text in zip(self.item_ids, self.texts):
@@ -393,15 +406,105 @@ def default_encoder(name: str = DEFAULT_ENCODER) -> Any:
     return get_encoder(name)
 
 
+class RetrieverEncoder:
+    """A bi-encoder fine-tuned by `crs_core.train.train_retriever` (a job's ``model/`` folder).
+
+    Encodes as in training: mean pooling over the last hidden state, L2-normalised; item texts
+    cut from the right at ``item_max_len`` tokens, queries (`encode_queries`) cut from the LEFT
+    at ``query_max_len`` (the latest turns are kept), both read from the folder's
+    crs_model.json. `name` is "retriever-" + a digest of the weights file, so the workspace
+    embedding cache keeps item vectors per fine-tuned model and never mixes two models.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32):
+        import json
+        from pathlib import Path
+
+        folder = Path(model_dir)
+        weights = [f for f in (folder / "model.safetensors", folder / "pytorch_model.bin") if f.is_file()]
+        if not folder.is_dir() or not (folder / "config.json").is_file() or not weights:
+            raise RecommenderError(
+                f"{folder} is not a trained retriever folder (config.json and model weights expected); "
+                "give the model/ folder of a finished train_retriever job"
+            )
+        info_file = folder / "crs_model.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        if info.get("type") not in (None, "dense_retriever"):
+            raise RecommenderError(f"{folder} holds a {info['type']!r} model, not a dense retriever")
+        h = hashlib.sha1()
+        with open(weights[0], "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        self.model_dir = folder
+        self.name = f"retriever-{h.hexdigest()[:12]}"
+        self.query_max_len = int(info.get("query_max_len", 128))
+        self.item_max_len = int(info.get("item_max_len", 128))
+        self.batch_size = batch_size
+        self._model = None
+        self._tok = None
+        self._lock = threading.Lock()
+        from transformers import AutoConfig
+
+        self.dim = int(AutoConfig.from_pretrained(str(folder)).hidden_size)
+
+    def _load(self):
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    import torch
+                    from transformers import AutoModel, AutoTokenizer
+
+                    from .models import offline_env
+
+                    offline_env()
+                    self._tok = AutoTokenizer.from_pretrained(str(self.model_dir))
+                    self._model = AutoModel.from_pretrained(str(self.model_dir), dtype=torch.float32).eval()
+        return self._model, self._tok
+
+    def _encode_side(self, texts: Sequence[str], max_len: int, side: str,
+                     progress: ProgressFn | None = None, batch_size: int | None = None) -> np.ndarray:
+        import torch
+
+        model, tok = self._load()
+        texts = [str(t) for t in texts]
+        out = np.zeros((len(texts), self.dim), np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # little padding per batch
+        bs = max(1, int(batch_size or self.batch_size))
+        report(progress, 0, len(texts))
+        with self._lock, torch.inference_mode():
+            tok.truncation_side = side
+            for s in range(0, len(order), bs):
+                idx = order[s : s + bs]
+                enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len,
+                          return_tensors="pt")
+                hidden = model(**enc).last_hidden_state.float()
+                m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                report(progress, min(s + bs, len(texts)), len(texts))
+        return out
+
+    def encode(self, texts: Sequence[str], batch_size: int | None = None,
+               progress: ProgressFn | None = None) -> np.ndarray:
+        """Item (document) side."""
+        return self._encode_side(texts, self.item_max_len, "right", progress, batch_size)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode_side(texts, self.query_max_len, "left")
+
+
 def _encoder_name(encoder: Any) -> str:
     return str(getattr(encoder, "name", None) or getattr(encoder, "model_name", None)
                or type(encoder).__name__)
 
 
 def _encode(encoder: Any, texts: Sequence[str]) -> np.ndarray:
-    vecs = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
-    if vecs.ndim != 2 or len(vecs) != len(texts):
-        raise RecommenderError(f"encoder returned shape {vecs.shape} for {len(texts)} texts")
+    return _normalise(np.asarray(encoder.encode(list(texts)), dtype=np.float32), len(texts))
+
+
+def _normalise(vecs: np.ndarray, n: int | None = None) -> np.ndarray:
+    if vecs.ndim != 2 or (n is not None and len(vecs) != n):
+        raise RecommenderError(f"encoder returned shape {vecs.shape} for {n} texts")
     norms = np.linalg.norm(vecs, axis=1, keepdims=True)
     return vecs / np.maximum(norms, 1e-12)
 
@@ -708,8 +811,9 @@ class DenseRetrieval:
 
     def scores(self, contexts: list[list[str]]) -> np.ndarray:
         self.fit()
-        q = _encode(self.encoder, [context_text(c, self.context_turns, self.max_chars)
-                                   for c in contexts])
+        texts = [context_text(c, self.context_turns, self.max_chars) for c in contexts]
+        queries = getattr(self.encoder, "encode_queries", None)  # asymmetric (fine-tuned) encoders
+        q = _encode(self.encoder, texts) if queries is None else _normalise(np.asarray(queries(texts), np.float32), len(texts))
         return q @ self._items.T
 
     def recommend(self, contexts: list[list[str]], k: int,
