@@ -341,7 +341,7 @@ def _titles_from_json(obj: Any) -> list[str]:
     return []
 
 
-def clean_title(raw: str) -> str:
+def clean_listed_title(raw: str) -> str:
     """One listed title without list markers, markdown, quotes, labels or a trailing description."""
     s = _strip_markdown(raw.strip())
     s = _MARKER.sub("", s, count=1)
@@ -434,7 +434,7 @@ def parse_title_list(text: str, limit: int | None = None, *, dedupe: bool = True
     out: list[str] = []
     seen: set[tuple[str, int | None]] = set()
     for item in raw:
-        t = clean_title(str(item))
+        t = clean_listed_title(str(item))
         if not _plausible_title(t):
             continue
         name, year = parse_title(t)
@@ -606,7 +606,7 @@ def parse_relevance_scores(text: str) -> dict[str, float]:
     for ln in body.splitlines():
         m = re.match(r"^\s*(?:\d{1,3}[.)]\s*)?[\"“]?(.+?)[\"”]?\s*[:=\-–]\s*([0-4](?:\.\d+)?)\s*(?:/\s*4)?\s*$", ln)
         if m:
-            found[clean_title(m.group(1))] = float(m.group(2))
+            found[clean_listed_title(m.group(1))] = float(m.group(2))
     return found
 
 
