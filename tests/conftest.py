@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,52 +103,16 @@ def _fingerprint() -> str:
 
 
 def _embed_cluster_project(ws) -> str:
-    """Embed N_EMBED reviews, K-means them and project them to 2-D; returns the set id.
+    """Embed N_EMBED reviews with MiniLM, K-means them and project them to 2-D; returns the set id."""
+    from crs_core.cluster import run_kmeans, run_projection
+    from crs_core.embed import build_embedding_set, get_encoder
 
-    Uses crs_core.embed / crs_core.cluster when they exist; otherwise (early in the project)
-    stores TF-IDF + SVD vectors, scikit-learn K-means and a PCA map in the same tables."""
     # the shortest reviews: real text, and the encoder (CPU) is the slowest part of the build
     frame = ws.df("SELECT review_id, text FROM reviews ORDER BY length(text), review_id LIMIT ?", [N_EMBED])
     ids, texts = frame["review_id"].tolist(), frame["text"].tolist()
-    try:
-        from crs_core.cluster import run_kmeans, run_projection
-        from crs_core.embed import build_embedding_set, get_encoder
-    except ImportError:
-        return _fallback_embedding(ws, ids, texts)
     set_id = build_embedding_set(ws, "review", ids, texts, get_encoder("minilm"))
     run_kmeans(ws, set_id, k=K, seed=0)
     run_projection(ws, set_id, seed=0)
-    return set_id
-
-
-def _fallback_embedding(ws, ids: list[str], texts: list[str]) -> str:
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA, TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    from crs_core.store import vectors_to_blobs
-
-    X = TruncatedSVD(32, random_state=0).fit_transform(TfidfVectorizer(min_df=2).fit_transform(texts))
-    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
-    km = KMeans(K, n_init=4, random_state=0).fit(X)
-    xy = PCA(2, random_state=0).fit_transform(X)
-    set_id, model = "review:tfidf", "tfidf-svd32"
-    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    with ws.transaction() as cur:
-        cur.executemany("INSERT OR IGNORE INTO embedding_cache VALUES (?, ?, ?)",
-                        [(model, h, b) for h, b in zip(hashes, vectors_to_blobs(X))])
-        cur.execute("INSERT INTO embedding_sets (set_id, unit, model, dim, n) VALUES (?, 'review', ?, ?, ?)",
-                    [set_id, model, X.shape[1], len(ids)])
-        cur.executemany("INSERT INTO embedding_rows VALUES (?, ?, ?, ?)",
-                        [(set_id, i, rid, h) for i, (rid, h) in enumerate(zip(ids, hashes))])
-        cid = f"{set_id}:k{K}"
-        cur.execute("INSERT INTO clusterings (clustering_id, set_id, k, seed, inertia, centers) "
-                    "VALUES (?, ?, ?, 0, ?, ?)",
-                    [cid, set_id, K, float(km.inertia_), km.cluster_centers_.astype("<f4").tobytes()])
-        cur.executemany("INSERT INTO cluster_assignments VALUES (?, ?, ?)",
-                        [(cid, rid, int(c)) for rid, c in zip(ids, km.labels_)])
-        cur.executemany("INSERT INTO projections VALUES (?, ?, ?, ?)",
-                        [(set_id, rid, float(x), float(y)) for rid, (x, y) in zip(ids, xy)])
     return set_id
 
 
