@@ -247,7 +247,10 @@ def _train(ws: Workspace, args: argparse.Namespace) -> int:
 
     train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.data == "synthetic"
              else training_set_from_turns(ws, args.data))
-    examples = [{"context": list(e.context), "labels": list(e.labels)} for e in train.examples]
+    examples = [{"context": list(e.context), "labels": list(e.labels)} for e in train.examples
+                if any(str(u or "").strip() for u in e.context)]
+    if len(examples) < len(train.examples):
+        print(f"skipped {len(train.examples) - len(examples):,} turn(s) without any context")
     config = {"training_data": args.data, "labels": args.labels}
     for key in ("max_steps", "epochs", "alpha", "stage1_model"):
         if getattr(args, key) is not None:

@@ -460,10 +460,10 @@ def validate_config(kind: str, config: Mapping[str, Any] | None) -> RetrieverCon
 def merge_labels(real: Sequence[Example], augmented: Sequence[Example]) -> list[Example]:
     """Real examples with the augmented labels of the same context appended (real labels first,
     duplicates dropped), then augmented examples whose context matches no real one. Contexts
-    match on their non-empty utterances, stripped."""
+    match on their non-empty utterances with whitespace collapsed (as the augmentation stores them)."""
 
     def key(ex: Example) -> tuple[str, ...]:
-        return tuple(u.strip() for u in ex.context if u.strip())
+        return tuple(" ".join(u.split()) for u in ex.context if u.strip())
 
     extra: dict[tuple[str, ...], list[str]] = {}
     order: list[tuple[str, ...]] = []
@@ -1099,10 +1099,15 @@ def train_sft(
     if not data:
         raise TrainingError("no usable SFT example (no example has a label among the items)")
 
-    _seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     device = pick_device(cfg.device)
+    teacher = None
+    if kl_alpha:  # loaded before seeding: the run's random stream (dropout) does not depend on alpha
+        teacher = load_lm(init_path, str(device))[0]
+        teacher.requires_grad_(False)
+        hooks.log(f"soft labels: a frozen copy of {init_path} runs alongside (alpha {kl_alpha:g})")
+    _seed_everything(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model.config.use_cache = False
     if cfg.method == "lora" and init_path is not None:
@@ -1139,11 +1144,6 @@ def train_sft(
         f"{min(lens)}-{max(lens)} tokens, device {device}"
     )
     pad_id = tok.pad_token_id
-    teacher = None
-    if kl_alpha:
-        teacher = load_lm(init_path, str(device))[0]
-        teacher.requires_grad_(False)
-        hooks.log(f"soft labels: a frozen copy of {init_path} runs alongside (alpha {kl_alpha:g})")
 
     def step_fn(idx: list[int]) -> tuple[float, int]:
         chunk = [data[i] for i in idx]

@@ -537,3 +537,62 @@ def test_cli_entry(ws, capsys):
     assert A.run_cli(ws, parser.parse_args([DATASET, "--scorer", "similarity", "--coverage", "--json"])) == 0
     cov = json.loads(capsys.readouterr().out)
     assert cov["labels_added"] == len(stored(ws, "similarity"))
+
+
+# ---------------------------------------------------------------------------------- training inputs
+def test_augmented_examples_feed_training_real_labels_first(ws):
+    with pytest.raises(A.AugmentError, match="no augmented labels stored for 'inspired_train'; run"):
+        A.augmented_examples(ws, DATASET)
+    A.augment(ws, DATASET, scorer="similarity", threshold=3.0)
+    rows, scorer = A.augmented_examples(ws, DATASET)
+    assert scorer == "similarity" and A.stored_scorers(ws, DATASET) == ["similarity"]
+    by_ctx = {tuple(r["context"]): r["labels"] for r in rows}
+    matched = 0
+    for tid, ctx, rec, ment in GOOD_TURNS:
+        real = [i for i in rec if i not in ment]
+        key = tuple(" ".join(u.split()) for u in ctx if u.strip())
+        if key not in by_ctx:  # a turn left without usable labels
+            continue
+        matched += 1
+        labels = by_ctx[key]
+        assert labels[: len(real)] == real  # real labels first, then the augmented ones
+        assert set(labels[len(real):]) == set(stored(ws, "similarity").query("turn_id == @tid")["item_id"])
+    assert matched >= len(GOOD_TURNS) - 2 and len(rows) == matched
+    with ws.transaction() as cur:  # a second scorer's labels: the caller must choose
+        cur.execute("INSERT INTO augmented_labels VALUES (?, 'd1/2', ?, 4.0, 'teacher', '{}')", [DATASET, IDS["Ronin"]])
+    with pytest.raises(A.AugmentError, match=r"several scorers \(teacher, similarity\)"):
+        A.augmented_examples(ws, DATASET)
+    assert A.augmented_examples(ws, DATASET, "teacher")[1] == "teacher"
+
+
+def test_cli_train_with_augmented_labels(tmp_path, monkeypatch, capsys):
+    """`augment` then `train --labels mixed|two_stage` through the real CLI and real jobs;
+    missing augmented labels and a negative alpha are refused before any job exists."""
+    from crs_core import cli, jobs
+
+    path = tmp_path / "ws.duckdb"
+    build_workspace(path).close()
+    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
+    base = ["--workspace", str(path)]
+    assert cli.main(base + ["train", "--labels", "two_stage", "--alpha", "0.5", "--data", DATASET]) == 1
+    assert "no augmented labels stored for 'inspired_train'" in capsys.readouterr().err
+    assert cli.main(base + ["train", "--labels", "two_stage", "--alpha", "-1", "--data", DATASET]) == 1
+    assert "alpha must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()
+
+    assert cli.main(base + ["augment", "--dataset", DATASET, "--scorer", "similarity", "--threshold", "3.0"]) == 0
+    assert "labels added" in capsys.readouterr().out
+    launched = []
+    for labels in (["--labels", "mixed"], ["--labels", "two_stage", "--alpha", "0.5"]):
+        assert cli.main(base + ["train", *labels, "--data", DATASET, "--max-steps", "1"]) == 0
+        out = capsys.readouterr().out
+        assert "augmented turns from inspired_train:similarity" in out
+        assert "skipped 1 turn(s) without any context" in out  # flagged, not trained on
+        launched.append(out.split("launched job ")[1].split()[0])
+    with Workspace(path) as w:
+        for job_id, mode in zip(launched, ("mixed", "two_stage")):
+            st = jobs.wait_for_job(jobs.job_folder(w, job_id), timeout=600)
+            assert st.state == "succeeded", jobs.read_log(st.folder)
+            assert st.result["labels"] == mode and st.config["augmentation"] == "inspired_train:similarity"
+            assert (st.folder / "inputs").is_dir()
+        assert st.result["alpha"] == 0.5 and st.result["steps"] == 2 and (st.folder / "stage1").is_dir()

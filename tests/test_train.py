@@ -158,3 +158,165 @@ def test_full_sft_one_step_in_process(tmp_path, student_dir):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     titles = train.generate_titles(out, [EXAMPLES[2]["context"]], n=2, max_new_tokens=12, batch_size=1)
     assert len(titles) == 1 and all(isinstance(t, str) for t in titles[0])
+
+
+# -- two-stage training with augmented labels (FNSCRS, "Beyond Single Labels" 3.2) -------------
+def _minilm_logits(texts_q, texts_d, temperature=0.05):
+    """Real MiniLM in-batch logits cos(q, d) / temperature, as the retriever trainer computes them."""
+    from sentence_transformers import SentenceTransformer
+    import torch
+
+    model = SentenceTransformer(str(models.minilm_path()), device="cpu")
+    q = torch.tensor(model.encode(texts_q, normalize_embeddings=True))
+    d = torch.tensor(model.encode(texts_d, normalize_embeddings=True))
+    return q @ d.T / temperature
+
+
+def test_soft_label_loss_is_ce_plus_alpha_kl_by_hand():
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    texts_q = [" ".join(e["context"]) for e in EXAMPLES[:3]]
+    texts_d = [ITEMS[e["labels"][0]]["text"] for e in EXAMPLES[:3]]
+    student = _minilm_logits(texts_q, texts_d).requires_grad_(True)
+    teacher = _minilm_logits(texts_q, texts_d, temperature=0.1)  # a different, flatter distribution
+    target = torch.arange(3)
+
+    # alpha = 0: no KL term, exactly the plain cross-entropy
+    ce, kl = train.soft_label_loss(student, target, teacher, 0.0)
+    assert torch.all(kl == 0)
+    assert float(ce.mean().detach()) == pytest.approx(float(F.cross_entropy(student.detach(), target)), rel=1e-6)
+
+    # alpha > 0: CE + alpha * KL(P || y_hat), the model's distribution first (paper eq. 3)
+    s, t = student.detach().double().numpy(), teacher.double().numpy()
+    p = np.exp(s - s.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    q = np.exp(t - t.max(1, keepdims=True)); q /= q.sum(1, keepdims=True)
+    ce_hand = -np.log(p[np.arange(3), np.arange(3)]).mean()
+    kl_hand = (p * np.log(p / q)).sum(1).mean()
+    assert kl_hand > 1e-3  # the two distributions differ, so the check means something
+    ce, kl = train.soft_label_loss(student, target, teacher, 0.5)
+    assert float(ce.mean() + 0.5 * kl.mean()) == pytest.approx(ce_hand + 0.5 * kl_hand, rel=1e-5)
+    (ce.mean() + 0.5 * kl.mean()).backward()
+    assert torch.isfinite(student.grad).all()
+
+    # masked classes (another label of the same context) leave both distributions; no NaN
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[0, 1] = True
+    stud = student.detach().clone().requires_grad_(True)
+    ce, kl = train.soft_label_loss(stud, target, teacher, 1.0, mask)
+    keep = [0, 2]
+    p0 = np.exp(s[0, keep] - s[0, keep].max()); p0 /= p0.sum()
+    q0 = np.exp(t[0, keep] - t[0, keep].max()); q0 /= q0.sum()
+    assert float(kl[0]) == pytest.approx(float((p0 * np.log(p0 / q0)).sum()), rel=1e-5)
+    (ce.mean() + kl.mean()).backward()
+    assert torch.isfinite(stud.grad).all() and float(stud.grad[0, 1]) == 0.0
+
+
+def _real_and_augmented():
+    real = train.load_examples([{"context": e["context"], "labels": e["labels"][:1]} for e in EXAMPLES])
+    aug = train.load_examples([{"context": e["context"], "labels": e["labels"]} for e in EXAMPLES])
+    return real, aug, train.load_items(ITEMS)
+
+
+def test_merge_labels_puts_real_first_and_keeps_unmatched_augmented():
+    real, aug, _ = _real_and_augmented()
+    extra = train.Example(["User: something else entirely"], ["tt0078748"])
+    merged = train.merge_labels(real, aug + [extra])
+    assert [m.labels for m in merged[:6]] == [e["labels"] for e in EXAMPLES]
+    assert merged[-1].labels == ["tt0078748"] and len(merged) == 7
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+RETRIEVER_SMALL = {"batch_size": 4, "max_steps": 2, "query_max_len": 48, "item_max_len": 48, "seed": 3}
+
+
+def test_retriever_stage2_starts_from_stage1_weights_and_alpha0_is_plain_ce(tmp_path):
+    import torch
+
+    real, aug, items = _real_and_augmented()
+    # finetune_lr 0: stage 2 makes no update, so its output must be exactly stage 1's weights
+    res = train.train_with_labels(train.KIND_RETRIEVER, real, aug, items,
+                                  {**RETRIEVER_SMALL, "labels": "two_stage", "alpha": 0.5, "finetune_lr": 0.0},
+                                  out_dir=tmp_path / "frozen")
+    stage1 = Path(res["stage1_model_dir"])
+    assert stage1 == tmp_path / "frozen-stage1" and res["stage1_steps"] == 2 and res["stage2_steps"] == 2
+    assert res["steps"] == 4 and res["labels"] == "two_stage" and res["stage1"]["pairs"] > res["pairs"]
+    w1, w2 = _weights(stage1), _weights(res["model_dir"])
+    base = _weights(models.minilm_path())
+    assert any(not torch.equal(w1[k], base[k]) for k in w1)  # stage 1 trained
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # stage 2 started there
+
+    # alpha = 0: stage 2 is plain CE fine-tuning of the stage-1 model on the real labels
+    two = train.train_with_labels(train.KIND_RETRIEVER, real, aug, items,
+                                  {**RETRIEVER_SMALL, "labels": "two_stage", "alpha": 0.0, "stage1_model": str(stage1)},
+                                  out_dir=tmp_path / "two0")
+    plain = train.train_retriever(real, items, {**RETRIEVER_SMALL, "base_model": str(stage1)}, out_dir=tmp_path / "plain")
+    assert two["stage1_steps"] == 0 and two["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-6)
+    assert two["last_loss"] == pytest.approx(plain["last_loss"], rel=1e-6)
+    # alpha > 0 changes the stage-2 loss (KL against the frozen stage-1 soft labels)
+    kl = train.train_with_labels(train.KIND_RETRIEVER, real, aug, items,
+                                 {**RETRIEVER_SMALL, "labels": "two_stage", "alpha": 1.0, "stage1_model": str(stage1)},
+                                 out_dir=tmp_path / "two1")
+    assert kl["first_loss"] == pytest.approx(plain["first_loss"], abs=0.05)  # P == y_hat at the start, but dropout
+    assert kl["last_loss"] != pytest.approx(plain["last_loss"], rel=1e-6)
+
+
+def test_mixed_trains_once_on_real_plus_augmented(tmp_path):
+    real, aug, items = _real_and_augmented()
+    res = train.train_with_labels(train.KIND_RETRIEVER, real, aug, items,
+                                  {**RETRIEVER_SMALL, "labels": "mixed"}, out_dir=tmp_path / "mixed")
+    n_aug_pairs = sum(len(e["labels"]) for e in EXAMPLES)
+    assert res["labels"] == "mixed" and res["pairs"] == n_aug_pairs and res["steps"] == 2
+    assert "mixed" in res["model_name"] and not (tmp_path / "mixed-stage1").exists()
+
+
+def test_bad_label_options_are_refused_before_training(tmp_path):
+    ws = Workspace(tmp_path / "ws.duckdb")
+    real = [{"context": e["context"], "labels": e["labels"][:1]} for e in EXAMPLES]
+    root = tmp_path / "jobs"
+    with pytest.raises(train.TrainingError, match="alpha must be a finite number >= 0"):
+        train.launch_training(ws, train.KIND_RETRIEVER, real, ITEMS, {"labels": "two_stage", "alpha": -0.1},
+                              jobs_root=root, augmented=EXAMPLES)
+    with pytest.raises(train.TrainingError, match="alpha must be"):
+        train.launch_training(ws, train.KIND_SFT, real, ITEMS, {"labels": "two_stage", "alpha": "lots"},
+                              jobs_root=root, augmented=EXAMPLES)
+    with pytest.raises(train.TrainingError, match="needs augmented labels and none were given"):
+        train.launch_training(ws, train.KIND_RETRIEVER, real, ITEMS, {"labels": "two_stage", "alpha": 0.5},
+                              jobs_root=root)
+    with pytest.raises(train.TrainingError, match="labels must be one of"):
+        train.launch_training(ws, train.KIND_RETRIEVER, real, ITEMS, {"labels": "both"}, jobs_root=root)
+    with pytest.raises(train.TrainingError, match="needs labels='two_stage'"):
+        train.launch_training(ws, train.KIND_RETRIEVER, real, ITEMS, {"labels": "mixed", "alpha": 0.5},
+                              jobs_root=root, augmented=EXAMPLES)
+    with pytest.raises(train.TrainingError, match="add no label"):  # augmented == real: nothing to add
+        train.launch_training(ws, train.KIND_RETRIEVER, real, ITEMS, {"labels": "mixed"},
+                              jobs_root=root, augmented=real)
+    assert ws.count("jobs") == 0 and not root.exists()
+    ws.close()
+
+
+def test_lora_two_stage_in_process_continues_the_stage1_adapter(tmp_path, student_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    real, aug, items = _real_and_augmented()
+    cfg = {"method": "lora", "batch_size": 2, "grad_accum": 1, "max_length": 128, "n_titles": 3, "max_steps": 1,
+           "labels": "two_stage", "alpha": 0.5, "finetune_lr": 0.0}
+    res = train.train_with_labels(train.KIND_SFT, real, aug, items, cfg, out_dir=tmp_path / "lm")
+    assert res["steps"] == 2 and math.isfinite(res["last_loss"]) and res["stage1"]["steps"] == 1
+    a1 = load_file(str(Path(res["stage1_model_dir"]) / "adapter_model.safetensors"))
+    a2 = load_file(str(Path(res["model_dir"]) / "adapter_model.safetensors"))
+    assert sorted(a1) == sorted(a2) and all(torch.equal(a1[k], a2[k]) for k in a1)
+    assert any(float(v.abs().sum()) > 0 for k, v in a1.items() if "lora_B" in k)  # stage 1 moved the adapter
+    # the same stage 2 with alpha 0 (same seed, same dropout): plain CE; with alpha 0.5 the first
+    # step adds 0.5 * KL(P || y_hat) >= 0, small since P starts as y_hat (LoRA dropout aside)
+    res_b = train.train_with_labels(train.KIND_SFT, real, aug, items, {**cfg, "alpha": 0.0,
+                                    "stage1_model": res["stage1_model_dir"]}, out_dir=tmp_path / "lm0")
+    assert res_b["stage1_steps"] == 0
+    assert 0 <= res["first_loss"] - res_b["first_loss"] < 0.01
