@@ -114,7 +114,8 @@ __all__ = [
     "AugmentIncomplete", "AugTurn", "ItemPool", "Retrieval", "ParsedScores", "DistilledScorer",
     "AugmentReport", "load_turns", "load_item_pool", "retrieve_candidates", "render_dialogue",
     "render_candidate", "build_scoring_messages", "parse_scores", "score_schema", "augment", "coverage",
-    "compute_coverage", "augmented_training_set", "augmented_examples", "stored_scorers", "score_histogram", "agreement",
+    "compute_coverage", "augmented_training_set", "augmented_examples", "stored_scorers",
+    "augmentation_examples", "launch_training_job", "score_histogram", "agreement",
     "quality_warnings", "configure_cli_parser", "run_cli",
 ]
 
@@ -1530,6 +1531,63 @@ def augmented_examples(ws: "Workspace", dataset: str, scorer: str | None = None)
         scorer = found[0]
     pairs = augmented_training_set(ws, dataset, scorer, include_ground_truth=True)
     return [{"context": list(ctx), "labels": list(labels)} for ctx, labels in pairs], scorer
+
+
+def augmentation_examples(ws: "Workspace", dataset: str, scorer: str, *, limit: int = 5,
+                          seed: int = 0) -> list[dict[str, Any]]:
+    """A seeded sample of `limit` augmented turns for display: turn id, context utterances,
+    the real labels' titles and the augmented ``(title, score)`` pairs, best first."""
+    pairs = augmented_training_set(ws, dataset, scorer)
+    turns = {tuple(t.context): t for t in load_turns(ws, dataset, allow_test=True)[0]}
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(pairs), size=min(limit, len(pairs)), replace=False).tolist()) if pairs else []
+    titles = {str(r.item_id): f"{r.title} ({int(r.year)})" if r.year == r.year and r.year else str(r.title)
+              for r in ws.df("SELECT item_id, title, year FROM items").itertuples(index=False)}
+    out = []
+    for i in pick:
+        ctx, aug = pairs[i]
+        turn = turns.get(tuple(ctx))
+        scores = dict(ws.cursor().execute(
+            "SELECT item_id, score FROM augmented_labels WHERE dataset = ? AND scorer = ? AND turn_id = ?",
+            [dataset, scorer, turn.turn_id if turn else ""]).fetchall())
+        out.append({"turn_id": turn.turn_id if turn else None, "context": list(ctx),
+                    "real": [titles.get(x, x) for x in (turn.positives if turn else ())],
+                    "augmented": [(titles.get(x, x), float(scores.get(x, float("nan")))) for x in aug]})
+    return out
+
+
+def launch_training_job(ws: "Workspace", kind: str, data: str = "inspired_train", *, labels: str = "real",
+                        config: Mapping[str, Any] | None = None, aug_dataset: str | None = None,
+                        aug_scorer: str | None = None, statuses: Sequence[str] = ("approved",),
+                        jobs_root: Any = None) -> tuple[str, dict[str, Any]]:
+    """Launch a training job (``crs_core.train``) on `data` (a dialogue dataset, or "synthetic"
+    for reviewed synthetic queries with `statuses`) with config ``labels`` real, mixed or
+    two_stage; the augmented labels come from the stored augmentation of `aug_dataset`
+    (default `data`) by `aug_scorer` (default: the only one stored). The config (alpha!) is
+    checked first, then the augmented labels, then test leakage: a refusal leaves no job.
+    Turns without any context are skipped and counted. Returns (job id, info)."""
+    from .catalog import item_text
+    from .evaluate import check_no_test_leakage
+    from .recommenders import training_set_from_synthetic, training_set_from_turns
+    from .train import launch_training, validate_config
+
+    cfg = {"training_data": data, **dict(config or {}), "labels": labels}
+    validate_config(kind, cfg)
+    train_set = (training_set_from_synthetic(ws, statuses=tuple(statuses)) if data == "synthetic"
+                 else training_set_from_turns(ws, data))
+    examples = [{"context": list(e.context), "labels": list(e.labels)} for e in train_set.examples
+                if any(str(u or "").strip() for u in e.context)]
+    info: dict[str, Any] = {"examples": len(examples), "skipped_no_context": len(train_set.examples) - len(examples)}
+    augmented = None
+    if labels != "real":
+        augmented, scorer = augmented_examples(ws, aug_dataset or data, aug_scorer)
+        cfg["augmentation"] = info["augmentation"] = f"{aug_dataset or data}:{scorer}"
+        info["augmented_turns"] = len(augmented)
+    check_no_test_leakage(ws, [e["context"] for e in examples + (augmented or [])])
+    wanted = {i for e in examples + (augmented or []) for i in e["labels"]}
+    items = {r["item_id"]: item_text(r) for r in ws.df("SELECT * FROM items").to_dict("records")
+             if r["item_id"] in wanted}
+    return launch_training(ws, kind, examples, items, cfg, jobs_root, augmented=augmented), info
 
 
 # ----------------------------------------------------------------------------- CLI

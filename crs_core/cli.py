@@ -240,38 +240,22 @@ def _budget_curve(ws: Workspace, args: argparse.Namespace) -> int:
 
 @command("train")
 def _train(ws: Workspace, args: argparse.Namespace) -> int:
-    from .catalog import item_text
-    from .evaluate import check_no_test_leakage
-    from .recommenders import training_set_from_synthetic, training_set_from_turns
-    from .train import KIND_RETRIEVER, KIND_SFT, launch_training, validate_config
+    from .augment import launch_training_job
+    from .train import KIND_RETRIEVER, KIND_SFT
 
-    train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.data == "synthetic"
-             else training_set_from_turns(ws, args.data))
-    examples = [{"context": list(e.context), "labels": list(e.labels)} for e in train.examples
-                if any(str(u or "").strip() for u in e.context)]
-    if len(examples) < len(train.examples):
-        print(f"skipped {len(train.examples) - len(examples):,} turn(s) without any context")
-    config = {"training_data": args.data, "labels": args.labels}
+    config = {}
     for key in ("max_steps", "epochs", "alpha", "stage1_model"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if args.kind == "sft":
         config["method"] = args.method
-    kind = KIND_RETRIEVER if args.kind == "retriever" else KIND_SFT
-    validate_config(kind, config)  # a bad alpha is refused before the labels are read
-    augmented = None
-    if args.labels != "real":  # checked before anything is exported: no labels, no job
-        from .augment import augmented_examples
-
-        augmented, scorer = augmented_examples(ws, args.aug_dataset or args.data, args.aug_scorer)
-        config["augmentation"] = f"{args.aug_dataset or args.data}:{scorer}"
-    check_no_test_leakage(ws, [e["context"] for e in examples + (augmented or [])])
-    wanted = {i for e in examples + (augmented or []) for i in e["labels"]}
-    items = {r["item_id"]: item_text(r) for r in ws.df("SELECT * FROM items").to_dict("records")
-             if r["item_id"] in wanted}
-    job_id = launch_training(ws, kind, examples, items, config, augmented=augmented)
-    print(f"launched job {job_id} on {len(examples):,} examples (labels: {args.labels}"
-          + (f", {len(augmented):,} augmented turns from {config['augmentation']}" if augmented else "")
+    job_id, info = launch_training_job(ws, KIND_RETRIEVER if args.kind == "retriever" else KIND_SFT, args.data,
+                                       labels=args.labels, config=config, aug_dataset=args.aug_dataset,
+                                       aug_scorer=args.aug_scorer, statuses=args.statuses)
+    if info["skipped_no_context"]:
+        print(f"skipped {info['skipped_no_context']:,} turn(s) without any context")
+    print(f"launched job {job_id} on {info['examples']:,} examples (labels: {args.labels}"
+          + (f", {info['augmented_turns']:,} augmented turns from {info['augmentation']}" if args.labels != "real" else "")
           + "); follow it with `python -m crs_core jobs`")
     return 0
 
