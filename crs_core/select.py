@@ -89,16 +89,14 @@ tolerance, its argmax is the global argmax; otherwise it is rebuilt.  Pool
 sizes adapt to how long pools live (this affects speed only, never picks).
 
 * Fisher: ``q_i = x_i^T Lambda x_i`` only decreases, so an older value is an
-  upper bound.  Pool rows are updated with one small matrix-vector product per
-  pick (``q_i -= (x_i^T u)^2`` with ``u = Lambda x_t / sqrt(1 + q_t)``); other
-  rows are brought forward in float64 GEMMs over the stored ``u`` vectors
-  (``d * age`` per row) or through ``Lambda`` (``d^2`` per row), only when
-  their old value could compete, and over the whole matrix at once when an
-  eighth of the rows need it anyway (refresh cost is linear in age, so this
-  is never more work).  On isotropic data (the random-unit-vector benchmark)
-  nearly every row stays within ~100 picks of the maximum, so the total work
-  approaches the eager ``N * d`` per pick, done as large GEMMs instead of one
-  memory-bound matrix-vector product per pick.
+  upper bound.  On isotropic data (the random-unit-vector benchmark) nearly
+  every row comes within reach of the maximum every ~100 picks, so lazy
+  evaluation saves almost nothing and the work is ``N * d`` multiply-adds
+  per pick whatever the schedule.  It is therefore done as large float32
+  GEMMs over all rows once per block of picks, with a rigorous bound on the
+  float32 error kept per row; only rows whose bound reaches the best score
+  are computed in float64 (see :class:`_FisherEngine`).  The picks stay
+  those of the float64 reference.
 * JS: ``sqrt(JS)`` is a metric (Endres & Schindelin 2003), so a value
   ``c_i = JS(p_i || m_s)`` computed at step s bounds the current one:
   ``sqrt(JS(p_i || m_t)) <= sqrt(c_i) + sqrt(JS(m_s || m_t))``.  Rows outside
@@ -106,7 +104,7 @@ sizes adapt to how long pools live (this affects speed only, never picks).
   (computed with relative accuracy, see :func:`js_divergence`).
 
 ``select`` runs BLAS single-threaded for the thousands of tiny per-pick
-products (threads only add synchronisation there) and lets the large GEMMs
+products (threads only add synchronisation there) and lets the bulk GEMMs
 use all threads.
 """
 
@@ -168,7 +166,6 @@ _SAFETY = 1e-12
 _EPS_JS = 1e-13
 _REL_JS = 1e-12
 _CHUNK = 8192  # rows per block when converting X to float64 on the fly
-_BIG_GEMM = 20_000_000  # multiply-adds above which a GEMM may use all BLAS threads
 
 _THREADS = {"ctl": None, "max": None}
 
@@ -536,104 +533,196 @@ class _Sizer:
         return False
 
 
-def _masked_sqsum(G: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Row sums of G**2 over columns j >= cols[row] (G: a float64 temporary, modified)."""
-    if cols.any():
-        G *= np.arange(G.shape[1])[None, :] >= cols[:, None]
-    return np.einsum("ij,ij->i", G, G)
+# float32 rounding unit
+_U32 = 2.0**-24
 
 
-def _groups_by_start(starts: np.ndarray, k: int, max_waste: float = 0.25, min_rows: int = 64):
-    """Group rows by the step their value is anchored at, for one GEMM per group.
+def _gamma32(d: int) -> float:
+    """gamma_d = d u / (1 - d u): relative error bound of any float32 d-term dot product."""
+    return d * _U32 / (1.0 - d * _U32)
 
-    Returns ``[(positions, s0), ...]``: every row of a group is brought from
-    its own anchor to step k using the columns ``[s0, k)`` (rows anchored
-    later than s0 pay for columns they do not need); neighbouring anchors are
-    merged while that extra work stays below ``max_waste`` or a group is tiny.
+
+class _Tier:
+    """Rows kept as float32 copies with estimates ``qt`` and error bounds ``E``, all current at step ``s``.
+
+    ``|qt_i - q_i(s)| <= E_i``; ``e_i`` bounds the float32 error of ``z_i . v``
+    for unit vectors ``v`` (see :meth:`_FisherEngine._init_float32`); ``q0_i``
+    (>= every value of the row) scales the float64 rounding slack; ``rho_i``
+    is the squared row scale (None: rows stored unscaled).
     """
-    order = np.argsort(starts, kind="stable")
-    uniq, first, counts = np.unique(starts[order], return_index=True, return_counts=True)
-    groups = []
-    i = uniq.size - 1
-    while i >= 0:
-        j = i
-        rows = int(counts[i])
-        need = rows * (k - int(uniq[i]))
-        while j > 0:
-            s_new = int(uniq[j - 1])
-            rows_new = rows + int(counts[j - 1])
-            need_new = need + int(counts[j - 1]) * (k - s_new)
-            if rows < min_rows or rows_new * (k - s_new) <= (1.0 + max_waste) * need_new:
-                j, rows, need = j - 1, rows_new, need_new
-            else:
-                break
-        groups.append((order[first[j] : first[i] + counts[i]], int(uniq[j])))
-        i = j - 1
-    return groups
+
+    def __init__(self, Z32, qt, E, e, q0, rho, s):
+        self.Z32, self.qt, self.E, self.e, self.q0, self.rho, self.s = Z32, qt, E, e, q0, rho, s
+
+    def take(self, pos: np.ndarray) -> "_Tier":
+        return _Tier(
+            self.Z32[pos], self.qt[pos], self.E[pos], self.e[pos], self.q0[pos],
+            None if self.rho is None else self.rho[pos], self.s,
+        )
+
+    def advance(self, Uh: np.ndarray, w: np.ndarray, k: int, chunk: int) -> int:
+        """Bring every row from step s to k with float32 GEMMs; returns the multiply-adds.
+
+        With ``h = fl32(z32 . fl32(u/|u|))`` (off by at most ``e_i`` from the true
+        ``z . u/|u|``), the decrease ``sum_k (x.u_k)^2`` is estimated as
+        ``r^2 sum_k |u_k|^2 h_k^2`` (float32 sums, relative error below ``c_b``)
+        and ``E`` grows by ``r^2 [e (2 sqrt(sum|u|^2 * D) + e sum|u|^2) + c_b D]``
+        (``sum_k eps_k (2|g_k| + eps_k)`` with Cauchy-Schwarz), plus float64
+        rounding.
+        """
+        s = self.s
+        if k <= s:
+            return 0
+        b = k - s
+        W = Uh[s:k]
+        wv = w[s:k]
+        wmax = float(wv.max())
+        sv = np.sqrt(wv / wmax).astype(np.float32)  # column weights in (0, 1]: no overflow
+        sw = float(wv.sum())
+        c_b = 1.1 * (_gamma32(b) + 8 * _U32)
+        tiny = wmax * 2 * b * 2.0**-149  # float32 underflow in the sums
+        rel = 2 * (b + 4) * 2.0**-50
+        n = self.qt.shape[0]
+        for start in range(0, n, chunk):
+            sl = slice(start, min(n, start + chunk))
+            G = self.Z32[sl] @ W.T
+            G *= sv
+            D = np.einsum("ij,ij->i", G, G).astype(np.float64)
+            D *= wmax
+            Dup = D * (1.0 + 2 * c_b) + tiny
+            e = self.e[sl]
+            inc = e * (2.0 * np.sqrt(sw * Dup) + e * sw) + (Dup - D)
+            if self.rho is not None:
+                D *= self.rho[sl]
+                inc *= self.rho[sl]
+            inc += rel * (self.q0[sl] + D)
+            self.qt[sl] -= D
+            self.E[sl] += inc
+        self.s = k
+        return n * W.shape[0] * W.shape[1]
 
 
 class _FisherEngine:
-    """Exact greedy ``argmax log(1 + x^T Lambda x)`` with lazy evaluation.
+    """Exact greedy ``argmax log(1 + x^T Lambda x)``: float32 bulk, float64 finalists.
 
-    ``q_i = x_i^T Lambda x_i`` only decreases (Lambda shrinks), so a value
-    computed at an earlier step is an upper bound now.  Per row we keep ``q``
-    exact at step ``s`` (this call's numbering).  Values are brought forward
-    with the stored Sherman-Morrison vectors ``u_k = Lambda_k x_k / sqrt(1 + q_k)``:
-    ``q(t) = q(s) - sum_{s<=k<t} (x^T u_k)^2`` (``d * age`` per row, one GEMM
-    per group of rows), or as ``x^T Lambda x`` (``d^2`` per row) when older
-    than d picks.  When a quarter of the rows need it anyway, all rows are
-    refreshed over contiguous blocks of X (the cost is linear in the age of a
-    value, so refreshing early costs nothing extra, and no rows are gathered).
+    ``q_i = x_i^T Lambda x_i`` only decreases.  With the Sherman-Morrison
+    vectors ``u_k = Lambda_k x_k / sqrt(1 + q_k)``,
+    ``q_i(t) = q_i(s) - sum_{s<=k<t} (x_i^T u_k)^2``.  Three tiers of rows:
 
-    The pool (rows with the highest values) is kept exact at every pick with
-    one small matrix-vector product; its argmax is the global argmax while its
-    best score beats every value outside the pool by more than the tie
-    tolerance.  Otherwise the pool is rebuilt.  ``Lambda`` is kept as
-    ``Lambda_base - U_recent^T U_recent`` and folded with one GEMM every
-    ``LAM_FLUSH`` picks.  All arithmetic is float64.
+    * **bulk** (every remaining row): estimate ``qt`` and a rigorous error bound
+      ``E`` (``|qt_i - q_i| <= E_i``), brought forward once per *block* of
+      picks with float32 GEMMs over all remaining rows (``N * d`` multiply-adds
+      per pick at the float32 rate).  One float32 dot product of d terms is off
+      by at most ``gamma_d sum_j |z_j v_j|`` in any summation order (Higham,
+      *Accuracy and Stability of Numerical Algorithms*, 2002, eq. 3.5), plus
+      the rounding of the operands to float32; see :class:`_Tier`.
+    * **mid** (the top rows of the bulk by ``qt + E`` when a block starts):
+      the same float32 updates every few picks over a gathered copy.
+    * **top** (the top rows of mid by ``qt + E``): gathered in float64 and
+      updated at every pick with one float64 matrix-vector product (which
+      leaves ``E`` unchanged).  Every top row whose upper bound reaches the
+      tie band of the best lower bound is computed exactly (float64
+      ``x^T Lambda x``, ``E = 0``, passed back down to mid and bulk).
+
+    A pick is certified when the best exact score beats, by more than the tie
+    tolerance, the largest upper bound outside the top tier (taken when each
+    tier started: values only decrease).  Otherwise the top tier ends (mid
+    catches up) or, when the bulk's bound is the one that binds, the block
+    ends (the bulk catches up; at the latest after ``BLOCK_MAX`` picks).
+    Tier sizes adapt to a cost model (:meth:`_resize`): speed only, never picks.  Picked rows are
+    dropped from the bulk now and then.  ``Lambda`` is kept as
+    ``Lambda_base - U_recent^T U_recent``, folded every ``LAM_FLUSH`` picks.
     """
 
-    POOL_START, POOL_FLOOR = 128, 32
-    NEAR_START, NEAR_FLOOR = 1024, 128
-    LIFE_LO, LIFE_HI = 12, 48  # pools living shorter grow, longer shrink (wider, cheaper GEMMs)
+    M_START, M_MIN = 4096, 32
+    TOP_START, TOP_MIN = 256, 8
+    BLOCK_MAX = 384
+    BLOCK_WORK, TOP_WORK = 4.8, 0.8  # targets of life * size, per row below (see _resize)
     LAM_FLUSH = 32
-    FULL_SHARE = 8  # refresh all rows once the near set is >= 1/FULL_SHARE of them (0: only when all)
+    CHUNK = 8192  # rows per float32 GEMM (bounds the temporary)
 
     def __init__(self, X: np.ndarray, already: np.ndarray, budget: int):
         n, d = X.shape
         self.n, self.d = n, d
-        self.X = X if X.dtype == np.float64 else X.astype(np.float64)
+        self.X = X  # exact rows for the float64 work (float32 converts exactly)
         if already.size:
-            Xs = self.X[already]
+            Xs = X[already].astype(np.float64)
             lam = np.linalg.inv(np.eye(d) + Xs.T @ Xs)
             self.lam = np.asfortranarray(0.5 * (lam + lam.T))
-            q0 = np.empty(n)
+            qt = np.empty(n)
             with _blas_threads(None):
                 for start in range(0, n, _CHUNK):
-                    Xc = self.X[start : start + _CHUNK]
-                    q0[start : start + _CHUNK] = np.einsum("ij,ij->i", Xc @ self.lam, Xc)
+                    Xc = X[start : start + _CHUNK].astype(np.float64)
+                    qt[start : start + _CHUNK] = np.einsum("ij,ij->i", Xc @ self.lam, Xc)
         else:
             self.lam = np.asfortranarray(np.eye(d))
-            q0 = np.einsum("ij,ij->i", self.X, self.X)
-        self.kb = 0  # self.lam is Lambda after the first kb picks of this call
-        self.q = q0
-        self.s = np.zeros(n, dtype=np.int64)
-        self.q[already] = -np.inf
-        self.remaining = n - already.size
-        self.U = np.empty((budget, d), dtype=np.float64)
+            qt = None
+        # float64 values count as exact (E = 0): the _SAFETY slack covers their rounding
+        self.bulk = self._init_float32(X, qt)
+        self.bulk.qt[already] = -np.inf
+        self.bidx = np.arange(n, dtype=np.int64)  # bulk position -> row of X
+        self.alive = n - already.size
+        self.dead_in_bulk = int(already.size)
+        self.U = np.empty((budget, d))  # float64 u_k
+        self.Uh = np.empty((budget, d), dtype=np.float32)  # float32 u_k / |u_k|
+        self.w = np.empty(budget)  # |u_k|^2
         self.k = 0
-        self.sizer = _Sizer(n, self.POOL_START, self.POOL_FLOOR, self.LIFE_LO, self.LIFE_HI)
-        self.near_m = min(n, self.NEAR_START)
-        self.pool = None
+        self.kb = 0  # self.lam is Lambda after the first kb picks of this call
+        self.m = min(self.M_START, n)
+        self.m_top = self.TOP_START
+        self.mid = None
+        self.top = None
         self.stats = {
-            "rebuilds": 0,
-            "refreshed_rows": 0,
-            "refresh_macs": 0,
-            "full_refreshes": 0,
-            "gathered_refresh_rows": 0,
-            "lambda_path_rows": 0,
-            "pool_row_updates": 0,
+            "blocks": 0,
+            "top_blocks": 0,
+            "bulk_macs": 0,
+            "mid_macs": 0,
+            "top_row_updates": 0,
+            "exact_rows": 0,
+            "direct_picks": 0,
+            "compactions": 0,
+            "max_mid": 0,
+            "max_top": 0,
         }
+
+    def _init_float32(self, X: np.ndarray, qt) -> _Tier:
+        """Bulk tier: rows ``z_i = x_i / r_i`` in float32 and their error factors ``e_i``.
+
+        ``r_i = 1`` when all row norms are moderate (no float32 overflow or
+        underflow to fear), else ``r_i = ||x_i||``.  For every unit vector v,
+        ``|z_i . v - fl32(z32_i . fl32(v))| <= e_i``.
+        """
+        n, d = X.shape
+        nx = np.empty(n)
+        for start in range(0, n, _CHUNK):
+            Xc = X[start : start + _CHUNK].astype(np.float64)
+            nx[start : start + _CHUNK] = np.sqrt(np.einsum("ij,ij->i", Xc, Xc))
+        if qt is None:
+            qt = nx**2
+        moderate = bool(nx.min() >= 2.0**-40 and nx.max() <= 2.0**40)
+        if X.dtype == np.float32 and moderate:
+            Z32, rho = X, None  # the rows as given: no rounding
+            dz, nz, nz32 = 0.0, nx, nx
+        else:
+            Z32 = np.empty((n, d), dtype=np.float32)
+            rho = None if moderate else nx**2
+            dz, nz32 = np.empty(n), np.empty(n)
+            nz = nx if moderate else 1.0
+            for start in range(0, n, _CHUNK):
+                sl = slice(start, min(n, start + _CHUNK))
+                Zc = X[sl].astype(np.float64)
+                if not moderate:
+                    Zc /= nx[sl, None]
+                Z32[sl] = Zc.astype(np.float32)
+                Z64 = Z32[sl].astype(np.float64)
+                nz32[sl] = np.sqrt(np.einsum("ij,ij->i", Z64, Z64))
+                Zc -= Z64
+                dz[sl] = np.sqrt(np.einsum("ij,ij->i", Zc, Zc))
+        # dot error gamma_d |z32| |fl32(v)| with |fl32(v)| <= 1 + u; rounding of v: u |z|;
+        # rounding of z: |z - z32| |fl32(v)|; underflow: d 2^-149; 1% for the float64 arithmetic
+        gam = _gamma32(d) * (1.0 + 2 * _U32)
+        e = 1.01 * (gam * nz32 + (_U32 + 2.0**-50) * nz + (1.0 + 2 * _U32) * dz + d * 2.0**-148)
+        return _Tier(Z32, qt, np.zeros(n), e, qt.copy(), rho, 0)
 
     # -- Lambda ---------------------------------------------------------------
     def _flush_lam(self) -> None:
@@ -650,153 +739,205 @@ class _FisherEngine:
             v -= W.T @ (W @ x)
         return v
 
-    # -- bring values to the current step -------------------------------------
-    def _lambda_path(self, R: np.ndarray) -> None:
-        self._flush_lam()
-        self.stats["lambda_path_rows"] += int(R.size)
-        self.stats["refresh_macs"] += int(R.size) * self.d * self.d
-        for start in range(0, R.size, _CHUNK):
-            rows = R[start : start + _CHUNK]
-            Xr = self.X[rows]
-            self.q[rows] = np.einsum("ij,ij->i", Xr @ self.lam, Xr)
-        self.s[R] = self.k
+    def _exact(self, Xr: np.ndarray) -> np.ndarray:
+        """``x^T Lambda_k x`` in float64 for the rows of Xr (float64)."""
+        q = np.einsum("ij,ij->i", Xr @ self.lam, Xr)
+        if self.kb < self.k:
+            G = Xr @ self.U[self.kb : self.k].T
+            q -= np.einsum("ij,ij->i", G, G)
+        self.stats["exact_rows"] += int(Xr.shape[0])
+        return q
 
-    def _refresh(self, R: np.ndarray) -> None:
-        """Rows R (gathered) to the current step."""
-        k, d = self.k, self.d
-        R = R[self.s[R] != k]
-        if R.size == 0:
-            return
-        self.stats["refreshed_rows"] += int(R.size)
-        self.stats["gathered_refresh_rows"] += int(R.size)
-        old = (k - self.s[R]) > d
-        groups = _groups_by_start(self.s[R[~old]], k) if (~old).any() else []
-        young = R[~old]
-        macs = int(old.sum()) * d * d + sum(int(g.size) * d * (k - s0) for g, s0 in groups)
-        with _blas_threads(None) if macs > _BIG_GEMM else contextlib.nullcontext():
-            if old.any():
-                self._lambda_path(R[old])
-            self.stats["refresh_macs"] += macs - int(old.sum()) * d * d
-            for gpos, s0 in groups:
-                rows_all = young[gpos]
-                for start in range(0, rows_all.size, _CHUNK):
-                    rows = rows_all[start : start + _CHUNK]
-                    G = self.X[rows] @ self.U[s0:k].T
-                    self.q[rows] -= _masked_sqsum(G, self.s[rows] - s0)
-                    self.s[rows] = k
+    def _rows64(self, bulk_pos: np.ndarray) -> np.ndarray:
+        return self.X[self.bidx[bulk_pos]].astype(np.float64)
 
-    def _refresh_all(self) -> None:
-        """All remaining rows to the current step, over contiguous blocks of X."""
-        k, d = self.k, self.d
-        live = (self.q > -np.inf) & (self.s != k)
-        old = live & ((k - self.s) > d)
-        self.stats["full_refreshes"] += 1
-        with _blas_threads(None):
-            if old.any():
-                self._lambda_path(np.flatnonzero(old))
-                live &= ~old
-            for start in range(0, self.n, _CHUNK):
-                stop = min(self.n, start + _CHUNK)
-                lv = live[start:stop]
-                if not lv.any():
-                    continue
-                ss = self.s[start:stop]
-                s0 = int(ss[lv].min())
-                cols = np.where(lv, ss - s0, k - s0)  # rows not refreshed: no columns
-                dec = _masked_sqsum(self.X[start:stop] @ self.U[s0:k].T, cols)
-                rows = np.flatnonzero(lv)
-                self.q[start + rows] -= dec[rows]
-                self.s[start + rows] = k
-                self.stats["refresh_macs"] += (stop - start) * d * (k - s0)
-                self.stats["refreshed_rows"] += int(rows.size)
+    @staticmethod
+    def _band_threshold(lb_max: float) -> float:
+        """Smallest q whose score could tie with (or beat) the score of q = lb_max."""
+        s = math.log1p(max(lb_max, 0.0))
+        return math.expm1(s - _tie_tol(s) - 2 * _SAFETY)
 
-    def _rebuild(self, voluntary: bool = False) -> None:
-        self.stats["rebuilds"] += 1
-        k = self.k
-        if self.pool is not None:
-            P, qp, alive = self.pool["idx"], self.pool["q"], self.pool["alive"]
-            self.q[P[alive]] = qp[alive]
-            self.s[P[alive]] = k
-            if not voluntary:
-                life = k - self.sizer.born
-                if self.pool["outside_binds"]:
-                    # stale rows outside the refreshed set caught up: refresh more rows next time
-                    if life < self.LIFE_LO:
-                        self.near_m = min(self.n, 2 * self.near_m)
-                    elif life > self.LIFE_HI:
-                        self.near_m = max(self.NEAR_FLOOR, self.near_m // 2)
-                else:
-                    self.sizer.expired(k)
-        m1 = max(self.near_m, self.sizer.m)
-        m2 = self.sizer.m
-        full = False
-        while True:
-            if m1 >= self.remaining or m1 * self.FULL_SHARE >= self.remaining:
-                self._refresh_all()
-                full = True
-                R1 = np.flatnonzero(self.q > -np.inf)
-                tau1 = -np.inf
-            else:
-                part = np.argpartition(-self.q, m1)
-                R1 = part[:m1]
-                tau1 = float(self.q[part[m1]])
-                self._refresh(R1)
-            if m2 >= R1.size:
-                P, tau2 = R1, -np.inf
-            else:
-                p2 = np.argpartition(-self.q[R1], m2)
-                P = R1[p2[:m2]]
-                tau2 = float(self.q[R1[p2[m2]]])
-            best = float(np.log1p(max(self.q[P].max(), 0.0)))
-            s1 = math.log1p(max(tau1, 0.0)) if tau1 > -np.inf else -np.inf
-            s2 = math.log1p(max(tau2, 0.0)) if tau2 > -np.inf else -np.inf
-            if best - _tie_tol(best) - _SAFETY > max(s1, s2):
-                break
-            if s2 >= s1:
-                m2 *= 2  # ties at the top of the refreshed rows
-            else:
-                m1 *= 2
-        # after a full refresh every value is current: start small again
-        self.near_m = max(self.NEAR_FLOOR, 4 * m2 if full else min(m1, self.n))
-        self.sizer.rebuilt(k, P.size, voluntary)
-        P = np.sort(P)
-        self.pool = {
-            "idx": P,
-            "X": self.X[P],
-            "q": self.q[P].copy(),
-            "alive": np.ones(P.size, dtype=bool),
-            "tau_score": max(s1, s2),
-            "outside_binds": s1 > s2,
+    @staticmethod
+    def _score(q: float) -> float:
+        return math.log1p(max(q, 0.0)) if q > -np.inf else -np.inf
+
+    # -- tiers ----------------------------------------------------------------
+    @staticmethod
+    def _resize(m: int, life: int, failed: bool, target: float, floor: int) -> int:
+        """Next size of a tier that lived ``life`` picks with ``m`` rows: aim at ``life * m ~ target``.
+
+        Cost model: a tier of m rows costs ~m per pick; the tier below it
+        catches up once per life of this one, with GEMMs whose efficiency grows
+        with the life (width), so longer lives save there.  With life ~ m^0.6
+        the sum is smallest near ``life * m = target``.  Speed only.
+        """
+        if failed and life * m < target / 2:
+            return 2 * m
+        if not failed or life * m > 2 * target:
+            return max(floor, m * 3 // 4)
+        return m
+
+    def _advance(self, tier: _Tier, key: str) -> None:
+        with _blas_threads(None if tier is self.bulk else 1):
+            self.stats[key] += tier.advance(self.Uh, self.w, self.k, self.CHUNK)
+
+    def _huge_band(self) -> int | None:
+        """Bulk position to pick directly when the tie band is larger than a block's pool.
+
+        Happens when very many rows have (nearly) the same score, e.g. the first
+        pick on exactly unit-normalised rows.  The band's rows are made exact
+        (float64) first.  Returns None when the band is small (and makes the
+        next block's pool large enough to hold it).
+        """
+        b = self.bulk
+        thr = self._band_threshold(float((b.qt - b.E).max()))
+        band = np.flatnonzero(b.qt + b.E >= thr)
+        if band.size <= max(self.M_START, self.m // 2):
+            self.m = max(self.m, 2 * band.size)
+            return None
+        loose = band[b.E[band] > 0]
+        for start in range(0, loose.size, _CHUNK):
+            rows = loose[start : start + _CHUNK]
+            b.qt[rows] = self._exact(self._rows64(rows))
+            b.E[rows] = 0.0
+        scores = np.full(b.qt.shape[0], -np.inf)
+        scores[band] = np.log1p(np.maximum(b.qt[band], 0.0))
+        j, _ = _pick(scores)  # rows outside the band are below the tie band of the exact best
+        self.stats["direct_picks"] += 1
+        return j
+
+    def _start_mid(self) -> None:
+        b = self.bulk
+        ub = b.qt + b.E
+        m = min(self.m, self.alive)
+        if m >= self.alive:
+            pos = np.flatnonzero(b.qt > -np.inf)
+            tau = -np.inf
+        else:
+            part = np.argpartition(-ub, m)
+            pos = np.sort(part[:m])
+            tau = float(ub[part[m]])
+        self.mid = b.take(pos)
+        self.mid_pos = pos
+        self.mid_tau = self._score(tau)
+        self.mid_start = self.k
+        self.stats["blocks"] += 1
+        self.stats["max_mid"] = max(self.stats["max_mid"], int(pos.size))
+
+    def _end_mid(self, failed: bool) -> None:
+        if self.top is not None:
+            self._end_top(failed=False)
+        self._advance(self.bulk, "bulk_macs")
+        mid = self.mid
+        self.bulk.qt[self.mid_pos] = mid.qt
+        self.bulk.E[self.mid_pos] = mid.E
+        self.m = self._resize(self.m, self.k - self.mid_start, failed, self.BLOCK_WORK * self.alive, self.M_MIN)
+        self.mid = None
+        if self.dead_in_bulk * 8 > self.bulk.qt.shape[0]:
+            keep = np.flatnonzero(self.bulk.qt > -np.inf)
+            self.bulk = self.bulk.take(keep)
+            self.bidx = self.bidx[keep]
+            self.dead_in_bulk = 0
+            self.stats["compactions"] += 1
+
+    def _start_top(self) -> None:
+        mid = self.mid  # current at step k
+        ub = mid.qt + mid.E
+        alive = int(np.count_nonzero(mid.qt > -np.inf))
+        m = min(self.m_top, alive)
+        if m >= alive:
+            pos = np.flatnonzero(mid.qt > -np.inf)
+            tau = -np.inf
+        else:
+            part = np.argpartition(-ub, m)
+            pos = np.sort(part[:m])
+            tau = float(ub[part[m]])
+        self.top = {
+            "pos": pos,
+            "X": self._rows64(self.mid_pos[pos]),
+            "q": mid.qt[pos],
+            "E": mid.E[pos],
+            "tau": max(self.mid_tau, self._score(tau)),
+            "start": self.k,
         }
+        self.stats["top_blocks"] += 1
+        self.stats["max_top"] = max(self.stats["max_top"], int(pos.size))
 
-    def step(self) -> tuple[int, float]:
-        if self.pool is None:
-            self._rebuild()
-        elif self.sizer.should_shrink(self.k, self.pool["idx"].size):
-            self._rebuild(voluntary=True)
+    def _end_top(self, failed: bool) -> None:
+        top = self.top
+        self._advance(self.mid, "mid_macs")
+        self.mid.qt[top["pos"]] = top["q"]
+        self.mid.E[top["pos"]] = top["E"]
+        self.m_top = self._resize(
+            self.m_top, self.k - top["start"], failed, self.TOP_WORK * self.mid.qt.shape[0], self.TOP_MIN
+        )
+        self.top = None
+
+    def _certify(self) -> tuple[int, float]:
+        """Best exact top row under the tie rule (top position, score); the caller checks the bound."""
+        top = self.top
+        q, E = top["q"], top["E"]
         while True:
-            pool = self.pool
-            scores = np.log1p(np.maximum(pool["q"], 0.0))  # q >= 0 (Lambda is positive definite)
-            scores[~pool["alive"]] = -np.inf
-            j, best = _pick(scores)
-            if best - _tie_tol(best) - _SAFETY > pool["tau_score"]:
+            need = np.flatnonzero((E > 0) & (q + E >= self._band_threshold(float((q - E).max()))))
+            if need.size == 0:
                 break
-            self._rebuild()
-        w = int(pool["idx"][j])
-        x = pool["X"][j]
+            q[need] = self._exact(top["X"][need])
+            E[need] = 0.0
+        # the row with the best lower bound is exact now, and every inexact row
+        # is below the tie band of the best exact score
+        scores = np.where(E == 0, np.log1p(np.maximum(q, 0.0)), -np.inf)
+        scores[q == -np.inf] = -np.inf  # picked rows
+        return _pick(scores)
+
+    # -- one pick ------------------------------------------------------------
+    def _commit(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         v = self._lam_x(x)
         qw = float(x @ v)
-        self.U[self.k] = v / math.sqrt(1.0 + qw)
+        u = v / math.sqrt(1.0 + qw)
+        k = self.k
+        self.U[k] = u
+        nu = float(np.sqrt(u @ u))
+        self.w[k] = nu * nu
+        self.Uh[k] = u / nu
         self.k += 1
         if self.k - self.kb >= self.LAM_FLUSH:
             self._flush_lam()
-        g = pool["X"] @ self.U[self.k - 1]
-        pool["q"] -= g * g
-        pool["alive"][j] = False
-        self.stats["pool_row_updates"] += int(pool["idx"].size)
-        self.q[w] = -np.inf
-        self.remaining -= 1
-        return w, math.log1p(qw)
+        self.alive -= 1
+        self.dead_in_bulk += 1
+        return u, math.log1p(qw)
+
+    def step(self) -> tuple[int, float]:
+        while True:
+            if self.mid is None:
+                j = self._huge_band()
+                if j is not None:
+                    _, score = self._commit(self._rows64(np.array([j]))[0])
+                    self.bulk.qt[j] = -np.inf
+                    self._advance(self.bulk, "bulk_macs")
+                    return int(self.bidx[j]), score
+                self._start_mid()
+            if self.top is None:
+                self._start_top()
+            j, best = self._certify()
+            margin = best - _tie_tol(best) - _SAFETY
+            if margin > self.top["tau"]:
+                break
+            if margin > self.mid_tau:
+                self._end_top(failed=True)
+            else:
+                self._end_mid(failed=True)
+        top = self.top
+        u, score = self._commit(top["X"][j])
+        if top["pos"].size > 1:
+            g = top["X"] @ u
+            top["q"] -= g * g
+            self.stats["top_row_updates"] += int(top["pos"].size)
+        top["q"][j] = -np.inf
+        top["E"][j] = 0.0
+        w = int(self.bidx[self.mid_pos[top["pos"][j]]])
+        if self.k - self.mid_start >= self.BLOCK_MAX:
+            self._end_mid(failed=False)
+        return w, score
 
 
 class _JSEngine:
