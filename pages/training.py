@@ -126,6 +126,13 @@ def follow() -> None:
         except CRSError as exc:
             show_error(exc)
         st.rerun(scope="app")
+    labels = (state.config or {}).get("labels", "real")
+    if labels != "real":
+        st.caption(f"Labels: {labels}" + (f" (α = {state.config.get('alpha', 0)}; stage 1 on real + augmented "
+                                          "labels, then stage 2 on the real labels)" if labels == "two_stage" else
+                                          " (real + augmented labels in one run)")
+                   + (f" · augmentation {state.config['augmentation']}" if state.config.get("augmentation") else "")
+                   + " — launched from the Augmentation page or `train --labels`.")
     if state.state == "succeeded" and state.result:
         st.caption("Result")
         st.json(state.result, expanded=False)
