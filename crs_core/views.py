@@ -175,8 +175,24 @@ def cluster_top_terms(ws: Workspace, clustering_id: str, n_terms: int = 8,
     return pd.DataFrame({"cluster": list(terms), "top_terms": [", ".join(t) for t in terms.values()]})
 
 
+def hover_texts(titles: Sequence[Any], years: Sequence[Any], snippets: Sequence[Any]) -> np.ndarray:
+    """'Title (year)<br>snippet…' per point, the data HTML-escaped (Plotly renders a few tags in
+    hover labels; data must show as text). Vectorised: the map has tens of thousands of points."""
+    def esc(values: pd.Series) -> pd.Series:
+        return (values.str.replace("&", "&amp;", regex=False).str.replace("<", "&lt;", regex=False)
+                .str.replace(">", "&gt;", regex=False).str.replace('"', "&quot;", regex=False)
+                .str.replace("'", "&#x27;", regex=False))
+
+    title = esc(pd.Series(titles, dtype=object).fillna("").astype(str)).replace("", "?")
+    year = pd.to_numeric(pd.Series(years, dtype=object), errors="coerce")
+    year = year.map(lambda y: "" if pd.isna(y) else str(int(y)))
+    snippet = esc(pd.Series(snippets, dtype=object).fillna("").astype(str))
+    return (title + " (" + year + ")<br>" + snippet + "…").to_numpy(dtype=object)
+
+
 def map_points(ws: Workspace, set_id: str, clustering_id: str | None = None, snippet: int = SNIPPET) -> pd.DataFrame:
-    """The 2-D projection of a set with cluster, item title and a text snippet per point."""
+    """The 2-D projection of a set with cluster, item title, a text snippet and the hover text
+    (`hover_texts`) per point."""
     unit = ws.scalar("SELECT unit FROM embedding_sets WHERE set_id = ?", [set_id]) or "review"
     cluster = "a.cluster" if clustering_id else "NULL::INTEGER"
     params: list[Any] = []
@@ -192,7 +208,9 @@ def map_points(ws: Workspace, set_id: str, clustering_id: str | None = None, sni
         sql = (f"SELECT p.unit_id, p.x, p.y, {cluster} AS cluster, i.item_id, i.title, i.year, "
                f"left(coalesce(i.plot, ''), {int(snippet)}) AS snippet FROM projections p "
                "LEFT JOIN items i ON i.item_id = p.unit_id " + join)
-    return ws.df(sql + "WHERE p.set_id = ? ORDER BY p.unit_id", params + [set_id])
+    frame = ws.df(sql + "WHERE p.set_id = ? ORDER BY p.unit_id", params + [set_id])
+    frame["hover"] = hover_texts(frame["title"], frame["year"], frame["snippet"])
+    return frame
 
 
 # ----------------------------------------------------------------------------- selections

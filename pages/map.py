@@ -1,9 +1,6 @@
 """Map: the 2-D projection of review embeddings coloured by K-means cluster, with a selection
 overlaid in pick order; box / lasso a region to read its reviews."""
 
-import html
-
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -39,28 +36,21 @@ overlay = c3.selectbox("Overlay a selection", [None] + list(labels), key="map_ov
                        format_func=lambda s: "(none)" if s is None else labels[s],
                        help="Its picks are drawn as diamonds, numbered and coloured by pick order.")
 
-points = cached(views.map_points, set_id, clustering)
+# big maps get shorter hover snippets: every point's hover text travels to the browser
+n_mapped = int(mapped.set_index("set_id").loc[set_id, "n_projected"])
+points = cached(views.map_points, set_id, clustering, 160 if n_mapped <= 20_000 else 80)
 st.caption(f"{len(points):,} points. Hover for the review and its film; drag a box or lasso to inspect a region.")
-
-
-def _text(value) -> str:
-    # Plotly renders a few HTML tags in hover labels: escape the data so it shows as text.
-    return "" if pd.isna(value) else html.escape(str(value))
-
-
-def _hover(frame) -> list[str]:
-    return [f"{_text(t) or '?'} ({_text(y if pd.isna(y) else int(y))})<br>{_text(s)}…"
-            for t, y, s in zip(frame["title"], frame["year"], frame["snippet"])]
-
 
 fig = go.Figure()
 groups = [(None, points)] if clustering is None else list(points.groupby("cluster", dropna=False, sort=True))
 for cluster, frame in groups:
+    # numpy arrays, not lists: Plotly validates a list element by element (seconds at 50k points)
     fig.add_trace(go.Scattergl(
-        x=frame["x"], y=frame["y"], mode="markers", customdata=frame["unit_id"],
+        x=frame["x"].to_numpy(), y=frame["y"].to_numpy(), mode="markers",
+        customdata=frame["unit_id"].to_numpy(dtype=object),
         name="reviews" if cluster is None else f"cluster {cluster}",
         marker={"size": 4 if len(points) > 5000 else 6, "opacity": 0.6},
-        hovertext=_hover(frame), hoverinfo="text",
+        hovertext=frame["hover"].to_numpy(dtype=object), hoverinfo="text",
     ))
 if overlay:
     picks = cached(views.selection_picks, overlay, clustering).dropna(subset=["x"])
@@ -72,8 +62,8 @@ if overlay:
         marker={"size": 11, "symbol": "diamond", "color": picks["rank"], "colorscale": "Viridis",
                 "line": {"width": 1, "color": "black"},
                 "colorbar": {"title": {"text": "pick #"}, "thickness": 12, "len": 0.6}},
-        hovertext=[f"pick {r}<br>{h}"
-                   for r, h in zip(picks["rank"], _hover(picks.assign(snippet=picks["text"].str[:160])))],
+        hovertext=[f"pick {r}<br>{h}" for r, h in
+                   zip(picks["rank"], views.hover_texts(picks["title"], picks["year"], picks["text"].str[:160]))],
         hoverinfo="text",
     ))
 fig.update_layout(height=620, margin={"l": 10, "r": 10, "t": 30, "b": 10}, dragmode="lasso",

@@ -1,0 +1,328 @@
+"""Time to interactive of every studio page in a real browser, and of the map with 50k points.
+
+    python bench/app_bench.py                         # the default workspace (a copy of it)
+    python bench/app_bench.py --workspace my.duckdb --pages map evaluation
+    python bench/app_bench.py --map-points 50000 --json test-artifacts/bench/app_bench.json
+
+How it measures. The studio runs as a real `streamlit run app.py` server on a free port over a
+*copy* of the workspace (the studio opens its workspace for writing, and DuckDB allows one
+writing process: the copy keeps the original free). Headless Chromium (Debian's chromium +
+chromedriver, driven by Selenium, the flags of tests/test_browser.py) opens the page's URL.
+
+Time to interactive (TTI), in seconds from the navigation start of the page's document
+(``performance.now()`` in the page, whose origin is the navigation start) to the first moment
+when all of these hold:
+
+1. the page's main element is in the DOM: its ``h1`` title, and for the pages whose content is
+   one big element also that element (Seeds: the items table, Map: the drawn Plotly chart);
+2. the script run is over: Streamlit's running indicator (``stStatusWidget``) is not shown and
+   the server has sent its last WebSocket message (a script run ends with a ``script_finished``
+   message; afterwards the server is silent). "Last" is confirmed by ``QUIET_S`` of silence;
+   the quiet wait itself is not counted: TTI = max(time the main element was first seen, time of
+   the last WebSocket message).
+
+The WebSocket messages are timed by a hook installed before any page script runs (Chrome
+DevTools ``Page.addScriptToEvaluateOnNewDocument``); the DOM is polled every ``POLL_S``.
+
+Cold: the first visit of the page after the server started, in a fresh browser profile (the
+server imports the page's modules, opens the workspace and fills its caches; the browser loads
+and compiles Streamlit's frontend). Warm: a second visit of the same URL in that browser (a new
+document and session; server-side caches, st.cache_data keyed on the workspace's data version,
+are warm). Every page gets its own server start, so a page's cold time does not profit from an
+earlier page.
+
+Baseline: the same measurement of a one-line Streamlit app (``st.title``), for a ratio that
+removes the machine's speed and Streamlit's own cost.
+
+The 50k-point map: a copy of the workspace whose mapped review set is tiled to at least
+``--map-points`` points: each extra copy of a review is a new review row (same text and film,
+id ``<id>~t<n>``) with its 2-D position jittered deterministically (by 1% of the map's extent,
+from a hash of the id) and the same cluster. The real projections are thus repeated, not
+re-embedded (embedding 50k reviews takes an hour on 2 CPUs and would not change what the page
+draws: 50k points with hover texts in a WebGL scatter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHROMIUM = os.environ.get("CRS_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CRS_CHROMEDRIVER", "/usr/bin/chromedriver")
+GOAL_S = 2.0
+QUIET_S = 1.0
+POLL_S = 0.05
+TIMEOUT_S = 180.0
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# url path -> (navigation label, h1 title, CSS selector of the main element or None)
+PAGES = {
+    "home": ("", "CRS data studio", None),
+    "seeds": ("seeds", "Seed data", '[data-testid="stDataFrame"]'),
+    "map": ("map", "Embeddings & clusters", '[data-testid="stPlotlyChart"] .main-svg'),
+    "selection": ("selection", "Selection", None),
+    "synthesis": ("synthesis", "Synthesis", None),
+    "review": ("review", "Review", None),
+    "augmentation": ("augmentation", "Label augmentation", None),
+    "training": ("training", "Training", None),
+    "evaluation": ("evaluation", "Evaluation", None),
+}
+
+WS_HOOK = """
+(() => {
+  const Native = window.WebSocket;
+  window.__crsWs = {last: 0, n: 0};
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener('message', () => { window.__crsWs.last = performance.now(); window.__crsWs.n += 1; });
+    }
+  };
+})();
+"""
+
+PROBE = """
+const [title, main] = arguments;
+const h1 = [...document.querySelectorAll('h1')].some(h => h.textContent.includes(title));
+const el = main ? document.querySelector(main) !== null : true;
+return {now: performance.now(), main: h1 && el,
+        running: document.querySelector('[data-testid="stStatusWidget"]') !== null,
+        exception: document.querySelector('[data-testid="stException"]') !== null,
+        wsLast: window.__crsWs ? window.__crsWs.last : 0, wsN: window.__crsWs ? window.__crsWs.n : 0};
+"""
+
+
+@dataclass
+class Visit:
+    tti: float            # seconds from navigation start
+    main_at: float
+    last_message_at: float
+    messages: int
+    exception: bool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Studio:
+    """`streamlit run <script>` on a free port; stopped on exit."""
+
+    def __init__(self, script: Path, workspace: Path | None, tmp: Path):
+        self.script, self.workspace, self.tmp = script, workspace, tmp
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> "Studio":
+        port = _free_port()
+        env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "CRS_JOBS_ROOT": str(self.tmp / "jobs")}
+        if self.workspace is not None:
+            env["CRS_WORKSPACE"] = str(self.workspace)
+        self.log = open(self.tmp / f"server-{port}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(self.script), "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if _OPENER.open(self.url + "/_stcore/health", timeout=2).read().strip() == b"ok":
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the studio did not start; see {self.log.name}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def browser(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager go online
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1440,1800", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(TIMEOUT_S)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WS_HOOK})
+    return driver
+
+
+def visit(driver, url: str, title: str, main: str | None) -> Visit:
+    """Open `url` and wait until the page is interactive (see the module docstring)."""
+    driver.get("about:blank")
+    driver.get(url)
+    deadline = time.monotonic() + TIMEOUT_S
+    main_at = None
+    while time.monotonic() < deadline:
+        p = driver.execute_script(PROBE, title, main)
+        now = p["now"] / 1000
+        if p["main"]:
+            main_at = now if main_at is None else main_at
+        else:
+            main_at = None
+        last = p["wsLast"] / 1000
+        if main_at is not None and not p["running"] and p["wsN"] > 0 and now - last >= QUIET_S:
+            return Visit(max(main_at, last), main_at, last, int(p["wsN"]), bool(p["exception"]))
+        time.sleep(POLL_S)
+    raise TimeoutError(f"{url} did not become interactive within {TIMEOUT_S:.0f} s")
+
+
+def measure(script: Path, workspace: Path | None, path: str, title: str, main: str | None, tmp: Path
+            ) -> tuple[Visit, Visit]:
+    """(cold, warm) visits of one page on a fresh server and browser."""
+    profile = Path(tempfile.mkdtemp(prefix="profile-", dir=tmp))
+    with Studio(script, workspace, tmp) as studio:
+        driver = browser(profile)
+        try:
+            url = f"{studio.url}/{path}"
+            cold = visit(driver, url, title, main)
+            warm = visit(driver, url, title, main)
+        finally:
+            driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+    return cold, warm
+
+
+# ---------------------------------------------------------------------------- workspaces
+def copy_workspace(src: Path, dest: Path) -> Path:
+    if not src.exists():
+        raise SystemExit(f"workspace {src} does not exist; build it with `python -m crs_core init`")
+    shutil.copyfile(src, dest)
+    if Path(str(src) + ".wal").exists():
+        shutil.copyfile(str(src) + ".wal", str(dest) + ".wal")
+    return dest
+
+
+def tile_map(path: Path, points: int) -> dict:
+    """Tile the largest mapped review set of the workspace at `path` to >= `points` points."""
+    from crs_core.store import Workspace
+
+    with Workspace(path) as ws:
+        row = ws.cursor().execute(
+            "SELECT p.set_id, count(*) AS n, max(x) - min(x), max(y) - min(y) FROM projections p "
+            "JOIN embedding_sets s USING (set_id) WHERE s.unit = 'review' GROUP BY p.set_id ORDER BY n DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            raise SystemExit("the workspace has no 2-D map of reviews; run `python -m crs_core init`")
+        set_id, n, dx, dy = row
+        copies = max(0, math.ceil(points / n) - 1)
+        jitter_x, jitter_y = 0.01 * dx, 0.01 * dy
+        with ws.transaction() as cur:
+            cur.execute("CREATE TEMP TABLE _tiles AS SELECT range AS c FROM range(1, ?)", [copies + 1])
+            cur.execute("CREATE TEMP TABLE _mapped AS SELECT unit_id, x, y FROM projections WHERE set_id = ?", [set_id])
+            cur.execute("INSERT INTO reviews SELECT r.review_id || '~t' || t.c, r.item_id, r.user_id, r.text, r.rating, "
+                        "r.ts, 'bench-tile' FROM reviews r JOIN _mapped m ON m.unit_id = r.review_id, _tiles t")
+            cur.execute("INSERT INTO projections SELECT ?, m.unit_id || '~t' || t.c, "
+                        "m.x + ((hash(m.unit_id || 'x' || t.c) % 2001) / 1000.0 - 1) * ?, "
+                        "m.y + ((hash(m.unit_id || 'y' || t.c) % 2001) / 1000.0 - 1) * ? FROM _mapped m, _tiles t",
+                        [set_id, jitter_x, jitter_y])
+            cur.execute("INSERT INTO cluster_assignments SELECT a.clustering_id, a.unit_id || '~t' || t.c, a.cluster "
+                        "FROM cluster_assignments a JOIN _mapped m ON m.unit_id = a.unit_id, _tiles t")
+            cur.execute("DROP TABLE _tiles")
+            cur.execute("DROP TABLE _mapped")
+        total = ws.scalar("SELECT count(*) FROM projections WHERE set_id = ?", [set_id])
+        ws.cursor().execute("CHECKPOINT")
+    return {"set_id": set_id, "real_points": int(n), "copies": copies, "points": int(total)}
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    from crs_core.store import workspace_path
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", help="workspace to copy (default: $CRS_WORKSPACE or the default workspace)")
+    ap.add_argument("--pages", nargs="+", choices=list(PAGES), default=list(PAGES))
+    ap.add_argument("--map-points", type=int, default=50_000, help="points of the tiled map (0: skip)")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        if not Path(exe).exists():
+            raise SystemExit(f"{exe} is missing (Debian: apt-get install chromium chromium-driver)")
+
+    src = workspace_path(args.workspace)
+    tmp = Path(tempfile.mkdtemp(prefix="crs-app-bench-"))
+    rows: list[dict] = []
+    try:
+        baseline_app = tmp / "baseline_app.py"
+        baseline_app.write_text('import streamlit as st\n\nst.title("Baseline")\n')
+        cold, warm = measure(baseline_app, None, "", "Baseline", None, tmp)
+        base = {"cold": cold.tti, "warm": warm.tti}
+        rows.append({"page": "baseline (st.title only)", "points": None, "cold": asdict(cold), "warm": asdict(warm)})
+        print(f"baseline: cold {cold.tti:.2f} s, warm {warm.tti:.2f} s", flush=True)
+
+        ws = copy_workspace(src, tmp / "bench.duckdb")
+        from crs_core.store import Workspace
+
+        with Workspace(ws) as w:  # migrate once, outside the measurement
+            mapped = int(w.scalar("SELECT count(*) FROM projections"))
+        for name in args.pages:
+            path, title, main_el = PAGES[name]
+            cold, warm = measure(ROOT / "app.py", ws, path, title, main_el, tmp)
+            rows.append({"page": name, "points": mapped if name == "map" else None,
+                         "cold": asdict(cold), "warm": asdict(warm)})
+            print(f"{name}: cold {cold.tti:.2f} s, warm {warm.tti:.2f} s"
+                  + (" (EXCEPTION on the page)" if cold.exception or warm.exception else ""), flush=True)
+        if args.map_points:
+            big = copy_workspace(src, tmp / "bench-50k.duckdb")
+            info = tile_map(big, args.map_points)
+            path, title, main_el = PAGES["map"]
+            cold, warm = measure(ROOT / "app.py", big, path, title, main_el, tmp)
+            rows.append({"page": f"map ({info['points']:,} points)", "points": info["points"], "tiling": info,
+                         "cold": asdict(cold), "warm": asdict(warm)})
+            print(f"map {info['points']:,} points: cold {cold.tti:.2f} s, warm {warm.tti:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nTime to interactive, seconds (goal < {GOAL_S:g} s per page; workspace {src}):")
+    print(f"{'page':<26} {'cold':>6} {'warm':>6} {'cold/base':>9} {'warm/base':>9}  goal")
+    for r in rows:
+        c, w = r["cold"]["tti"], r["warm"]["tti"]
+        ok = "ok" if c < GOAL_S and w < GOAL_S else ("warm ok" if w < GOAL_S else "OVER")
+        flag = " exception!" if r["cold"]["exception"] or r["warm"]["exception"] else ""
+        print(f"{r['page']:<26} {c:>6.2f} {w:>6.2f} {c / base['cold']:>9.1f} {w / base['warm']:>9.1f}  {ok}{flag}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"workspace": str(src), "goal_s": GOAL_S, "quiet_s": QUIET_S, "rows": rows},
+                                  indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
