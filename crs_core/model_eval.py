@@ -57,6 +57,7 @@ __all__ = [
     "dense_retriever",
     "evaluate_and_store",
     "default_lm_turn_sample",
+    "plan_lm_eval",
     "launch_lm_eval",
     "import_lm_eval",
     "store_lm_eval",
@@ -165,11 +166,12 @@ def resolve_model(ws: "Workspace", ref: str, kind: str) -> ModelRef:
     return ModelRef(path.resolve(), str(path), kind, None, info.get("training_data"), None, None, info)
 
 
-def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT_DATASETS
-                    ) -> tuple["DenseRetrieval", ModelRef]:
+def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT_DATASETS,
+                    catalog: Any = None) -> tuple["DenseRetrieval", ModelRef]:
     """`DenseRetrieval` with the fine-tuned encoder of `ref` (job id or folder), over the items
     the evaluated datasets can rank (the union of their candidate sets: embedding the other
-    catalog items would change nothing but the time)."""
+    catalog items would change nothing but the time). `catalog`: a `Catalog` whose item texts
+    to use (default `Catalog.from_workspace`)."""
     from .recommenders import Catalog, DenseRetrieval, RecommenderError, RetrieverEncoder
 
     model = resolve_model(ws, ref, KIND_RETRIEVER)
@@ -177,7 +179,7 @@ def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT
         encoder = RetrieverEncoder(model.model_dir)
     except RecommenderError as exc:
         raise ModelNotFoundError(str(exc)) from exc
-    catalog = Catalog.from_workspace(ws)
+    catalog = catalog if catalog is not None else Catalog.from_workspace(ws)
     wanted: set[str] = set()
     for ds in datasets:
         wanted |= candidate_items(ws, ds)
@@ -236,6 +238,29 @@ def _resolve_lm(ws: "Workspace", lm: str | None) -> tuple[ModelRef, str]:
     return ref, f"lm-{method}:{ref.label}"
 
 
+def plan_lm_eval(ws: "Workspace", datasets: Sequence[str], turn_sample: int | None | str = "auto",
+                 seed: int = 0) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """(plan per dataset: sampled turn ids, recorded sample size, totals; contexts by
+    "dataset/turn_id") for an LM evaluation; see `launch_lm_eval`."""
+    if not datasets:
+        raise EvalError("no dataset to evaluate on")
+    if turn_sample == "auto":
+        turn_sample = default_lm_turn_sample()
+    plan: dict[str, dict[str, Any]] = {}
+    contexts: dict[str, list[str]] = {}
+    for ds in dict.fromkeys(datasets):
+        turns, skipped, total = load_eval_turns(ws, ds)
+        if not turns:
+            raise EvalError(f"dataset {ds!r}: no turn has a label left to evaluate")
+        sampled, recorded = sample_turns(turns, turn_sample, seed)
+        plan[ds] = {"turn_ids": [t.turn_id for t in sampled], "turn_sample": recorded,
+                    "n_total": total, "skipped": skipped}
+        for t in sampled:
+            # a turn at the very start of a dialogue has no context: the prompt is then empty
+            contexts[f"{ds}/{t.turn_id}"] = [u for u in t.context if u.strip()] or [""]
+    return plan, contexts
+
+
 def launch_lm_eval(
     ws: "Workspace",
     lm: str | None = ZERO_SHOT,
@@ -258,23 +283,8 @@ def launch_lm_eval(
     the import scores exactly the turns that were generated."""
     from .train import launch_generation
 
-    if not datasets:
-        raise EvalError("no dataset to evaluate on")
-    if turn_sample == "auto":
-        turn_sample = default_lm_turn_sample()
     ref, model_name = _resolve_lm(ws, lm)
-    plan: dict[str, dict[str, Any]] = {}
-    contexts: dict[str, list[str]] = {}
-    for ds in dict.fromkeys(datasets):
-        turns, skipped, total = load_eval_turns(ws, ds)
-        if not turns:
-            raise EvalError(f"dataset {ds!r}: no turn has a label left to evaluate")
-        sampled, recorded = sample_turns(turns, turn_sample, seed)
-        plan[ds] = {"turn_ids": [t.turn_id for t in sampled], "turn_sample": recorded,
-                    "n_total": total, "skipped": skipped}
-        for t in sampled:
-            # a turn at the very start of a dialogue has no context: the prompt is then empty
-            contexts[f"{ds}/{t.turn_id}"] = [u for u in t.context if u.strip()] or [""]
+    plan, contexts = plan_lm_eval(ws, datasets, turn_sample, seed)
     config: dict[str, Any] = {
         "n": int(n), "batch_size": int(batch_size), "model_name": model_name, "lm": ref.label,
         "train_job": ref.job_id, "training_data": ref.training_data,
