@@ -166,6 +166,7 @@ _SAFETY = 1e-12
 _EPS_JS = 1e-13
 _REL_JS = 1e-12
 _CHUNK = 8192  # rows per block when converting X to float64 on the fly
+_BIG_GEMM = 20_000_000  # multiply-adds from which a GEMM may use all BLAS threads
 
 _THREADS = {"ctl": None, "max": None}
 
@@ -778,7 +779,8 @@ class _FisherEngine:
         return m
 
     def _advance(self, tier: _Tier, key: str) -> None:
-        with _blas_threads(None if tier is self.bulk else 1):
+        big = tier.qt.shape[0] * self.d * (self.k - tier.s) >= _BIG_GEMM
+        with _blas_threads(None) if big else contextlib.nullcontext():
             self.stats[key] += tier.advance(self.Uh, self.w, self.k, self.CHUNK)
 
     def _huge_band(self) -> int | None:
@@ -826,7 +828,7 @@ class _FisherEngine:
 
     def _end_mid(self, failed: bool) -> None:
         if self.top is not None:
-            self._end_top(failed=False)
+            self._end_top(failed=None)
         self._advance(self.bulk, "bulk_macs")
         mid = self.mid
         self.bulk.qt[self.mid_pos] = mid.qt
@@ -863,14 +865,16 @@ class _FisherEngine:
         self.stats["top_blocks"] += 1
         self.stats["max_top"] = max(self.stats["max_top"], int(pos.size))
 
-    def _end_top(self, failed: bool) -> None:
+    def _end_top(self, failed: bool | None) -> None:
+        """Write the top tier back into mid (brought to the current step); failed=None: the block ends."""
         top = self.top
         self._advance(self.mid, "mid_macs")
         self.mid.qt[top["pos"]] = top["q"]
         self.mid.E[top["pos"]] = top["E"]
-        self.m_top = self._resize(
-            self.m_top, self.k - top["start"], failed, self.TOP_WORK * self.mid.qt.shape[0], self.TOP_MIN
-        )
+        if failed is not None:
+            self.m_top = self._resize(
+                self.m_top, self.k - top["start"], failed, self.TOP_WORK * self.mid.qt.shape[0], self.TOP_MIN
+            )
         self.top = None
 
     def _certify(self) -> tuple[int, float]:
