@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm: a finished train_lm job (or its model folder), or zero-shot (default)")
     p.add_argument("--turn-sample", type=int,
                    help="evaluate a fixed, seeded subsample of turns per dataset (lm default: "
-                        "100 on CPU, all on a GPU; others: all)")
+                        "30 on CPU, all on a GPU; others: all)")
     p.add_argument("--no-wait", action="store_true",
                    help="lm: return once the generation job has started; `jobs` imports the run later")
     p.add_argument("--seed", type=int, default=0)

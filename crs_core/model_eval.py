@@ -15,9 +15,13 @@ generation jobs (`crs_core.train`, `crs_core.jobs`) and the protocol (`crs_core.
   with the catalog matcher of `crs_core.ingest`), scores them with `evaluate_rankings` and
   stores ONE run, whose id is derived from the job id: importing again stores nothing twice.
 
-Sample size. SmolLM2-135M greedily writing 20 titles (up to 288 new tokens) takes about 1 s
-per context on 2 CPU cores (batches of 8); 100 turns per test set keep a zero-shot run of both
-sets at a few minutes and give a standard error of about 0.02-0.03 on Recall@20.
+Sample size: 30 turns per test set on CPU. SmolLM2-135M greedily writing up to 20 titles (at
+most 288 new tokens, batches of 8) took 26 s per context on the 2 shared cores of the
+development machine while four other jobs ran (load average 9-10); a decode step of a batch of
+8 costs ~50 ms on an idle core pair, i.e. 2-5 s per context, so 2 x 30 contexts take a few
+minutes there. The price is a standard error of ~0.05 on Recall@20 at 30 turns: compare LMs
+on the same seeded turns (the sample depends only on the seed and the dataset), or pass a
+larger `turn_sample` (or None: every turn, the default when CUDA is available).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ __all__ = [
 
 ZERO_SHOT = "zero-shot"
 DEFAULT_DATASETS = ("redial_test", "inspired_test")
-DEFAULT_LM_TURN_SAMPLE = 100
+DEFAULT_LM_TURN_SAMPLE = 30
 IMPORTER = "crs_core.model_eval:import_lm_eval"
 KIND_RETRIEVER = "train_retriever"  # = crs_core.train.KIND_RETRIEVER (train imports torch lazily,
 KIND_SFT = "train_lm"               #   but these names are all this module needs from it)

@@ -201,7 +201,8 @@ def test_evaluate_turn_sample_is_seeded_and_fixed(ws):
     seeds = {tuple(t.turn_id for t in evaluate(ws, FakeRecommender(), "toy_test",
                                                turn_sample=2, seed=s).turns) for s in range(20)}
     assert len(seeds) > 1
-    assert evaluate(ws, FakeRecommender(), "toy_test", turn_sample=99).n_turns == 3
+    whole = evaluate(ws, FakeRecommender(), "toy_test", turn_sample=99)
+    assert whole.n_turns == 3 and whole.turn_sample is None  # larger than the set: the whole set
 
 
 def test_evaluate_errors(ws, tmp_path):

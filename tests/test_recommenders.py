@@ -471,6 +471,25 @@ def test_catalog_checks():
         Catalog(["a", "a"])
     cat = Catalog(["a", "b", "c"])
     assert cat.exclude_indices([{"b", "zzz"}], 1) == [[1]]
+    sub = Catalog(["a", "b", "c"], ["ta", "tb", "tc"], [1, 2, 3]).subset({"c", "a", "zzz"})
+    assert sub.item_ids.tolist() == ["a", "c"] and sub.texts == ["ta", "tc"]
+    assert sub.interaction_counts.tolist() == [1, 3]
+    with pytest.raises(RecommenderError, match="none of the given item ids"):
+        cat.subset({"zzz"})
+
+
+def test_retriever_encoder_needs_a_trained_retriever_folder(tmp_path):
+    from crs_core.recommenders import RetrieverEncoder
+
+    with pytest.raises(RecommenderError, match="not a trained retriever folder"):
+        RetrieverEncoder(tmp_path / "missing")
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "crs_model.json").write_text(json.dumps({"type": "lora"}))
+    with pytest.raises(RecommenderError, match="'lora' model, not a dense retriever"):
+        RetrieverEncoder(folder)
 
 
 def test_item_embeddings_go_to_the_workspace_cache(encoder, tmp_path):
