@@ -1541,7 +1541,7 @@ def augmentation_examples(ws: "Workspace", dataset: str, scorer: str, *, limit: 
     turns = {tuple(t.context): t for t in load_turns(ws, dataset, allow_test=True)[0]}
     rng = np.random.default_rng(seed)
     pick = sorted(rng.choice(len(pairs), size=min(limit, len(pairs)), replace=False).tolist()) if pairs else []
-    titles = {str(r.item_id): f"{r.title} ({int(r.year)})" if r.year == r.year and r.year else str(r.title)
+    titles = {str(r.item_id): f"{r.title} ({int(r.year)})" if not pd.isna(r.year) and r.year else str(r.title)
               for r in ws.df("SELECT item_id, title, year FROM items").itertuples(index=False)}
     out = []
     for i in pick:
