@@ -835,7 +835,7 @@ class _FisherEngine:
         self.bulk.E[self.mid_pos] = mid.E
         self.m = self._resize(self.m, self.k - self.mid_start, failed, self.BLOCK_WORK * self.alive, self.M_MIN)
         self.mid = None
-        if self.dead_in_bulk * 8 > self.bulk.qt.shape[0]:
+        if self.dead_in_bulk * 32 > self.bulk.qt.shape[0]:  # picked rows cost GEMM work until dropped
             keep = np.flatnonzero(self.bulk.qt > -np.inf)
             self.bulk = self.bulk.take(keep)
             self.bidx = self.bidx[keep]
