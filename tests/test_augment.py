@@ -596,3 +596,41 @@ def test_cli_train_with_augmented_labels(tmp_path, monkeypatch, capsys):
             assert st.result["labels"] == mode and st.config["augmentation"] == "inspired_train:similarity"
             assert (st.folder / "inputs").is_dir()
         assert st.result["alpha"] == 0.5 and st.result["steps"] == 2 and (st.folder / "stage1").is_dir()
+
+
+def test_augmentation_page_shows_the_run_and_launches_two_stage_training(tmp_path, monkeypatch):
+    """The Augmentation page (a thin view over this module) through AppTest: coverage, histogram,
+    examples, and the form that launches the two-stage job."""
+    from streamlit.testing.v1 import AppTest
+
+    from crs_core import jobs
+
+    path = tmp_path / "ws.duckdb"
+    with build_workspace(path) as w:
+        A.augment(w, DATASET, scorer="similarity", threshold=3.0)
+        n_labels = len(stored(w, "similarity"))
+    monkeypatch.setenv("CRS_WORKSPACE", str(path))
+    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/augmentation.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Labels added"] == f"{n_labels:,}"
+    assert [s.value for s in at.subheader] == ["Coverage", "Score histograms", "Examples", "Train with these labels"]
+    assert at.dataframe  # the examples' augmented labels with their scores
+
+    at.selectbox(key="aug_mode").set_value("two_stage")
+    at.number_input(key="aug_alpha").set_value(0.5)
+    at.number_input(key="aug_max_steps").set_value(1)
+    at.button(key="aug_launch").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (msg,) = [s.value for s in at.success]
+    assert "augmented turns (inspired_train:similarity)" in msg and "1 turns without context skipped" in msg
+    job_id = msg.split("Started job ")[1].split(":")[0]
+    with Workspace(path) as w:
+        folder = jobs.job_folder(w, job_id)
+        assert jobs.job_state(folder).config["labels"] == "two_stage"
+        assert jobs.job_state(folder).config["alpha"] == 0.5
+        jobs.cancel_job(folder, grace_seconds=60, wait=True)
