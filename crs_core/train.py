@@ -46,9 +46,10 @@ examples as ``train`` and, for the modes that use them, the augmented examples a
   * LM: P(i) is the model's next-token distribution at each target token (teacher-forced on
     the real target titles), y_hat(i) the stage-1 model's distribution at the same position.
     The stage-1 model runs alongside as a frozen copy (LoRA: base + stage-1 adapter merged):
-    storing its distributions instead would take 49,152 floats per target token (~30 MB per
-    example, ~24 GB for INSPIRED), or a lossy top-k; the copy costs 0.54 GB of RAM (135M
-    parameters in fp32) and one extra forward pass without gradients per micro-batch.
+    storing its distributions instead would take 49,152 floats (192 KiB) per target token:
+    ~4 GB for INSPIRED's 2,042 real titles (~10 tokens each), ~30 MB per example with 20-title
+    targets, or a lossy top-k; the copy costs 0.54 GB of RAM (135M parameters in fp32) and one
+    extra forward pass without gradients per micro-batch.
   * Both terms are means: CE and KL per query (retriever) or per target token (LM) over the
     optimizer step, so alpha weighs like-for-like quantities independent of batch size.
   * Stage 2 trains the same parameters as stage 1 (LoRA: the stage-1 adapter keeps training)
