@@ -104,17 +104,6 @@ def prepare_workspace(source: Path, out: str | None) -> Path:
     return target
 
 
-def shared_catalog(ws):
-    """The workspace catalog with `crs_core.catalog.item_text` as every item's text."""
-    from crs_core.catalog import item_text
-    from crs_core.recommenders import Catalog
-
-    base = Catalog.from_workspace(ws)
-    rows = {r["item_id"]: r for r in ws.df("SELECT * FROM items").to_dict("records")}
-    return Catalog(base.item_ids.tolist(), [item_text(rows[i]) for i in base.item_ids],
-                   base.interaction_counts)
-
-
 def wait_job(ws, job_id: str, label: str) -> dict[str, Any]:
     from crs_core import jobs
 
@@ -180,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     described = (f"{len(train)} synthetic queries ({args.strategy} seeds={args.seeds}, teacher {teacher_name}, "
                  f"gt {args.gt_mode})")
     print(f"training data: {described}; leakage guard passed")
-    catalog = shared_catalog(ws)
+    catalog = model_eval.training_catalog(ws)
     wanted = {i for e in train for i in e.labels}
     items = [{"item_id": i, "text": catalog.texts[catalog.index[i]]} for i in wanted if i in catalog.index]
     examples = [{"context": e.context, "labels": e.labels} for e in train]

@@ -93,3 +93,74 @@ def test_embed_select_synth_export_end_to_end(tmp_path, small_workspace):
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert rows and all(r["context"] and r["rec"] for r in rows)
     assert "sk-test" not in target.read_text() and b"sk-test" not in small_workspace.read_bytes()
+
+
+# ----------------------------------------------------------------------------- eval of trained models
+def _wait_job(workspace: Path, job_id: str, timeout: float = 900):
+    from crs_core import jobs
+
+    with Workspace(workspace) as ws:
+        folder = jobs.job_folder(ws, job_id)
+    return jobs.wait_for_job(folder, timeout=timeout)
+
+
+@pytest.fixture()
+def eval_workspace(studio_workspace_file, tmp_path) -> Path:
+    from conftest import copy_workspace
+
+    return copy_workspace(studio_workspace_file, tmp_path / "eval.duckdb")
+
+
+def test_eval_of_a_retriever_trained_for_a_few_steps(tmp_path, eval_workspace):
+    env = {"CRS_JOBS_ROOT": str(tmp_path / "jobs"), "OMP_WAIT_POLICY": "PASSIVE"}
+    out = run_cli("train", "--kind", "retriever", "--statuses", "pending", "--max-steps", "2",
+                  workspace=eval_workspace, env=env)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split()[2]
+    assert _wait_job(eval_workspace, job_id).state == "succeeded"
+
+    out = run_cli("eval", "--model", "dense", "--retriever", job_id, "--dataset", "inspired_test",
+                  workspace=eval_workspace, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "inspired_test (189 turns): recall@1=" in out.stdout
+    run_id = out.stdout.strip().splitlines()[-1].split()[-1]
+    with Workspace(eval_workspace) as ws:
+        model, training_data, config = ws.cursor().execute(
+            "SELECT model, training_data, config FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        cached = ws.scalar("SELECT count(*) FROM embedding_cache WHERE model LIKE 'retriever-%'")
+    assert model == job_id and training_data == "synthetic"
+    assert json.loads(config)["train_job"] == job_id
+    assert cached > 1000  # the dataset's items, cached under the fine-tuned model's digest
+
+    # the model folder works as well; a missing folder and an unknown job are one-line errors
+    model_dir = tmp_path / "jobs" / job_id / "model"
+    out = run_cli("eval", "--model", "dense", "--retriever", str(tmp_path / "nowhere" / "model"),
+                  workspace=eval_workspace)
+    assert out.returncode == 1 and "does not exist" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_cli("eval", "--model", "dense", "--retriever", "train_retriever-unknown", workspace=eval_workspace)
+    assert out.returncode == 1 and "no job 'train_retriever-unknown'" in out.stderr
+    assert model_dir.is_dir()
+
+
+def test_zero_shot_lm_eval_end_to_end_through_a_real_job(tmp_path, eval_workspace):
+    env = {"CRS_JOBS_ROOT": str(tmp_path / "jobs"), "OMP_WAIT_POLICY": "PASSIVE"}
+    out = run_cli("eval", "--model", "lm", "--turn-sample", "2", "--dataset", "inspired_test",
+                  workspace=eval_workspace, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "inspired_test (2 turns): recall@1=" in out.stdout
+    job_id = out.stdout.split()[2]
+    run_id = out.stdout.strip().splitlines()[-1].split()[-1]
+    assert run_id == f"lm-eval-{job_id}"
+    with Workspace(eval_workspace) as ws:
+        config = json.loads(ws.scalar("SELECT config FROM runs WHERE run_id = ?", [run_id]))
+        n_turns = ws.scalar("SELECT max(n_turns) FROM metrics WHERE run_id = ?", [run_id])
+    assert n_turns == 2 and config["lm"] == "zero-shot" and config["generation_job"] == job_id
+    assert config["grounding"]["inspired_test"]["contexts"] == 2
+    # `jobs` imports nothing twice
+    out = run_cli("jobs", workspace=eval_workspace, env=env)
+    assert out.returncode == 0 and "imported:" not in out.stdout
+    with Workspace(eval_workspace) as ws:
+        assert ws.scalar("SELECT count(*) FROM runs WHERE run_id LIKE 'lm-eval-%'") == 1
+    # a fine-tuned LM that does not exist is a clear error, and no job is started
+    out = run_cli("eval", "--model", "lm", "--lm", "train_lm-unknown", workspace=eval_workspace, env=env)
+    assert out.returncode == 1 and "no job 'train_lm-unknown'" in out.stderr
