@@ -581,7 +581,7 @@ class _Tier:
         sv = np.sqrt(wv / wmax).astype(np.float32)  # column weights in (0, 1]: no overflow
         sw = float(wv.sum())
         c_b = 1.1 * (_gamma32(b) + 8 * _U32)
-        tiny = wmax * 2 * b * 2.0**-149  # float32 underflow in the sums
+        tiny = wmax * 2 * b * 2.0**-126  # float32 underflow: a square below 2^-126 may be lost entirely
         rel = 2 * (b + 4) * 2.0**-50
         n = self.qt.shape[0]
         for start in range(0, n, chunk):
@@ -720,9 +720,10 @@ class _FisherEngine:
                 Zc -= Z64
                 dz[sl] = np.sqrt(np.einsum("ij,ij->i", Zc, Zc))
         # dot error gamma_d |z32| |fl32(v)| with |fl32(v)| <= 1 + u; rounding of v: u |z|;
-        # rounding of z: |z - z32| |fl32(v)|; underflow: d 2^-149; 1% for the float64 arithmetic
+        # rounding of z: |z - z32| |fl32(v)|; underflow (even flushed to zero): 2d 2^-126;
+        # 1% for the float64 arithmetic
         gam = _gamma32(d) * (1.0 + 2 * _U32)
-        e = 1.01 * (gam * nz32 + (_U32 + 2.0**-50) * nz + (1.0 + 2 * _U32) * dz + d * 2.0**-148)
+        e = 1.01 * (gam * nz32 + (_U32 + 2.0**-50) * nz + (1.0 + 2 * _U32) * dz + d * 2.0**-125)
         return _Tier(Z32, qt, np.zeros(n), e, qt.copy(), rho, 0)
 
     # -- Lambda ---------------------------------------------------------------
