@@ -132,7 +132,7 @@ def fmt(value: float, se: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from crs_core import model_eval
-    from crs_core.evaluate import check_no_test_leakage
+    from crs_core.evaluate import candidate_items, check_no_test_leakage
     from crs_core.recommenders import NBCRS, DenseRetrieval, Popularity, training_set_from_synthetic
     from crs_core.selections import run_selection
     from crs_core.store import Workspace
@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     nbcrs = NBCRS(ws, catalog=catalog)
     nbcrs.fit(train)
     evaluate_in_process(nbcrs, "NBCRS", "synthetic")
-    evaluate_in_process(DenseRetrieval(ws, catalog=catalog), "zero-shot dense (MiniLM)", "none")
+    # only the items a test set can rank need vectors (~8k of the 12.8k): same rankings, less time
+    rankable = catalog.subset(set().union(*(candidate_items(ws, ds) for ds in DATASETS)))
+    evaluate_in_process(DenseRetrieval(ws, catalog=rankable), "zero-shot dense (MiniLM)", "none")
 
     # 5: fine-tuned dense retriever ------------------------------------------------------------
     t = time.monotonic()
