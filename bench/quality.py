@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", default=str(ROOT / "data" / "workspaces" / "default.duckdb"),
                    help="workspace to copy (built by `python -m crs_core init`); never written")
     p.add_argument("--out", help="keep the bench workspace here (default: a temporary folder)")
+    p.add_argument("--reuse", metavar="PATH",
+                   help="continue in the kept bench workspace PATH (its 'quality bench' selection and "
+                        "queries; synthesis resumes without repeating a call) instead of a new copy")
+    p.add_argument("--retriever-datasets", nargs="+", default=list(DATASETS),
+                   help="test sets for the fine-tuned retriever (its item vectors are the slow part)")
     p.add_argument("--strategy", default="JS", help="seed selection strategy (default JS)")
     p.add_argument("--seeds", type=int, default=200, help="reviews selected as seeds (default 200)")
     p.add_argument("--k-queries", type=int, default=1, help="queries per seed item (default 1)")
@@ -142,17 +147,22 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.monotonic()
     timings: dict[str, float] = {}
-    path = prepare_workspace(Path(args.source), args.out)
+    path = Path(args.reuse) if args.reuse else prepare_workspace(Path(args.source), args.out)
     jobs_root = path.parent / "jobs"
-    print(f"bench workspace: {path} (copy of {args.source}); jobs in {jobs_root}")
+    print(f"bench workspace: {path} ({'reused' if args.reuse else f'copy of {args.source}'}); jobs in {jobs_root}")
     ws = Workspace(path)
     rows: list[tuple[str, str, dict]] = []  # (model, how it was trained, run results)
 
     # 1-2: seeds and synthesis ----------------------------------------------------------
     t = time.monotonic()
-    with TqdmProgress(f"Selecting {args.seeds} seeds ({args.strategy})", unit="pick") as bar:
-        selection = run_selection(ws, args.strategy, args.seeds, seed=args.seed, name="quality bench",
-                                  progress=bar)
+    previous = ws.df("SELECT selection_id FROM selections WHERE name = 'quality bench' AND strategy = ? "
+                     "AND budget = ? ORDER BY created_at DESC LIMIT 1", [args.strategy.upper(), args.seeds])
+    if args.reuse and len(previous):
+        selection = str(previous["selection_id"].iloc[0])
+    else:
+        with TqdmProgress(f"Selecting {args.seeds} seeds ({args.strategy})", unit="pick") as bar:
+            selection = run_selection(ws, args.strategy, args.seeds, seed=args.seed, name="quality bench",
+                                      progress=bar)
     config = TeacherConfig.from_env()
     teacher_name = f"{config.provider}:{config.model or 'smollm2-135m-instruct (llama.cpp, offline default)'}"
     with Teacher(config, cache=ws) as teacher, TqdmProgress("Synthesizing", unit="query") as bar:
@@ -176,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"training_data": described, "selection_strategy": args.strategy, "budget": args.seeds,
             "seed": args.seed}
 
-    def evaluate_in_process(rec, name: str, trained: str) -> None:
+    def evaluate_in_process(rec, name: str, trained: str, datasets=DATASETS) -> None:
         t0 = time.monotonic()
         run_id, _ = model_eval.evaluate_and_store(
-            ws, rec, DATASETS, {**meta, "model": name, "config": {"bench": "quality"}},
+            ws, rec, datasets, {**meta, "model": name, "config": {"bench": "quality"}},
             turn_sample=args.eval_turns, seed=args.seed,
             progress_for=lambda label: TqdmProgress(label, unit="turn"))
         timings[name] = time.monotonic() - t0
@@ -203,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     job = launch_training(ws, KIND_RETRIEVER, examples, items, rcfg, jobs_root)
     res = wait_job(ws, job, "Training the dense retriever")
     timings["retriever training"] = time.monotonic() - t
-    rec, ref = model_eval.dense_retriever(ws, job, DATASETS, catalog=catalog)
-    evaluate_in_process(rec, "dense retriever (fine-tuned)", f"synthetic, {res.get('steps')} steps")
+    rec, ref = model_eval.dense_retriever(ws, job, args.retriever_datasets, catalog=catalog)
+    evaluate_in_process(rec, "dense retriever (fine-tuned)", f"synthetic, {res.get('steps')} steps",
+                        args.retriever_datasets)
 
     # 6: LMs ---------------------------------------------------------------------------------------
     if args.lm_turns > 0:

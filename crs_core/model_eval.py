@@ -178,8 +178,13 @@ def training_catalog(ws: "Workspace") -> Any:
     from .catalog import item_text
     from .recommenders import Catalog
 
+    import pandas as pd
+
     base = Catalog.from_workspace(ws)
-    rows = {str(r["item_id"]): r for r in ws.df("SELECT * FROM items").to_dict("records")}
+    items = ws.df("SELECT item_id, title, year, genres, plot, cast_names FROM items")
+    # exactly synthesis's texts (years as int / None), so the MiniLM cache it filled is reused
+    items["year"] = [None if pd.isna(y) else int(y) for y in items["year"]]
+    rows = {str(r["item_id"]): r for r in items.to_dict("records")}
     return Catalog(base.item_ids.tolist(), [item_text(rows[i]) for i in base.item_ids],
                    base.interaction_counts)
 
