@@ -69,6 +69,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .augment import RELEVANCE_PROMPT, parse_scores
 from .catalog import display_title, item_text
 from .errors import CRSError
 from .progress import ProgressFn, report as _report
@@ -82,7 +83,7 @@ __all__ = [
     "SynthReport", "QueryParse", "GroundedTitle",
     "run_synthesis", "export_synthetic", "synthesis_progress",
     "clean_review", "build_query_messages", "build_recs_messages", "build_relevance_messages",
-    "parse_query_reply", "parse_title_list", "parse_relevance_scores", "ground_titles",
+    "parse_query_reply", "parse_title_list", "ground_titles",
     "normalize_query", "CatalogRetriever",
 ]
 
@@ -104,44 +105,6 @@ RECS_PROMPT = (
     "you (a recommender system). Based on the conversation, you reply with 20 recommendations "
     "without extra sentences.\n"
     "Here is the conversation: {conv}"
-)
-# Beyond single labels (FNSCRS), Table 18, "Prompt template for relevance estimation".
-RELEVANCE_PROMPT = (
-    "You are provided with a dialogue history between a user and a recommender system, along with the "
-    "system's top k movie recommendations. Your task is to score each recommendation on a scale from 0 "
-    "to 4 based on how well it aligns with the user's expressed preferences.\n\n"
-    "~~~~~\n\n"
-    "- 4: The recommendation perfectly aligns with all expressed aspects of the user's preferences.\n"
-    "- 3: The recommendation aligns well with the main aspects of the user's preferences but lacks one "
-    "or two minor aspects.\n"
-    "- 2: The recommendation aligns with some but not all major aspects of the user's preferences.\n"
-    "- 1: The recommendation aligns minimally with the user's preferences, missing several key aspects.\n"
-    "- 0: The recommendation does not align with the user's preferences at all.\n\n"
-    "You can give non-integer scores if necessary\n\n"
-    "~~~~~\n\n"
-    "Here is an illustration of the scoring criteria.:\n\n"
-    "If a user said, 'I like movies similar to Super Troopers (2001), especially its humorous style!' "
-    "that may indicate the user's preference for the comedy genre, absurd humor, and perhaps law "
-    "enforcement themes. Therefore, if a recommender system recommends movies such as 'Hot Fuzz (2007)' "
-    "or 'The Other Guys (2010),' those should be 4-point recommendations because they align with the "
-    "user's preferences for the comedy genre, absurd humor styles, and law enforcement themes. If a "
-    "recommender system recommends a movie like 'Superbad (2007),' this should be a 3-point "
-    "recommendation since it aligns with the user's preference for the comedy genre and absurd humor "
-    "styles but lacks a law enforcement theme. If a recommender system recommends a movie like 'Police "
-    "Story (1985),' this may be a 2-point recommendation since it has law enforcement themes and some "
-    "comedy elements due to Jackie Chan's acting style. If a recommender system recommends a movie like "
-    "'Infernal Affairs (2002),' this may be a 1-point recommendation since it has law enforcement themes "
-    "but lacks any comedy or humor elements. If a recommender system recommends a movie like 'It "
-    "(2017),' this should be a 0-point recommendation since 'It (2017)' is not relevant to the user's "
-    "preferences.\n\n"
-    "Dialogue history:\n\n"
-    "{context}\n\n"
-    "recommender's recommendation:\n\n"
-    "{rec}\n\n"
-    "Give brief reason and end with a JSON format as follows:\n\n"
-    '{"<movie>": <score>, "<movie>": <score>, ...}\n\n'
-    "Note: Replace <movie> and <score> with the movie name (year if exist) and actual score you have "
-    "assigned to each movie."
 )
 # Ours (not in the paper): the system message of the query call. It says where data starts and
 # ends; the paper's user prompt stays verbatim.
@@ -567,47 +530,6 @@ def parse_query_reply(text: str, *, reviews: Sequence[str] = (), templates: Sequ
             if norm in nr or (len(nr) >= len(norm) and fuzz.partial_ratio(norm, nr) >= 95):
                 return QueryParse(None, "copies a review")
     return QueryParse(chosen, None)
-
-
-def parse_relevance_scores(text: str) -> dict[str, float]:
-    """{movie: score} from a relevance reply: the last JSON object in it (prose before it is the
-    'brief reason'), or a list of {"movie", "score"} objects; scores clipped to [0, 4]."""
-    if not text:
-        return {}
-    body = _unfence(text)
-    found: dict[str, float] = {}
-    for obj in reversed(_json_values(body)):
-        pairs: list[tuple[str, Any]] = []
-        if isinstance(obj, dict):
-            lower = {str(k).lower(): v for k, v in obj.items()}
-            inner = next((lower[k] for k in ("scores", "recommendations", "results", "movies") if k in lower), None)
-            if isinstance(inner, (dict, list)):
-                obj = inner
-        if isinstance(obj, dict):
-            pairs = list(obj.items())
-        elif isinstance(obj, list):
-            for el in obj:
-                if isinstance(el, dict):
-                    lower = {str(k).lower(): v for k, v in el.items()}
-                    name = next((lower[k] for k in _TITLE_KEYS if k in lower), None)
-                    score = lower.get("score", lower.get("relevance"))
-                    if name is not None:
-                        pairs.append((str(name), score))
-        for k, v in pairs:
-            try:
-                score = float(v)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(score):
-                found[str(k).strip()] = min(4.0, max(0.0, score))
-        if found:
-            return found
-    # "Heat (1995): 3.5" lines
-    for ln in body.splitlines():
-        m = re.match(r"^\s*(?:\d{1,3}[.)]\s*)?[\"“]?(.+?)[\"”]?\s*[:=\-–]\s*([0-4](?:\.\d+)?)\s*(?:/\s*4)?\s*$", ln)
-        if m:
-            found[clean_listed_title(m.group(1))] = float(m.group(2))
-    return found
 
 
 # ==============================================================================================
@@ -1194,19 +1116,12 @@ class _Run:
             c = call("relevance", msgs, max_tokens=150 + 25 * len(batch), temperature=0.0,
                      salt=f"synth-rel:k{k}:b{b // self.score_batch}",
                      seed=self._seed_for(plan.item_id, k, f"rel{b}"))
-            scores = parse_relevance_scores(c.text)
-            if not scores:
+            parsed = parse_scores(c.text, titles)  # the augmentation step's parser: one reading of replies
+            if parsed.unparsable:
                 unparsed += 1
                 continue
-            local = TitleMatcher([(c_["item_id"], c_["title"], None) for c_ in batch])
-            by_number = {str(i): c_["item_id"] for i, c_ in enumerate(batch, 1)}
-            for name, score in scores.items():
-                iid = by_number.get(name.strip().rstrip("."))
-                if iid is None:
-                    hit = local.match(name)
-                    iid = hit.item_id if hit is not None else None
-                if iid is not None and iid not in scored:
-                    scored[iid] = score
+            for pos, score in parsed.scores.items():
+                scored.setdefault(batch[pos]["item_id"], score)
         return scored, prompts, unparsed
 
 

@@ -31,7 +31,7 @@ from crs_core.style_templates import (  # noqa: E402
 )
 from crs_core.synth import (  # noqa: E402
     QUERY_PROMPT, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT, SelectionNotFound, SynthesisBudgetError,
-    SynthesisError, clean_review, export_synthetic, parse_query_reply, parse_relevance_scores,
+    SynthesisError, clean_review, export_synthetic, parse_query_reply,
     parse_title_list, run_synthesis, synthesis_progress,
 )
 from crs_core.teacher import Budget, Teacher, TeacherConfig  # noqa: E402
@@ -373,25 +373,23 @@ def test_parse_query_reply_copies():
                              templates=["What should I watch tonight with my kids?"]).reason == "copies a style template"
 
 
-def test_parse_relevance_scores():
-    assert parse_relevance_scores('Heat fits.\n{"Heat (1995)": 4, "Ronin (1998)": 2.5}') == {"Heat (1995)": 4.0, "Ronin (1998)": 2.5}
-    assert parse_relevance_scores('```json\n[{"movie": "Heat (1995)", "score": "3"}]\n```') == {"Heat (1995)": 3.0}
-    assert parse_relevance_scores('{"Heat (1995)": 7, "X": -1, "Y": "n/a"}') == {"Heat (1995)": 4.0, "X": 0.0}
-    assert parse_relevance_scores("1. Heat (1995): 3.5\n2. Ronin (1998) - 2") == {"Heat (1995)": 3.5, "Ronin (1998)": 2.0}
-    assert parse_relevance_scores("no idea") == {}
+def test_relevance_scoring_shares_the_augmentation_prompt_and_parser():
+    """retrieve+llm scores with FNSCRS's prompt; one definition (crs_core.augment) serves both."""
+    import crs_core.augment as augment
+    import crs_core.synth as synth
+
+    assert synth.RELEVANCE_PROMPT is augment.RELEVANCE_PROMPT
+    assert synth.parse_scores is augment.parse_scores
 
 
 def test_prompts_are_the_papers():
     assert QUERY_PROMPT.startswith("You will be given multiple product reviews.")
     assert "{sample_queries_text}" in QUERY_PROMPT and '"{product_reviews_text}"' in QUERY_PROMPT
     assert RECS_PROMPT.endswith("Here is the conversation: {conv}")
-    assert RELEVANCE_PROMPT.endswith("actual score you have assigned to each movie.")
     papers = Path("/work/shared/papers")
     if (papers / "active_synthesis.txt").exists():
         text = (papers / "active_synthesis.txt").read_text()
         assert QUERY_PROMPT.split("\n")[0] in text and RECS_PROMPT.split("\n")[0] in text
-    if (papers / "beyond_single_labels.txt").exists():
-        assert RELEVANCE_PROMPT in (papers / "beyond_single_labels.txt").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
