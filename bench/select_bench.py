@@ -10,6 +10,11 @@ The reference (tests/test_select.py) recomputes every score from scratch at
 every pick; it is timed on a prefix of the budget and extrapolated linearly
 (its cost per pick grows slightly with the number selected, so the
 extrapolation flatters the reference).  The benchmark asserts nothing.
+
+The machine may be shared: the GEMM rates are calibrated at the start (float64
+and float32), and for FISHER the multiply-adds it did are converted to seconds
+at those rates ("FISHER work"), a figure that does not depend on how much CPU
+time other processes took during the run.
 """
 
 from __future__ import annotations
