@@ -248,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     # 7: the table ------------------------------------------------------------------------------
     print()
     print(f"teacher: {teacher_name}; ground truth: {args.gt_mode}; training data: {described}")
-    print(f"seed reviews only (no ReDial / INSPIRED dialogue in training; leakage guard passed); "
-          f"LMs on {args.lm_turns} seeded turns per test set, the others on "
-          f"{args.eval_turns or 'all'}")
+    print("seed reviews only (no ReDial / INSPIRED dialogue in training; leakage guard passed); "
+          + (f"LMs on {args.lm_turns} seeded turns per test set, " if args.lm_turns else "LMs skipped, ")
+          + f"the others on {args.eval_turns or 'all'} turns (at most) per test set")
     head = f"{'model':<30} {'trained on':<26} {'dataset':<14} " + " ".join(f"{c:>13}" for c in COLUMNS) + "  turns"
     print(head)
     print("-" * len(head))
