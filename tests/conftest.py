@@ -158,9 +158,11 @@ def studio_workspace_file() -> Path:
     cache = ARTIFACTS / "cache" / f"studio-{_fingerprint()}.duckdb"
     if os.environ.get("CRS_TEST_REBUILD") or not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        for old in cache.parent.glob("studio-*.duckdb*"):
-            old.unlink()
-        tmp = cache.with_suffix(".building")
+        for old in cache.parent.glob("studio-*.duckdb*"):  # builds of older code
+            if old.name != cache.name:
+                old.unlink(missing_ok=True)
+        # a name of this process's own: test runs building at the same time never share a file
+        tmp = cache.with_name(f"{cache.stem}.building-{os.getpid()}")
         for leftover in (tmp, Path(str(tmp) + ".wal")):
             leftover.unlink(missing_ok=True)
         build_small_workspace(tmp)
