@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from crs_core import model_eval
     from crs_core.evaluate import candidate_items, check_no_test_leakage
-    from crs_core.recommenders import NBCRS, DenseRetrieval, Popularity, training_set_from_synthetic
+    from crs_core.recommenders import NBCRS, Catalog, DenseRetrieval, Popularity, training_set_from_synthetic
     from crs_core.selections import run_selection
     from crs_core.store import Workspace
     from crs_core.synth import run_synthesis
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     described = (f"{len(train)} synthetic queries ({args.strategy} seeds={args.seeds}, teacher {teacher_name}, "
                  f"gt {args.gt_mode})")
     print(f"training data: {described}; leakage guard passed")
-    catalog = model_eval.training_catalog(ws)
+    catalog = Catalog.from_workspace(ws)
     wanted = {i for e in train for i in e.labels}
     items = [{"item_id": i, "text": catalog.texts[catalog.index[i]]} for i in wanted if i in catalog.index]
     examples = [{"context": e.context, "labels": e.labels} for e in train]

@@ -164,9 +164,11 @@ class CatalogBuilder:
 
 
 def item_text(row: dict) -> str:
-    """The text that describes an item to an encoder: title, year, genres, plot, cast."""
-    title = row["title"] + (f" ({row['year']})" if pd.notna(row.get("year")) else "")
-    parts = [title + "."]
+    """The text that describes an item to an encoder: title, year, genres, plot, cast.
+
+    The one item text of the studio: synthesis retrieval, augmentation, selection metadata,
+    training and the dense recommenders all embed this, so their MiniLM cache entries are shared."""
+    parts = [display_title(row["title"], row.get("year")) + "."]
     if row.get("genres"):
         parts.append("Genres: " + row["genres"].replace("|", ", ") + ".")
     if row.get("plot"):
@@ -177,4 +179,5 @@ def item_text(row: dict) -> str:
 
 
 def display_title(title: str, year) -> str:
+    """'Title (Year)'; a year read as a float (1995.0, from a column with NULLs) prints as 1995."""
     return f"{title} ({int(year)})" if year is not None and pd.notna(year) else title

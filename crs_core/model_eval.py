@@ -58,7 +58,6 @@ __all__ = [
     "ModelNotReadyError",
     "ModelRef",
     "resolve_model",
-    "training_catalog",
     "dense_retriever",
     "evaluate_and_store",
     "default_lm_turn_sample",
@@ -171,30 +170,12 @@ def resolve_model(ws: "Workspace", ref: str, kind: str) -> ModelRef:
     return ModelRef(path.resolve(), str(path), kind, None, info.get("training_data"), None, None, info)
 
 
-def training_catalog(ws: "Workspace") -> Any:
-    """The workspace `Catalog` with `crs_core.catalog.item_text` as item texts: the text
-    `python -m crs_core train` trains the retriever on and synthesis retrieves with (the
-    zero-shot recommenders' default, `recommenders.item_text`, words it slightly differently)."""
-    from .catalog import item_text
-    from .recommenders import Catalog
-
-    import pandas as pd
-
-    base = Catalog.from_workspace(ws)
-    items = ws.df("SELECT item_id, title, year, genres, plot, cast_names FROM items")
-    # exactly synthesis's texts (years as int / None), so the MiniLM cache it filled is reused
-    items["year"] = [None if pd.isna(y) else int(y) for y in items["year"]]
-    rows = {str(r["item_id"]): r for r in items.to_dict("records")}
-    return Catalog(base.item_ids.tolist(), [item_text(rows[i]) for i in base.item_ids],
-                   base.interaction_counts)
-
-
 def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT_DATASETS,
                     catalog: Any = None) -> tuple["DenseRetrieval", ModelRef]:
     """`DenseRetrieval` with the fine-tuned encoder of `ref` (job id or folder), over the items
     the evaluated datasets can rank (the union of their candidate sets: embedding the other
     catalog items would change nothing but the time). `catalog`: a `Catalog` whose item texts
-    to use (default `training_catalog`: the texts the retriever was trained on)."""
+    to use (default: the workspace catalog with `catalog.item_text`, the texts the retriever was trained on)."""
     from .recommenders import Catalog, DenseRetrieval, RecommenderError, RetrieverEncoder
 
     model = resolve_model(ws, ref, KIND_RETRIEVER)
@@ -202,7 +183,7 @@ def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT
         encoder = RetrieverEncoder(model.model_dir)
     except RecommenderError as exc:
         raise ModelNotFoundError(str(exc)) from exc
-    catalog = catalog if catalog is not None else training_catalog(ws)
+    catalog = catalog if catalog is not None else Catalog.from_workspace(ws)
     wanted: set[str] = set()
     for ds in datasets:
         wanted |= candidate_items(ws, ds)

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import pandas as pd
 
+from .catalog import item_text
 from .errors import CRSError
 from .progress import ProgressFn, report
 
@@ -63,7 +63,6 @@ __all__ = [
     "training_set_from_synthetic",
     "training_set_from_turns",
     "context_text",
-    "item_text",
     "item_embeddings",
     "embed_cached",
     "default_encoder",
@@ -241,37 +240,6 @@ def context_text(context: str | Sequence[str], turns: int = CONTEXT_TURNS,
     return text
 
 
-def _split(value: Any) -> list[str]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    return [p.strip() for p in str(value).split("|") if p.strip()]
-
-
-def item_text(title: str, year: Any = None, genres: Any = None, plot: Any = None,
-              directors: Any = None, cast_names: Any = None, max_cast: int = 3) -> str:
-    """'Title (Year). Genres: a, b. Plot Directed by X. Starring: A, B, C.'"""
-    head = str(title).strip()
-    try:
-        if year is not None and not (isinstance(year, float) and math.isnan(year)):
-            head += f" ({int(year)})"
-    except (TypeError, ValueError):
-        pass
-    parts = [head + "."]
-    g = _split(genres)
-    if g:
-        parts.append("Genres: " + ", ".join(g) + ".")
-    if plot is not None and not (isinstance(plot, float) and math.isnan(plot)) and str(plot).strip():
-        p = " ".join(str(plot).split())
-        parts.append(p if p.endswith((".", "!", "?", "…")) else p + ".")
-    d = _split(directors)
-    if d:
-        parts.append("Directed by " + ", ".join(d[:2]) + ".")
-    c = _split(cast_names)[:max_cast]
-    if c:
-        parts.append("Starring: " + ", ".join(c) + ".")
-    return " ".join(parts)
-
-
 # ----------------------------------------------------------------------------- catalog
 
 
@@ -306,11 +274,7 @@ class Catalog:
             "SELECT item_id, count(DISTINCT user_id) AS n FROM interactions GROUP BY item_id"
         )
         n = dict(zip(counts["item_id"].astype(str), counts["n"].astype(float)))
-        texts = [
-            item_text(r.title, r.year if pd.notna(r.year) else None, r.genres, r.plot,
-                      r.directors, r.cast_names)
-            for r in items.itertuples(index=False)
-        ]
+        texts = [item_text(r) for r in items.to_dict("records")]
         ids = items["item_id"].astype(str).tolist()
         return cls(ids, texts, [n.get(i, 0.0) for i in ids])
 

@@ -29,11 +29,11 @@ from crs_core.recommenders import (  # noqa: E402
     TrainingSet,
     context_text,
     default_encoder,
-    item_text,
     make_recommender,
     training_set_from_synthetic,
     training_set_from_turns,
 )
+from crs_core.catalog import item_text  # noqa: E402
 from crs_core.store import Workspace  # noqa: E402
 
 # (imdb id, title, year, genres, plot, director, stars)
@@ -290,11 +290,12 @@ def test_texts():
     long = ["x" * 10, " ".join(["word"] * 400) + " LAST"]
     text = context_text(long, max_chars=100)
     assert text.endswith("LAST") and len(text) <= 100 and not text.startswith("ord")
-    assert item_text("Alien", 1979, "horror|sci-fi", "A crew meets a lifeform", "Ridley Scott",
-                     "Sigourney Weaver|Tom Skerritt|John Hurt|Ian Holm") == (
-        "Alien (1979). Genres: horror, sci-fi. A crew meets a lifeform. Directed by Ridley Scott. "
-        "Starring: Sigourney Weaver, Tom Skerritt, John Hurt.")
-    assert item_text("Untitled", None, None, None) == "Untitled."
+    # one item text everywhere: the catalog's (a float year from a column with NULLs prints as a year)
+    row = {"title": "Alien", "year": 1979.0, "genres": "horror|sci-fi", "plot": "A crew meets a lifeform.",
+           "cast_names": "Sigourney Weaver|Tom Skerritt|John Hurt|Ian Holm|Harry Dean Stanton"}
+    assert item_text(row) == ("Alien (1979). Genres: horror, sci-fi. A crew meets a lifeform. "
+                              "Starring Sigourney Weaver, Tom Skerritt, John Hurt, Ian Holm.")
+    assert item_text({"title": "Untitled", "year": float("nan")}) == "Untitled."
 
 
 # ----------------------------------------------------------------------------- popularity
