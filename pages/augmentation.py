@@ -26,8 +26,9 @@ if labels.empty:
           "(the teacher scores a sample, a small head the rest). It works on training dialogue sets and "
           "on reviewed synthetic dialogues (`synthetic`).", "pages/review.py", "Review")
     turns = cached(views.dialogue_datasets)
+    turns = turns[~turns["dataset"].str.endswith("_test")]  # test sets are never augmented
     if len(turns):
-        st.caption("Dialogue datasets in this workspace (candidates for augmentation):")
+        st.caption("Training dialogue datasets in this workspace (candidates for augmentation):")
         st.dataframe(turns, hide_index=True, width="stretch")
     st.stop()
 
