@@ -26,15 +26,23 @@ def test_reopening_keeps_data_and_version(tmp_path):
 
 
 def test_forward_migration_from_older_version(tmp_path, monkeypatch):
+    """A workspace made at schema version 1 is migrated through every later step, data kept."""
     path = tmp_path / "w.duckdb"
+    current = list(store.MIGRATIONS)
+    monkeypatch.setattr(store, "MIGRATIONS", current[:1])
+    monkeypatch.setattr(store, "SCHEMA_VERSION", 1)
     with Workspace(path) as ws:
         assert ws.schema_version() == 1
+        with ws.transaction() as cur:
+            cur.execute("INSERT INTO items (item_id, title) VALUES ('tt1', 'Alien')")
     extra = "CREATE TABLE annotations_v2 (id INTEGER); ALTER TABLE items ADD COLUMN popularity DOUBLE;"
-    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [extra])
-    monkeypatch.setattr(store, "SCHEMA_VERSION", len(store.MIGRATIONS))
+    monkeypatch.setattr(store, "MIGRATIONS", current + [extra])
+    monkeypatch.setattr(store, "SCHEMA_VERSION", len(current) + 1)
     with Workspace(path) as ws:
-        assert ws.schema_version() == 2
+        assert ws.schema_version() == len(current) + 1
         assert "popularity" in ws.df("SELECT * FROM items").columns
+        assert ws.count("items") == 1
+        assert ws.count("budget_curve_points") == 0  # a table of migration 2 exists
 
 
 def test_workspace_from_a_newer_studio_is_refused(tmp_path):
