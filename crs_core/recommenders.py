@@ -637,7 +637,25 @@ class Popularity:
 # ----------------------------------------------------------------------------- NBCRS
 
 
-class NBCRS:
+class _ScoreRanker:
+    """`recommend` for recommenders that score every catalog item per context."""
+
+    catalog: Catalog
+
+    def ranking_scores(self, contexts: list[list[str]]) -> np.ndarray:
+        return self.scores(contexts)
+
+    def recommend(self, contexts: list[list[str]], k: int,
+                  exclude: list[set[str]] | None = None,
+                  candidates: Iterable[str] | None = None) -> list[list[str]]:
+        if not contexts:
+            return []
+        excl = self.catalog.exclude_indices(exclude, len(contexts))
+        return _top_k(self.ranking_scores(contexts), k, excl, self.catalog.item_ids,
+                      self.catalog.candidate_mask(candidates))
+
+
+class NBCRS(_ScoreRanker):
     """Neighbourhood-based CRS (Xie et al. 2024); see the module docstring for the scoring."""
 
     batch_size = 256
@@ -729,22 +747,15 @@ class NBCRS:
         )
         return np.asarray((weights @ self._labels).todense(), dtype=np.float64)
 
-    def recommend(self, contexts: list[list[str]], k: int,
-                  exclude: list[set[str]] | None = None,
-                  candidates: Iterable[str] | None = None) -> list[list[str]]:
-        if not contexts:
-            return []
-        excl = self.catalog.exclude_indices(exclude, len(contexts))
-        votes = self.scores(contexts)
+    def ranking_scores(self, contexts: list[list[str]]) -> np.ndarray:
         # votes of real neighbours are >= ~1e-2; the prior (< 1e-6) only orders equal votes
-        return _top_k(votes + 1e-6 * self._prior, k, excl, self.catalog.item_ids,
-                      self.catalog.candidate_mask(candidates))
+        return self.scores(contexts) + 1e-6 * self._prior
 
 
 # ----------------------------------------------------------------------------- dense retrieval
 
 
-class DenseRetrieval:
+class DenseRetrieval(_ScoreRanker):
     """Zero-shot: rank items by cosine(context embedding, item-text embedding)."""
 
     batch_size = 512
@@ -780,14 +791,6 @@ class DenseRetrieval:
         q = _encode(self.encoder, texts) if queries is None else _normalise(np.asarray(queries(texts), np.float32), len(texts))
         return q @ self._items.T
 
-    def recommend(self, contexts: list[list[str]], k: int,
-                  exclude: list[set[str]] | None = None,
-                  candidates: Iterable[str] | None = None) -> list[list[str]]:
-        if not contexts:
-            return []
-        excl = self.catalog.exclude_indices(exclude, len(contexts))
-        return _top_k(self.scores(contexts), k, excl, self.catalog.item_ids,
-                      self.catalog.candidate_mask(candidates))
 
 
 # ----------------------------------------------------------------------------- factory
