@@ -21,7 +21,7 @@ from . import datasets
 from .catalog import CatalogBuilder, display_title
 from .errors import InputError
 from .progress import ProgressFn, report
-from .store import PROJECT_ROOT, Workspace
+from .store import PROJECT_ROOT, Workspace, insert_frame
 from .titles import TitleMatcher, parse_title
 
 BUNDLED = PROJECT_ROOT / "data" / "bundled"
@@ -223,27 +223,16 @@ def ingest_default(ws: Workspace, bundled: Path = BUNDLED, progress: ProgressFn 
     with ws.transaction() as cur:
         for table in ("items", "reviews", "interactions", "tags", "dialogue_turns"):
             cur.execute(f"DELETE FROM {table}")
-        _insert(cur, "items", items)
-        _insert(cur, "reviews", reviews.assign(ts=reviews["timestamp"])[
+        insert_frame(cur, "items", items)
+        insert_frame(cur, "reviews", reviews.assign(ts=reviews["timestamp"])[
             ["review_id", "item_id", "user_id", "text", "rating", "ts", "source"]])
-        _insert(cur, "interactions", ratings.assign(ts=ratings["timestamp"])[
+        insert_frame(cur, "interactions", ratings.assign(ts=ratings["timestamp"])[
             ["user_id", "item_id", "rating", "ts", "source"]])
-        _insert(cur, "tags", tags.assign(ts=tags["timestamp"])[["user_id", "item_id", "tag", "ts", "source"]])
-        _insert(cur, "dialogue_turns", turns)
+        insert_frame(cur, "tags", tags.assign(ts=tags["timestamp"])[["user_id", "item_id", "tag", "ts", "source"]])
+        insert_frame(cur, "dialogue_turns", turns)
         ws.set_meta("ingest_report", rep.counts, cur)
     report(progress, steps, steps)
     return rep
-
-
-def _insert(cur, table: str, frame: pd.DataFrame) -> None:
-    if frame.empty:
-        return
-    cur.register("_frame", frame)
-    try:
-        cols = ", ".join(frame.columns)
-        cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _frame")
-    finally:
-        cur.unregister("_frame")
 
 
 def _attach_items(frame: pd.DataFrame, items: pd.DataFrame, key_column: str, what: str,
@@ -282,7 +271,7 @@ def ingest_file(ws: Workspace, path: str | Path, kind: str | None = None, *, fmt
     if kind == "items":
         new = _new_items(frame, items, rep)
         with ws.transaction() as cur:
-            _insert(cur, "items", new)
+            insert_frame(cur, "items", new)
         rep.counts["items_added"] = len(new)
         return rep
     if kind == "dialogues":
@@ -290,7 +279,7 @@ def ingest_file(ws: Workspace, path: str | Path, kind: str | None = None, *, fmt
         turns = TurnResolver(items).frame(frame, name)
         with ws.transaction() as cur:
             cur.execute("DELETE FROM dialogue_turns WHERE dataset = ?", [name])
-            _insert(cur, "dialogue_turns", turns)
+            insert_frame(cur, "dialogue_turns", turns)
         rep.counts[f"turns_{name}"] = len(turns)
         return rep
     source = str(frame["source"].iloc[0]) if len(frame) else "user"
@@ -313,7 +302,7 @@ def ingest_file(ws: Workspace, path: str | Path, kind: str | None = None, *, fmt
             raise InputError(f"{len(clash)} review ids already exist in the workspace, e.g. "
                              f"{clash['review_id'].head(3).tolist()}", str(path))
     with ws.transaction() as cur:
-        _insert(cur, table, frame[columns])
+        insert_frame(cur, table, frame[columns])
     rep.counts[f"{table}_added"] = len(frame)
     return rep
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from .errors import CRSError
-from .store import Workspace
+from .store import Workspace, insert_frame
 
 __all__ = [
     "STATUSES",
@@ -367,17 +367,6 @@ def _check_versions(cur, current: Mapping[str, Mapping[str, Any]], expected: Map
     )
 
 
-def _insert_frame(cur, table: str, frame: pd.DataFrame) -> None:
-    if frame.empty:
-        return
-    cur.register("_review_frame", frame)
-    try:
-        cols = ", ".join(frame.columns)
-        cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _review_frame")
-    finally:
-        cur.unregister("_review_frame")
-
-
 def _history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["query_id", "version", "action", "snapshot", "annotator", "note"]).astype(
         {"query_id": "object", "version": "int64", "action": "object", "snapshot": "object",
@@ -393,7 +382,7 @@ def _ensure_base(cur, current: Mapping[str, Mapping[str, Any]]) -> None:
     rows = [{"query_id": qid, "version": snap["version"], "action": "created",
              "snapshot": json.dumps(_state(snap)), "annotator": None, "note": None}
             for qid, snap in current.items() if qid not in set(have)]
-    _insert_frame(cur, "query_history", _history_frame(rows))
+    insert_frame(cur, "query_history", _history_frame(rows))
 
 
 def _write_versions(cur, changes: list[dict[str, Any]]) -> dict[str, int]:
@@ -427,7 +416,7 @@ def _write_versions(cur, changes: list[dict[str, Any]]) -> dict[str, int]:
             frame = frame.astype({"query_id": "object", "rank": "int64", "title_raw": "object",
                                   "item_id": "object", "match_score": "float64", "flagged": "bool",
                                   "note": "object"})
-        _insert_frame(cur, "ground_truth", frame)
+        insert_frame(cur, "ground_truth", frame)
     history_rows = []
     for c in changes:
         snap = _state(c["new"])
@@ -436,7 +425,7 @@ def _write_versions(cur, changes: list[dict[str, Any]]) -> dict[str, int]:
         history_rows.append({"query_id": c["query_id"], "version": new_versions[c["query_id"]],
                              "action": c["action"], "snapshot": json.dumps(snap),
                              "annotator": c.get("annotator"), "note": c.get("note")})
-    _insert_frame(cur, "query_history", _history_frame(history_rows))
+    insert_frame(cur, "query_history", _history_frame(history_rows))
     return new_versions
 
 

@@ -353,6 +353,19 @@ def _ident(name: str) -> str:
     return name
 
 
+def insert_frame(cur, table: str, frame: pd.DataFrame) -> None:
+    """INSERT the rows of ``frame`` into ``table`` (columns by name) on ``cur``, inside the
+    caller's transaction."""
+    if frame.empty:
+        return
+    cur.register("_insert_frame", frame)
+    try:
+        cols = ", ".join(frame.columns)
+        cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _insert_frame")
+    finally:
+        cur.unregister("_insert_frame")
+
+
 def vectors_to_blobs(matrix: np.ndarray) -> list[bytes]:
     matrix = np.ascontiguousarray(matrix, dtype="<f4")
     return [row.tobytes() for row in matrix]
