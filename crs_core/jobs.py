@@ -103,6 +103,7 @@ LOG_FILE = "log.txt"
 CANCEL_FILE = "cancel"
 RESULT_FILE = "result.json"
 LOCK_FILE = "worker.lock"
+LOCK_WAIT_S = 30.0  # how long a starting worker waits for the folder lock (see JobContext.acquire_lock)
 INPUTS_DIR = "inputs"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -920,16 +921,24 @@ class JobContext:
         self._last_ckpt_step: int | None = None
 
     # ----- lifecycle
-    def acquire_lock(self) -> bool:
-        """One worker per folder (released by the OS even on kill -9)."""
+    def acquire_lock(self, wait: float = LOCK_WAIT_S) -> bool:
+        """One worker per folder (released by the OS even on kill -9).
+
+        Waits up to `wait` seconds: a worker killed a moment ago reads as dead as soon as its
+        pid is reaped or a zombie, but the kernel may release its lock a little later."""
         import fcntl
 
         fh = open(self.folder / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            return False
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    fh.close()
+                    return False
+                time.sleep(0.2)
         self._lock_fh = fh
         return True
 

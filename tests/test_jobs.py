@@ -405,3 +405,29 @@ def test_dead_worker_reads_as_failed_and_bad_launches_fail_early(ws, tmp_path):
         jobs.launch_job(ws, "no-such-kind", {}, {}, jobs_root=tmp_path / "j")
     assert ws.count("jobs") == 0
     assert not (tmp_path / "j").exists() or not any((tmp_path / "j").iterdir())
+
+
+def test_a_second_worker_waits_for_the_lock_then_gives_up_while_the_first_holds_it(tmp_path):
+    folder = tmp_path / "jobs" / "locked-job"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"format_version": jobs.FORMAT_VERSION, "job_id": "locked-job",
+                                                     "kind": "train_retriever"}))
+    # another process holds the folder lock (a real flock), as a running worker does
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; fh = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(fh.fileno(), fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(folder / jobs.LOCK_FILE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        assert not jobs.JobContext(folder).acquire_lock(wait=0.6)
+        assert time.monotonic() - t0 >= 0.6  # it waited before giving up
+        # the holder dies (like a worker under kill -9) while the next one waits: it gets the lock
+        ctx = jobs.JobContext(folder)
+        holder.kill()
+        assert ctx.acquire_lock(wait=20)
+    finally:
+        holder.kill()
+        holder.wait()
