@@ -603,6 +603,16 @@ class _Tier:
         return n * W.shape[0] * W.shape[1]
 
 
+def _top_by_bound(qt: np.ndarray, E: np.ndarray, m: int, alive: int) -> tuple[np.ndarray, float]:
+    """Positions of the ``m`` unpicked rows with the largest upper bound ``qt + E`` (sorted), and
+    the largest bound left out (-inf when every unpicked row is taken); picked rows have qt = -inf."""
+    if m >= alive:
+        return np.flatnonzero(qt > -np.inf), -np.inf
+    ub = qt + E
+    part = np.argpartition(-ub, m)
+    return np.sort(part[:m]), float(ub[part[m]])
+
+
 class _FisherEngine:
     """Exact greedy ``argmax log(1 + x^T Lambda x)``: float32 bulk, float64 finalists.
 
@@ -811,15 +821,7 @@ class _FisherEngine:
 
     def _start_mid(self) -> None:
         b = self.bulk
-        ub = b.qt + b.E
-        m = min(self.m, self.alive)
-        if m >= self.alive:
-            pos = np.flatnonzero(b.qt > -np.inf)
-            tau = -np.inf
-        else:
-            part = np.argpartition(-ub, m)
-            pos = np.sort(part[:m])
-            tau = float(ub[part[m]])
+        pos, tau = _top_by_bound(b.qt, b.E, self.m, self.alive)
         self.mid = b.take(pos)
         self.mid_pos = pos
         self.mid_tau = self._score(tau)
@@ -845,16 +847,7 @@ class _FisherEngine:
 
     def _start_top(self) -> None:
         mid = self.mid  # current at step k
-        ub = mid.qt + mid.E
-        alive = int(np.count_nonzero(mid.qt > -np.inf))
-        m = min(self.m_top, alive)
-        if m >= alive:
-            pos = np.flatnonzero(mid.qt > -np.inf)
-            tau = -np.inf
-        else:
-            part = np.argpartition(-ub, m)
-            pos = np.sort(part[:m])
-            tau = float(ub[part[m]])
+        pos, tau = _top_by_bound(mid.qt, mid.E, self.m_top, int(np.count_nonzero(mid.qt > -np.inf)))
         self.top = {
             "pos": pos,
             "X": self._rows64(self.mid_pos[pos]),
