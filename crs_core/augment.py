@@ -885,36 +885,32 @@ def _score_with_teacher(teacher: "Teacher", jobs: list[tuple[int, Sequence[str],
                 "calls are cached, so a rerun (with a larger budget) repeats none of them")
         return results
 
-    first = run([request(ctx, b, False) for _, ctx, b in batches], (0.0, 0.9))
-    retry: list[tuple[int, Sequence[str], list[tuple[str, str]]]] = []
     flags: dict[tuple[int, str], list[str]] = defaultdict(list)
-    for (t, ctx, batch), res in zip(batches, first):
-        parsed = parse_scores(res.text, [d for _, d in batch])
+
+    def absorb(t: int, batch: list[tuple[str, str]], text: str, retried: bool) -> list[int]:
+        """Record the scores a reply gives; returns the batch positions it left unscored."""
+        parsed = parse_scores(text, [d for _, d in batch])
         if parsed.unparsable:
             stats.unparsable_replies += 1
         for pos, (it, _) in enumerate(batch):
             if pos in parsed.scores:
-                if pos in parsed.clipped:
-                    flags[(t, it)].append("clipped")
+                flags[(t, it)] += (["retried"] if retried else []) + (["clipped"] if pos in parsed.clipped else [])
                 scores[(t, it)] = _PairScore(parsed.scores[pos], tuple(flags[(t, it)]))
-            else:
+            elif not retried:
                 flags[(t, it)].append("unparsable" if parsed.unparsable else "missing")
-        missing = [batch[p] for p in sorted(parsed.missing)]
+        return sorted(parsed.missing)
+
+    first = run([request(ctx, b, False) for _, ctx, b in batches], (0.0, 0.9))
+    retry: list[tuple[int, Sequence[str], list[tuple[str, str]]]] = []
+    for (t, ctx, batch), res in zip(batches, first):
+        missing = [batch[p] for p in absorb(t, batch, res.text, retried=False)]
         if missing:
             retry.append((t, ctx, missing))
     stats.retried_batches = len(retry)
     if retry:
         second = run([request(ctx, b, True) for _, ctx, b in retry], (0.9, 1.0))
-        for (t, ctx, batch), res in zip(retry, second):
-            parsed = parse_scores(res.text, [d for _, d in batch])
-            if parsed.unparsable:
-                stats.unparsable_replies += 1
-            for pos, (it, _) in enumerate(batch):
-                if pos in parsed.scores:
-                    flags[(t, it)].append("retried")
-                    if pos in parsed.clipped:
-                        flags[(t, it)].append("clipped")
-                    scores[(t, it)] = _PairScore(parsed.scores[pos], tuple(flags[(t, it)]))
+        for (t, _, batch), res in zip(retry, second):
+            absorb(t, batch, res.text, retried=True)
     report(progress, 1, 1)
     stats.pairs_scored = len(scores)
     stats.pairs_clipped = sum("clipped" in s.flags for s in scores.values())

