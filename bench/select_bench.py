@@ -2,9 +2,14 @@
 
     python bench/select_bench.py                       # full size: N=100,000, d=384, K=50, B=9,000
     python bench/select_bench.py --n 5000 --budget 500  # quick
+    python bench/select_bench.py --data real            # the workspace's MiniLM review vectors, tiled
 
-Data: N random unit vectors (standard normal rows, L2-normalised, float32) --
-the isotropic worst case for lazy bounds (no cluster structure to exploit).
+Data (--data): ``random`` (default), N random unit vectors (standard normal rows,
+L2-normalised, float32) -- the isotropic worst case for lazy bounds (no cluster
+structure to exploit); ``real``, the review embeddings of a workspace (set
+review:minilm of data/workspaces/default.duckdb, opened read-only) tiled to N rows:
+copy c of review r is row c * n_reviews + r, an exact copy (exact ties resolve to the
+lowest index, see crs_core.select).
 JS centres: scikit-learn K-means (n_init fixed) on a seeded subsample.
 The reference (tests/test_select.py) recomputes every score from scratch at
 every pick; it is timed on a prefix of the budget and extrapolated linearly
@@ -59,6 +64,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", type=int, default=30, help="picks the reference is timed on (default 30)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strategies", default="js,fisher", help="comma list of js, fisher (default both)")
+    ap.add_argument("--data", choices=["random", "real"], default="random",
+                    help="random unit vectors (default) or a workspace's review embeddings tiled to N rows")
+    ap.add_argument("--workspace", default=str(ROOT / "data" / "workspaces" / "default.duckdb"),
+                    help="with --data real: the workspace (opened read-only)")
+    ap.add_argument("--embedding-set", default="review:minilm", help="with --data real (default review:minilm)")
     args = ap.parse_args(argv)
     prefix = min(args.prefix, args.budget)
 
@@ -67,10 +77,23 @@ def main(argv=None) -> int:
     print(f"  machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
           f"load average at start {os.getloadavg()[0]:.1f}  (timings are wall-clock; CPU seconds in brackets)")
     rng = np.random.default_rng(args.seed)
-    X = rng.standard_normal((args.n, args.d)).astype(np.float32)
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    print(f"  data: N={args.n:,} random unit vectors in d={args.d} (standard normal rows, L2-normalised, float32), "
-          f"seed {args.seed}")
+    if args.data == "real":
+        from crs_core.embed import load_embedding_set
+        from crs_core.store import Workspace
+
+        with Workspace(args.workspace, read_only=True) as ws:
+            _, E = load_embedding_set(ws, args.embedding_set)
+        E = np.ascontiguousarray(E, dtype=np.float32)
+        X = np.tile(E, (-(-args.n // len(E)), 1))[: args.n]
+        args.d = X.shape[1]
+        print(f"  data: N={args.n:,} rows = the {len(E):,} vectors of {args.embedding_set} in {args.workspace} "
+              f"(d={args.d}, norms {np.linalg.norm(E, axis=1).min():.3f}-{np.linalg.norm(E, axis=1).max():.3f}) "
+              f"tiled {args.n / len(E):.1f} times (exact copies)")
+    else:
+        X = rng.standard_normal((args.n, args.d)).astype(np.float32)
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        print(f"  data: N={args.n:,} random unit vectors in d={args.d} (standard normal rows, L2-normalised, float32), "
+              f"seed {args.seed}")
     print(f"  budget B={args.budget:,}; reference timed on the first {prefix} picks and extrapolated linearly to B")
 
     # calibration: what the BLAS delivers right now (the machine may be shared)
