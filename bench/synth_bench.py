@@ -15,6 +15,7 @@ Part 2, the synthesis pipeline: see the marked section ``SYNTHESIS BENCH`` below
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -105,9 +106,11 @@ def bench_teacher(levels: list[int], latency: float, rounds: int, min_calls: int
                 teacher = Teacher(config, cache=cache)
                 teacher.ping()  # client made and first connection open before the clock starts
                 stub.reset()
+                stub_cpu0, cpu0 = stub.stats()["cpu_seconds"], time.process_time()
                 t0 = time.perf_counter()
                 results = teacher.chat_many(requests, concurrency=level)
                 seconds = time.perf_counter() - t0
+                cpu = time.process_time() - cpu0  # every thread of this process: the client side
                 first = stub.stats()
                 ok = sum(isinstance(r, Completion) for r in results)
                 # the same inputs again: everything comes from the cache
@@ -121,6 +124,7 @@ def bench_teacher(levels: list[int], latency: float, rounds: int, min_calls: int
                 rows.append({
                     "concurrency": level, "calls": n, "ok": ok, "seconds": seconds,
                     "calls_per_s": n / seconds, "ideal_per_s": ideal, "ratio": (n / seconds) / ideal,
+                    "client_cpu_ms": cpu / n * 1000, "stub_cpu_ms": (first["cpu_seconds"] - stub_cpu0) / n * 1000,
                     "max_in_flight": first["max_in_flight"], "server_requests": first["chat_requests"],
                     "rerun_requests": second["chat_requests"],
                     "rerun_cached": sum(isinstance(r, Completion) and r.cached for r in again),
@@ -135,7 +139,10 @@ def bench_teacher(levels: list[int], latency: float, rounds: int, min_calls: int
 def print_teacher_table(rows: list[dict[str, Any]], latency: float, cache_kind: str) -> bool:
     print(f"\nTeacher.chat_many against the stub server: {latency * 1000:.0f} ms per call, "
           f"cache: {cache_kind}, goal: >= {GOAL:.0%} of concurrency/latency")
+    print("CPU ms/call: CPU time per call of the client (this process, all its threads) and of the stub "
+          "server (its own process); the two share the machine's cores")
     header = (f"{'conc.':>5} {'calls':>6} {'ok':>5} {'seconds':>8} {'calls/s':>8} {'limit/s':>8} {'ratio':>6} "
+              f"{'CPU ms/call: client':>19} {'stub':>5} "
               f"{'max in-flight':>13} {'| re-run: calls made':>20} {'cached':>7} {'seconds':>8}")
     print(header)
     print("-" * len(header))
@@ -144,7 +151,8 @@ def print_teacher_table(rows: list[dict[str, Any]], latency: float, cache_kind: 
         good = r["ratio"] >= GOAL and r["rerun_requests"] == 0 and r["max_in_flight"] <= r["concurrency"]
         all_ok &= good
         print(f"{r['concurrency']:>5} {r['calls']:>6} {r['ok']:>5} {r['seconds']:>8.2f} {r['calls_per_s']:>8.1f} "
-              f"{r['ideal_per_s']:>8.1f} {r['ratio']:>6.0%} {r['max_in_flight']:>13} "
+              f"{r['ideal_per_s']:>8.1f} {r['ratio']:>6.0%} {r['client_cpu_ms']:>19.2f} {r['stub_cpu_ms']:>5.2f} "
+              f"{r['max_in_flight']:>13} "
               f"{r['rerun_requests']:>20} {r['rerun_cached']:>7} {r['rerun_seconds']:>8.2f}"
               f"{'' if good else '   <-- below goal'}")
     return all_ok
@@ -340,6 +348,10 @@ def print_synthesis_table(rows: list[dict[str, Any]]) -> None:
 # ==============================================================================================
 
 
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=["teacher", "synthesis", "all"], default="all")
@@ -353,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if args.part in ("teacher", "all"):
         levels = [int(x) for x in args.levels.split(",") if x.strip()]
+        load_before = _load()
         rows = bench_teacher(levels, args.latency, args.rounds, args.min_calls, args.cache)
         ok = print_teacher_table(rows, args.latency, args.cache)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"(machine: {os.cpu_count()} cores, load average {load:.1f}; the client side is one Python "
+        print(f"(machine: {os.cpu_count()} cores, load average {load_before:.1f} before, {_load():.1f} after; "
+              "the client's calls (openai.AsyncOpenAI, httpx) run on one event loop in one Python "
               "process, so at high concurrency calls/s is bounded by its CPU per call)")
     if args.part in ("synthesis", "all"):
         print_synthesis_table(bench_synthesis(args))

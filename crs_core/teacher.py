@@ -15,13 +15,19 @@ Providers
     default), then the openai provider against it. This is the default when no endpoint is
     configured (``TeacherConfig.from_env()``).
 
+Concurrency: the HTTP calls of every teacher of the process run as coroutines on one asyncio
+event loop in a background thread (``openai.AsyncOpenAI``): a call in flight costs a coroutine,
+not a thread. ``chat`` and ``chat_many`` block their calling thread, which receives the results
+(and runs ``on_result`` / ``progress``); they may be called from any number of threads.
+
 Cache: every call goes through a cache keyed by a hash of (provider kind, endpoint, model,
 messages, parameters, optional salt), never the API key. With a workspace the cache is its
-``llm_cache`` table and each result is committed (concurrent results group-committed in one
-small transaction) as soon as it arrives, before the call counts as done: a crash or restart
-repeats no paid call. A background job, which must not open the workspace, uses a
-``JsonlCache`` in its folder (fsync per result; ``import_cache_entries`` copies it into the
-workspace later). Without either, an in-memory ``MemoryCache``.
+``llm_cache`` table and each result is committed (results that arrive together are committed
+together, in one small transaction) as soon as it arrives, before the call counts as done: a
+crash or restart repeats no paid call. Identical requests in flight at the same time are made
+once. A background job, which must not open the workspace, uses a
+``JsonlCache`` in its folder (fsynced before a result counts as done; ``import_cache_entries``
+copies it into the workspace later). Without either, an in-memory ``MemoryCache``.
 
 Budget: limits on calls, tokens and money (price table, $ per 1M input / output tokens; local
 costs 0). A call starts only if its worst case (estimated prompt + max_tokens) fits into what is
@@ -35,7 +41,7 @@ The API key lives only in memory (``Secret``); it is never part of a cache key, 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import asyncio
 import contextlib
 import email.utils
 import hashlib
@@ -43,11 +49,13 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import random
 import re
 import threading
 import time
 import urllib.parse
+import weakref
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
@@ -437,11 +445,11 @@ _ZERO_COUNTS: dict[str, Any] = {f.name: f.default for f in fields(Tally)}
 
 
 class _Ledger:
-    """Budget accounting with reservations for in-flight calls (thread-safe)."""
+    """Budget accounting with reservations for in-flight calls. Used on the teacher loop only
+    (no lock); other threads just read ``budget`` and ``exhausted``."""
 
     def __init__(self, budget: Budget | None):
         self.budget = budget or Budget()
-        self.cond = threading.Condition()
         self.used_calls = 0
         self.used_tokens = 0
         self.used_cost = 0.0
@@ -449,6 +457,7 @@ class _Ledger:
         self.res_tokens = 0
         self.res_cost = 0.0
         self.exhausted: str | None = None
+        self._settled: asyncio.Future | None = None  # done when a reservation is settled
 
     def _fits(self, tokens: int, cost: float) -> str | None:
         b = self.budget
@@ -466,46 +475,52 @@ class _Ledger:
                     f"the next call may cost up to ${cost:.4f})")
         return None
 
-    def reserve(self, tokens: int, cost: float, stop: threading.Event | None = None) -> tuple[int, float] | str:
+    async def reserve(self, tokens: int, cost: float, cancelled: Callable[[], bool]) -> tuple[int, float] | str:
         """Reserve a call's worst case; returns the reservation, or the reason it cannot be made."""
         if self.budget.unlimited:
             return (0, 0.0)
-        with self.cond:
-            while True:
-                if self.exhausted is not None:
-                    return self.exhausted
-                reason = self._fits(tokens, cost)
-                if reason is None:
-                    self.res_calls += 1
-                    self.res_tokens += tokens
-                    self.res_cost += cost
-                    return (tokens, cost)
-                if self.res_calls == 0:  # nothing in flight can free room: stop for good
-                    self.exhausted = (reason if "budget is 0" in reason
-                                      else f"budget reached: {reason}; no further calls are made")
-                    return self.exhausted
-                if stop is not None and stop.is_set():
-                    return "cancelled"
-                self.cond.wait(timeout=0.5)  # in-flight calls settle with their real usage
+        while True:
+            if self.exhausted is not None:
+                return self.exhausted
+            reason = self._fits(tokens, cost)
+            if reason is None:
+                self.res_calls += 1
+                self.res_tokens += tokens
+                self.res_cost += cost
+                return (tokens, cost)
+            if self.res_calls == 0:  # nothing in flight can free room: stop for good
+                self.exhausted = (reason if "budget is 0" in reason
+                                  else f"budget reached: {reason}; no further calls are made")
+                return self.exhausted
+            if cancelled():
+                return "cancelled"
+            if self._settled is None:
+                self._settled = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._settled], timeout=0.5)  # in-flight calls settle with their real usage
 
     def settle(self, reservation: tuple[int, float], tokens: int, cost: float, *, made: bool = True) -> None:
         """Replace a reservation by the call's real usage (made=False: no request was sent)."""
         if self.budget.unlimited:
             return
-        with self.cond:
-            self.res_calls -= 1
-            self.res_tokens -= reservation[0]
-            self.res_cost -= reservation[1]
-            self.used_calls += int(made)
-            self.used_tokens += tokens
-            self.used_cost += cost
-            self.cond.notify_all()
+        self.res_calls -= 1
+        self.res_tokens -= reservation[0]
+        self.res_cost -= reservation[1]
+        self.used_calls += int(made)
+        self.used_tokens += tokens
+        self.used_cost += cost
+        if self._settled is not None:
+            self._settled.set_result(None)
+            self._settled = None
 
 
 # ==============================================================================================
 # caches
 # ==============================================================================================
 class LLMCache(Protocol):
+    """What a cache needs; ``get_many`` / ``put_many`` (one query / one commit for many keys) are
+    used when a cache has them. ``put`` returns once the entry is durable; a key already there
+    keeps its entry."""
+
     def get(self, key: str) -> dict[str, Any] | None: ...
 
     def put(self, key: str, entry: dict[str, Any]) -> None: ...
@@ -524,8 +539,12 @@ class MemoryCache:
             return dict(entry) if entry is not None else None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.put_many([(key, entry)])
+
+    def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
         with self._lock:
-            self._data.setdefault(key, json.loads(json.dumps(entry)))
+            for key, entry in items:
+                self._data.setdefault(key, json.loads(json.dumps(entry)))
 
     def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -542,10 +561,10 @@ class MemoryCache:
 class WorkspaceCache:
     """The workspace's ``llm_cache`` table.
 
-    ``put`` returns only once its row is committed. Concurrent puts are group-committed: the
-    first writer takes every row waiting at that moment and writes them in one transaction,
-    the others wait for it (a DuckDB commit costs milliseconds; one per call would cap a
-    concurrent run far below the endpoint's speed).
+    ``put_many`` writes its entries in one transaction and returns once they are committed (a
+    DuckDB commit costs milliseconds: the teacher commits the results that arrive together in
+    one ``put_many`` rather than one commit per call, which would cap a concurrent run far below
+    the endpoint's speed).
     """
 
     _SQL = ("INSERT INTO llm_cache (cache_key, provider, model, request, response, prompt_tokens, "
@@ -554,9 +573,6 @@ class WorkspaceCache:
 
     def __init__(self, workspace: Any):
         self.ws = workspace
-        self._cond = threading.Condition()
-        self._pending: list[dict[str, Any]] = []
-        self._flushing = False
 
     _COLUMNS = "cache_key, provider, model, request, response, prompt_tokens, completion_tokens, cost"
 
@@ -588,35 +604,11 @@ class WorkspaceCache:
         }
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        item: dict[str, Any] = {
-            "row": [key, entry.get("provider"), entry.get("model"), json.dumps(entry["request"]),
-                    json.dumps(entry["response"]), entry.get("prompt_tokens"), entry.get("completion_tokens"),
-                    entry.get("cost")],
-            "done": False, "error": None,
-        }
-        cond = self._cond
-        with cond:
-            self._pending.append(item)
-            while not item["done"]:
-                if self._flushing:
-                    cond.wait()
-                    continue
-                self._flushing = True
-                batch, self._pending = self._pending, []
-                cond.release()
-                error: BaseException | None = None
-                try:
-                    self._write([it["row"] for it in batch])
-                except BaseException as exc:  # reported to every writer of the batch
-                    error = exc
-                finally:
-                    cond.acquire()
-                    for it in batch:
-                        it["done"], it["error"] = True, error
-                    self._flushing = False
-                    cond.notify_all()
-        if item["error"] is not None:
-            raise item["error"]
+        self.put_many([(key, entry)])
+
+    def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        if items:
+            self._write([_cache_row(key, entry) for key, entry in items])
 
     def _write(self, rows: list[list[Any]]) -> None:
         unique = list({r[0]: r for r in rows}.values())
@@ -646,8 +638,8 @@ class WorkspaceCache:
 
 class JsonlCache:
     """A cache in a JSON-lines file, for background jobs that must not open the workspace
-    (DESIGN: a job writes to its folder). Each put appends one line and fsyncs before returning,
-    so a crashed job repeats no call; a torn last line (crash mid-write) is skipped on load.
+    (DESIGN: a job writes to its folder). A put appends one line per entry and fsyncs before it
+    returns, so a crashed job repeats no call; a torn last line (crash mid-write) is skipped on load.
     ``entries()`` gives the rows for importing into the workspace's llm_cache later."""
 
     def __init__(self, path: str | os.PathLike):
@@ -681,14 +673,20 @@ class JsonlCache:
             return {k: dict(self._data[k]) for k in keys if k in self._data}
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        line = json.dumps({"cache_key": key, "entry": entry}, ensure_ascii=False) + "\n"
+        self.put_many([(key, entry)])
+
+    def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Append the new entries' lines, then one fsync."""
         with self._lock:
-            if key in self._data:
+            new = {key: entry for key, entry in items if key not in self._data}
+            if not new:
                 return
-            self._file.write(line)
+            self._file.write("".join(json.dumps({"cache_key": key, "entry": entry}, ensure_ascii=False) + "\n"
+                                     for key, entry in new.items()))
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._data[key] = json.loads(json.dumps(entry))
+            for key, entry in new.items():
+                self._data[key] = json.loads(json.dumps(entry))
 
     def entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
         with self._lock:
@@ -710,12 +708,17 @@ class JsonlCache:
 def import_cache_entries(workspace: Any, entries: Iterable[tuple[str, dict[str, Any]]]) -> int:
     """Copy cache entries (e.g. a job's ``JsonlCache.entries()``) into the workspace's
     llm_cache; existing keys are kept. Returns how many were offered."""
-    cache = WorkspaceCache(workspace)
-    rows = [[k, e.get("provider"), e.get("model"), json.dumps(e["request"]), json.dumps(e["response"]),
-             e.get("prompt_tokens"), e.get("completion_tokens"), e.get("cost")] for k, e in entries]
+    rows = [_cache_row(k, e) for k, e in entries]
     if rows:
-        cache._write(rows)
+        WorkspaceCache(workspace)._write(rows)
     return len(rows)
+
+
+def _cache_row(key: str, entry: dict[str, Any]) -> list[Any]:
+    """An llm_cache row (the table's column order) from a cache entry."""
+    return [key, entry.get("provider"), entry.get("model"), json.dumps(entry["request"]),
+            json.dumps(entry["response"]), entry.get("prompt_tokens"), entry.get("completion_tokens"),
+            entry.get("cost")]
 
 
 def cache_get_many(cache: Any, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -729,6 +732,16 @@ def cache_get_many(cache: Any, keys: Sequence[str]) -> dict[str, dict[str, Any]]
         if entry is not None:
             out[key] = entry
     return out
+
+
+def cache_put_many(cache: Any, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Write entries (one commit when the cache supports ``put_many``); returns once durable."""
+    put_many = getattr(cache, "put_many", None)
+    if put_many is not None:
+        put_many(items)
+    else:
+        for key, entry in items:
+            cache.put(key, entry)
 
 
 def as_cache(cache: Any) -> LLMCache:
@@ -810,6 +823,19 @@ def _retry_after_seconds(headers: Any) -> float | None:
         return None
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether an ``openai.APITimeoutError`` is a timeout: some transports (openai's aiohttp one)
+    report a refused or dropped connection as a connect timeout too; a real one has a
+    TimeoutError in its chain of causes."""
+    for _ in range(20):  # the chain is short; never loop on a cycle
+        if exc is None:
+            return False
+        if isinstance(exc, TimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _error_detail(exc: Any) -> str:
     body = getattr(exc, "body", None)
     if isinstance(body, dict):
@@ -818,6 +844,47 @@ def _error_detail(exc: Any) -> str:
         if msg:
             return str(msg)
     return str(getattr(exc, "message", None) or exc)
+
+
+# ==============================================================================================
+# the event loop the calls run on
+# ==============================================================================================
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_pid: int | None = None
+
+
+def _teacher_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every teacher of this process makes its calls on: one daemon thread,
+    started on first use (again in a forked child, which has no such thread)."""
+    global _loop, _loop_pid
+    with _loop_lock:
+        if _loop is None or _loop_pid != os.getpid():
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="teacher-loop", daemon=True).start()
+            _loop_pid = os.getpid()
+        return _loop
+
+
+def _on_loop(coro: Any, timeout: float | None = None) -> Any:
+    """Run a coroutine on the teacher loop and wait for its result (from any other thread)."""
+    return asyncio.run_coroutine_threadsafe(coro, _teacher_loop()).result(timeout)
+
+
+def _close_soon(client: Any) -> None:
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(client.close(), _teacher_loop())
+
+
+async def _pause(seconds: float, cancelled: Callable[[], bool]) -> bool:
+    """Sleep, looking at ``cancelled`` every 0.1 s; True if it said so before the time was up."""
+    end = time.monotonic() + seconds
+    while not cancelled():
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, 0.1))
+    return True
 
 
 # ==============================================================================================
@@ -840,20 +907,26 @@ class Teacher:
         llm_cache table) or None (in memory). api_key: overrides the config's/environment's key
         for this object only. server: a LlamaServer to use (local provider; not stopped by
         ``close``); otherwise the local provider starts its own on first need and ``close`` (or
-        interpreter exit) stops it. sleep: replaces the wait between retries (tests)."""
+        interpreter exit) stops it. sleep: replaces the wait between retries (tests; it is
+        called in a worker thread)."""
         self.config = config or TeacherConfig.from_env()
         if api_key:
             self.config = self.config.with_api_key(api_key)
         self.cache: LLMCache = as_cache(cache)
         self._server = server
         self._owns_server = False
-        self._client: Any = None
+        self._client: Any = None  # openai.AsyncOpenAI, used on the teacher loop
+        self._finalizer: weakref.finalize | None = None
         self._base_url: str | None = None
         self._endpoint_id: str | None = None
         self._client_lock = threading.Lock()
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = dict(_ZERO_COUNTS)  # Tally's fields, under self._lock
-        self._inflight: dict[str, threading.Event] = {}
+        # on the teacher loop only: calls in flight by cache key (done with the committed cache
+        # entry, or None if the call failed), and entries waiting for the next cache commit
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._uncommitted: list[tuple[str, dict[str, Any], asyncio.Future]] = []
+        self._committer: asyncio.Task | None = None
         self._ledger = _Ledger(budget)
         self._check_budget_pricing(budget)
         self._sleep = sleep
@@ -949,8 +1022,9 @@ class Teacher:
     def close(self) -> None:
         with self._client_lock:
             if self._client is not None:
+                self._finalizer.detach()
                 with contextlib.suppress(Exception):
-                    self._client.close()
+                    _on_loop(self._client.close(), timeout=10)
                 self._client = None
             if self._owns_server and self._server is not None:
                 self._server.stop()
@@ -1000,14 +1074,20 @@ class Teacher:
                             "or enter a key for this session"
                         )
             self._base_url = base_url
-            self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout, max_retries=0)
+            self._client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout, max_retries=0)
+            # a teacher dropped without close() still closes its connections
+            self._finalizer = weakref.finalize(self, _close_soon, self._client)
             return self._client
 
     def ping(self) -> list[str]:
         """The endpoint's model ids (GET /models); raises TeacherError if it does not answer."""
         client = self._ensure_client()
+
+        async def model_ids() -> list[str]:
+            return [m.id for m in (await client.models.list()).data]
+
         try:
-            return [m.id for m in client.models.list().data]
+            return _on_loop(model_ids())
         except Exception as exc:
             raise TeacherError(f"{self._base_url} does not answer: {_error_detail(exc)}", kind="connection") from exc
 
@@ -1039,7 +1119,7 @@ class Teacher:
     def cache_key(self, request: RequestLike) -> str:
         return self.cache_key_of(self.request_record(as_request(request)))
 
-    # -- single call ----------------------------------------------------------------------
+    # -- calls (in the calling thread) -----------------------------------------------------
     def chat(
         self,
         messages: Messages,
@@ -1054,55 +1134,136 @@ class Teacher:
     ) -> Completion:
         """One chat completion (cached). Raises TeacherError / BudgetExceeded."""
         req = ChatRequest(list(messages), temperature, max_tokens, response_format, seed, cache_salt)
-        return self._run(req, use_cache=use_cache, stop=stop)
+        with contextlib.closing(self._outcomes([req], limit=1, stop=stop, use_cache=use_cache)) as outcomes:
+            for _, outcome in outcomes:
+                if isinstance(outcome, TeacherError):
+                    raise outcome
+                return outcome
+        raise AssertionError("unreachable: every request has an outcome")
 
-    def _from_cache(self, key: str, entry: dict[str, Any]) -> Completion:
-        resp = entry.get("response") or {}
-        self._bump(cached_hits=1)
-        return Completion(
-            text=resp.get("text", ""), prompt_tokens=int(entry.get("prompt_tokens") or 0),
-            completion_tokens=int(entry.get("completion_tokens") or 0), cost=entry.get("cost"),
-            cached=True, model=resp.get("model") or entry.get("model") or "",
-            finish_reason=resp.get("finish_reason"), cache_key=key, attempts=0,
-        )
+    def chat_many(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        concurrency: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        on_result: Callable[[int, Result], None] | None = None,
+        stop: threading.Event | None = None,
+        use_cache: bool = True,
+    ) -> list[Result]:
+        """Run requests concurrently (at most ``concurrency`` in flight) and return results in
+        request order: a Completion, a TeacherFailure (error after retries, or cancelled via
+        ``stop``) or a BudgetExhausted marker. ``progress(done, total)`` and
+        ``on_result(index, result)`` are called in the calling thread as results arrive.
+        Setup errors (no key, the local server cannot start, the cache cannot be written)
+        raise instead."""
+        reqs = [as_request(r) for r in requests]
+        total = len(reqs)
+        results: list[Result | None] = [None] * total
+        limit = max(1, int(concurrency or self.config.default_concurrency))
+        done = 0
+        with contextlib.closing(self._outcomes(reqs, limit=limit, stop=stop, use_cache=use_cache)) as outcomes:
+            for i, outcome in outcomes:
+                result = outcome if isinstance(outcome, Completion) else _failure(outcome)
+                results[i] = result
+                done += 1
+                if on_result is not None:
+                    on_result(i, result)
+                if progress is not None:
+                    progress(done, total)
+        return [r if r is not None else TeacherFailure("not run", kind="cancelled") for r in results]
 
-    def _run(
-        self, req: ChatRequest, *, use_cache: bool = True, stop: threading.Event | None = None,
-        slot: Any = None, known_miss: bool = False, record: dict[str, Any] | None = None,
+    def _outcomes(
+        self, reqs: Sequence[ChatRequest], *, limit: int, stop: threading.Event | None, use_cache: bool,
+    ) -> Iterator[tuple[int, Completion | TeacherError]]:
+        """``(index, Completion or TeacherError)`` per request, in the calling thread, as they come:
+        the cached ones first (one lookup), then the calls, which run on the teacher loop with at
+        most ``limit`` in flight. A completion is in the cache before it is yielded.
+
+        Setup errors (and any error that is not a TeacherError) raise. When this stops early (an
+        error here or in the consumer, who must close it), the calls not started are cancelled
+        and those in flight finish, and are committed, before it returns."""
+        records = [self.request_record(r) for r in reqs]
+        keys = [self.cache_key_of(rec) for rec in records]
+        todo = list(range(len(reqs)))
+        if use_cache:
+            hits = cache_get_many(self.cache, keys)
+            todo = [i for i in todo if keys[i] not in hits]
+            for i, key in enumerate(keys):
+                if key in hits:
+                    yield i, self._from_cache(key, hits[key])
+        if not todo:
+            return
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        halt = threading.Event()  # the calling thread has given up
+
+        def cancelled() -> bool:
+            return halt.is_set() or (stop is not None and stop.is_set())
+
+        async def call_all() -> None:
+            slots = asyncio.Semaphore(limit)  # HTTP requests in flight
+            # calls from their start to their cache commit: a few more than slots, so that a
+            # commit overlaps the next request, but calls never run further ahead of the cache
+            calls = asyncio.Semaphore(limit + min(limit, 4))
+
+            async def one(i: int) -> None:
+                try:
+                    outcome: Any = await self._call(reqs[i], records[i], keys[i], calls, slots, cancelled,
+                                                    use_cache=use_cache)
+                except BaseException as exc:  # noqa: BLE001 - the calling thread raises what it must
+                    outcome = exc
+                arrived.put((i, outcome))
+
+            await asyncio.gather(*(one(i) for i in todo))
+
+        running = asyncio.run_coroutine_threadsafe(call_all(), _teacher_loop())
+        try:
+            for _ in todo:
+                i, outcome = arrived.get()
+                if isinstance(outcome, BaseException) and (
+                        isinstance(outcome, TeacherSetupError) or not isinstance(outcome, TeacherError)):
+                    raise outcome
+                yield i, outcome
+        finally:
+            halt.set()
+            running.result()
+
+    # -- on the teacher loop ----------------------------------------------------------------
+    async def _call(
+        self, req: ChatRequest, record: dict[str, Any], key: str, calls: asyncio.Semaphore,
+        slots: asyncio.Semaphore, cancelled: Callable[[], bool], *, use_cache: bool,
     ) -> Completion:
-        record = record or self.request_record(req)
-        key = self.cache_key_of(record)
-        slot = slot if slot is not None else contextlib.nullcontext()
+        """One request whose key was not in the cache. If the same key is in flight, its result
+        (once committed) is a cached hit here; if that call fails, this request makes its own.
+        The check comes before waiting for a place in ``calls``, so a duplicate never starts
+        after its leader has finished."""
         if not use_cache:
-            return self._call_and_store(req, record, key, stop, slot, store=False)
-        while True:
-            if not known_miss:
-                entry = self.cache.get(key)
-                if entry is not None:
-                    return self._from_cache(key, entry)
-            known_miss = False
-            with self._lock:  # one call per key at a time; the others wait for its result
-                waiter = self._inflight.get(key)
-                if waiter is None:
-                    event = self._inflight[key] = threading.Event()
-            if waiter is not None:
-                while not waiter.wait(0.25):
-                    if stop is not None and stop.is_set():
-                        raise TeacherError("cancelled", kind="cancelled")
-                continue  # re-read the cache (or become the caller if that call failed)
-            try:
-                return self._call_and_store(req, record, key, stop, slot, store=True)
-            finally:
-                with self._lock:
-                    self._inflight.pop(key, None)
-                event.set()
+            async with calls:
+                return (await self._call_and_store(req, record, key, slots, cancelled, store=False))[0]
+        while (leader := self._inflight.get(key)) is not None:
+            while not leader.done():
+                if cancelled():
+                    raise TeacherError("cancelled", kind="cancelled")
+                await asyncio.wait([leader], timeout=0.25)
+            if leader.result() is not None:
+                return self._from_cache(key, leader.result())
+        done = self._inflight[key] = asyncio.get_running_loop().create_future()
+        entry = None
+        try:
+            async with calls:
+                completion, entry = await self._call_and_store(req, record, key, slots, cancelled, store=True)
+            return completion
+        finally:
+            del self._inflight[key]
+            done.set_result(entry)
 
-    def _call_and_store(
-        self, req: ChatRequest, record: dict[str, Any], key: str, stop: threading.Event | None, slot: Any,
-        *, store: bool,
-    ) -> Completion:
-        """Budget check, the HTTP call (holding one of chat_many's concurrency slots), then the
-        cache commit (after the slot is released, so the next call's request overlaps it)."""
+    async def _call_and_store(
+        self, req: ChatRequest, record: dict[str, Any], key: str, slots: asyncio.Semaphore,
+        cancelled: Callable[[], bool], *, store: bool,
+    ) -> tuple[Completion, dict[str, Any] | None]:
+        """Budget check, the HTTP call (holding one of the concurrency slots), then the cache
+        commit (after the slot is released, so the next call's request overlaps it). Returns
+        the completion and the cache entry committed (None when store is False)."""
         params = record["params"]
         price = self.price
         est_prompt = estimate_tokens(_message_text(req.messages)) + 4 * len(req.messages)
@@ -1112,8 +1273,10 @@ class Teacher:
         reservation: tuple[int, float] | None = None
         spent_tokens, spent_cost, made = 0, 0.0, False
         try:
-            with slot:
-                got = ledger.reserve(worst_tokens, worst_cost, stop)
+            async with slots:
+                if cancelled():
+                    raise TeacherError("cancelled before it started", kind="cancelled")
+                got = await ledger.reserve(worst_tokens, worst_cost, cancelled)
                 if isinstance(got, str):
                     if got == "cancelled":
                         raise TeacherError("cancelled", kind="cancelled")
@@ -1122,10 +1285,11 @@ class Teacher:
                 reservation = got
                 self._bump(in_flight=1)
                 try:
-                    client = self._ensure_client()
+                    # making the client may start the local server: not on the loop
+                    client = self._client or await asyncio.to_thread(self._ensure_client)
                     made = True
                     t0 = time.monotonic()
-                    raw, attempts = self._request_with_retries(client, req, params, stop)
+                    raw, attempts = await self._request_with_retries(client, req, params, cancelled)
                 finally:
                     self._bump(in_flight=-1)
             text, finish, model_name, usage = self._read_completion(raw)
@@ -1140,6 +1304,7 @@ class Teacher:
                 model=model_name or self.model, finish_reason=finish, cache_key=key,
                 attempts=attempts, seconds=time.monotonic() - t0,
             )
+            entry = None
             if store:
                 entry = {
                     "provider": self.config.provider, "model": self.model, "request": record,
@@ -1147,13 +1312,10 @@ class Teacher:
                                  "id": raw.get("id"), "usage": raw.get("usage")},
                     "prompt_tokens": pt, "completion_tokens": ct, "cost": cost,
                 }
-                try:
-                    self.cache.put(key, entry)  # committed before the call counts as done
-                except Exception as exc:
-                    raise TeacherSetupError(f"could not write the LLM cache: {exc}") from exc
+                await self._commit(key, entry)  # committed before the call counts as done
             self._bump(calls=1, prompt_tokens=pt, completion_tokens=ct, cost=cost or 0.0,
                        unpriced_calls=0 if price is not None else 1)
-            return completion
+            return completion, entry
         except TeacherError as exc:
             if exc.kind not in ("cancelled", "setup", "budget"):
                 self._bump(failures=1)
@@ -1162,8 +1324,33 @@ class Teacher:
             if reservation is not None:
                 ledger.settle(reservation, spent_tokens, spent_cost, made=made)
 
-    def _request_with_retries(
-        self, client: Any, req: ChatRequest, params: dict[str, Any], stop: threading.Event | None
+    async def _commit(self, key: str, entry: dict[str, Any]) -> None:
+        """Put an entry into the cache; returns once it is committed. The cache is written in a
+        worker thread, one write at a time: the entries that arrive meanwhile go together into
+        the next write (one transaction for the workspace, one fsync for a JSON-lines file)."""
+        written = asyncio.get_running_loop().create_future()
+        self._uncommitted.append((key, entry, written))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._write_uncommitted())
+        await written
+
+    async def _write_uncommitted(self) -> None:
+        try:
+            while self._uncommitted:
+                batch, self._uncommitted = self._uncommitted, []
+                try:
+                    await asyncio.to_thread(cache_put_many, self.cache, [(k, e) for k, e, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - every call of the batch reports it
+                    for *_, written in batch:
+                        written.set_exception(TeacherSetupError(f"could not write the LLM cache: {exc}"))
+                else:
+                    for *_, written in batch:
+                        written.set_result(None)
+        finally:
+            self._committer = None
+
+    async def _request_with_retries(
+        self, client: Any, req: ChatRequest, params: dict[str, Any], cancelled: Callable[[], bool]
     ) -> tuple[dict[str, Any], int]:
         import openai
 
@@ -1179,7 +1366,7 @@ class Teacher:
         where = self._base_url or self.endpoint
         attempt = 0
         while True:
-            if stop is not None and stop.is_set():
+            if cancelled():
                 raise TeacherError("cancelled", kind="cancelled", attempts=attempt)
             attempt += 1
             self._bump(requests=1, retries=1 if attempt > 1 else 0)
@@ -1190,7 +1377,7 @@ class Teacher:
                 # returns the decoded JSON. It skips `chat.completions.create`'s parameter
                 # transformation and response models (~40% of the client's CPU per call, which
                 # caps calls/s at high concurrency) and passes server-specific parameters through.
-                resp = client.post("/chat/completions", cast_to=object, body=kwargs)
+                resp = await client.post("/chat/completions", cast_to=object, body=kwargs)
                 raw = self._as_dict(resp)
                 self._read_completion(raw)  # validates: raises _BadResponse
                 return raw, attempt
@@ -1200,14 +1387,16 @@ class Teacher:
                 kind, retryable = "http", status == 429 or status >= 500
                 retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
                 message = f"the teacher endpoint {where} answered HTTP {status}: {detail}"
-            except openai.APITimeoutError:
-                status, kind, retryable = None, "timeout", True
-                message = f"the teacher endpoint {where} did not answer within {cfg.timeout:g} s"
-            except openai.APIConnectionError as exc:
-                status, kind, retryable = None, "connection", True
-                cause = exc.__cause__ or exc.__context__
-                message = f"could not reach the teacher endpoint {where}: {_error_detail(exc)}" + (
-                    f" ({type(cause).__name__}: {cause})" if cause is not None else "")
+            except openai.APIConnectionError as exc:  # APITimeoutError included
+                status, retryable = None, True
+                if isinstance(exc, openai.APITimeoutError) and _timed_out(exc):
+                    kind = "timeout"
+                    message = f"the teacher endpoint {where} did not answer within {cfg.timeout:g} s"
+                else:
+                    kind = "connection"
+                    cause = exc.__cause__ or exc.__context__
+                    message = f"could not reach the teacher endpoint {where}: {_error_detail(exc)}" + (
+                        f" ({type(cause).__name__}: {cause})" if cause is not None else "")
             except (_BadResponse, openai.APIResponseValidationError, ValueError) as exc:
                 status, kind, retryable = None, "bad_response", True
                 message = f"the teacher endpoint {where} sent an unusable response: {exc}"
@@ -1217,12 +1406,9 @@ class Teacher:
             delay = self._backoff(attempt, retry_after)
             log.info("teacher: %s; retry %d/%d in %.2f s", message, attempt, cfg.max_attempts - 1, delay)
             if self._sleep is not None:
-                self._sleep(delay)
-            elif stop is not None:
-                if stop.wait(delay):
-                    raise TeacherError("cancelled", kind="cancelled", attempts=attempt)
-            else:
-                time.sleep(delay)
+                await asyncio.to_thread(self._sleep, delay)
+            elif await _pause(delay, cancelled):
+                raise TeacherError("cancelled", kind="cancelled", attempts=attempt)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cfg = self.config
@@ -1259,89 +1445,22 @@ class Teacher:
             counts = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         return str(text), first.get("finish_reason"), raw.get("model"), counts
 
-    # -- many calls -------------------------------------------------------------------------
-    def chat_many(
-        self,
-        requests: Iterable[RequestLike],
-        *,
-        concurrency: int | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        on_result: Callable[[int, Result], None] | None = None,
-        stop: threading.Event | None = None,
-        use_cache: bool = True,
-    ) -> list[Result]:
-        """Run requests concurrently (at most ``concurrency`` in flight) and return results in
-        request order: a Completion, a TeacherFailure (error after retries, or cancelled via
-        ``stop``) or a BudgetExhausted marker. ``progress(done, total)`` and
-        ``on_result(index, result)`` are called in the calling thread as results arrive.
-        Setup errors (no key, the local server cannot start, the cache cannot be written)
-        raise instead."""
-        reqs = [as_request(r) for r in requests]
-        total = len(reqs)
-        results: list[Result | None] = [None] * total
-        if total == 0:
-            return []
-        limit = max(1, int(concurrency or self.config.default_concurrency))
-        stop = stop or threading.Event()
-        fatal = threading.Event()
-        slots = threading.BoundedSemaphore(limit)  # HTTP requests in flight
-        done = 0
+    def _from_cache(self, key: str, entry: dict[str, Any]) -> Completion:
+        resp = entry.get("response") or {}
+        self._bump(cached_hits=1)
+        return Completion(
+            text=resp.get("text", ""), prompt_tokens=int(entry.get("prompt_tokens") or 0),
+            completion_tokens=int(entry.get("completion_tokens") or 0), cost=entry.get("cost"),
+            cached=True, model=resp.get("model") or entry.get("model") or "",
+            finish_reason=resp.get("finish_reason"), cache_key=key, attempts=0,
+        )
 
-        def report(i: int, result: Result) -> None:
-            nonlocal done
-            results[i] = result
-            done += 1
-            if on_result is not None:
-                on_result(i, result)
-            if progress is not None:
-                progress(done, total)
 
-        # cached results first, in one lookup; only the misses go to the workers
-        records = [self.request_record(r) for r in reqs]
-        todo = list(range(total))
-        if use_cache:
-            keys = [self.cache_key_of(rec) for rec in records]
-            hits = cache_get_many(self.cache, keys)
-            todo = []
-            for i, key in enumerate(keys):
-                if key in hits:
-                    report(i, self._from_cache(key, hits[key]))
-                else:
-                    todo.append(i)
-        if not todo:
-            return [r for r in results if r is not None]
-
-        def work(i: int) -> Result:
-            if stop.is_set() or fatal.is_set():
-                return TeacherFailure("cancelled before it started", kind="cancelled")
-            try:
-                return self._run(reqs[i], use_cache=use_cache, stop=stop, slot=slots, known_miss=True,
-                                 record=records[i])
-            except BudgetExceeded as exc:
-                return BudgetExhausted(str(exc))
-            except TeacherSetupError:
-                fatal.set()
-                raise
-            except TeacherError as exc:
-                return TeacherFailure(str(exc), kind=exc.kind, status=exc.status, attempts=exc.attempts)
-            except CRSError:
-                fatal.set()
-                raise
-
-        # a few more threads than slots: a finished call commits its result to the cache while
-        # the next call's request is already in flight
-        workers = min(len(todo), limit + min(limit, 4))
-        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher")
-        try:
-            futures = {pool.submit(work, i): i for i in todo}
-            for fut in cf.as_completed(futures):
-                report(futures[fut], fut.result())  # re-raises setup errors
-        except BaseException:
-            fatal.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        return [r if r is not None else TeacherFailure("not run", kind="cancelled") for r in results]
+def _failure(exc: TeacherError) -> TeacherFailure:
+    """chat_many's place-holder for a request that failed."""
+    if isinstance(exc, BudgetExceeded):
+        return BudgetExhausted(str(exc))
+    return TeacherFailure(str(exc), kind=exc.kind, status=exc.status, attempts=exc.attempts)
 
 
 class _BadResponse(Exception):

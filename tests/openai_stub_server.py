@@ -1,8 +1,9 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
 
 It speaks the chat-completions protocol as the real API does (``POST /v1/chat/completions``
-with the real JSON shape, ``usage`` included, and ``GET /v1/models``), so the real ``openai``
-client talks to it over HTTP; nothing is mocked. Each request can be given a behaviour:
+with the real JSON shape, ``usage`` included, and ``GET /v1/models``) over HTTP/1.1 with
+keep-alive, so the real ``openai`` client talks to it over HTTP; nothing is mocked. Each
+request can be given a behaviour:
 
     with OpenAIStubServer(reply=lambda messages: "hello") as stub:
         stub.push(Fault.rate_limit(retry_after=1), Fault.server_error())   # next two requests
@@ -17,26 +18,33 @@ status), ``bad_request`` (400), ``unauthorized`` (401), ``hang`` (no answer for 
 middle of the body), ``truncated_json`` (a complete response whose JSON is cut off),
 ``empty_choices`` (200 with ``"choices": []``).
 
+It stands in for a remote endpoint, so it should cost as little CPU as possible (benchmarks run
+it on the same cores as the client they measure): one asyncio event loop in a background thread
+serves every connection; a request costs a header parse, the reply function and one write. The
+reply and behaviour functions run in that thread.
+
 Run as a separate process (own GIL, for benchmarks)::
 
     python tests/openai_stub_server.py --latency 0.1      # prints "PORT <n>" then serves
                                                           # until its stdin closes
 
-``GET /_stub/stats`` and ``GET /_stub/reset`` (not OpenAI routes) read and reset the counters.
+``GET /_stub/stats`` and ``GET /_stub/reset`` (not OpenAI routes) read and reset the counters
+(stats also give the process's CPU seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
+import http
 import json
-import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 ReplyFn = Callable[[list[dict[str, Any]]], str]
@@ -117,8 +125,14 @@ class RecordedRequest:
     finished: float | None = None
 
 
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                429: "rate_limit_exceeded"}
+_CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+_MODEL_PATHS = ("/v1/models", "/models")
+
+
 class OpenAIStubServer:
-    """A threading HTTP server in a background thread; see the module docstring."""
+    """An asyncio HTTP/1.1 server in a background thread; see the module docstring."""
 
     def __init__(
         self,
@@ -139,45 +153,50 @@ class OpenAIStubServer:
         # behaviour: queued faults first, then `behaviour(index, body)` if set, else ok
         self.behaviour: Callable[[int, dict[str, Any]], Fault | None] | None = None
         self._queue: collections.deque[Fault] = collections.deque()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._lock = threading.Lock()  # counters, queue and requests are read from other threads
         self.requests: list[RecordedRequest] = []
         self.chat_requests = 0
         self.model_requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
-        self._httpd: ThreadingHTTPServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
+        self._port: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "OpenAIStubServer":
-        stub = self
-
-        class Handler(_Handler):
-            server_ref = stub
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-            request_queue_size = 256  # many simultaneous connects (benchmarks at concurrency 64)
-
-        self._httpd = Server((self.host, self._port_wanted), Handler)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"openai-stub:{self.port}", daemon=True,
-        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-stub", daemon=True)
         self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(
+            self._serve_connection, self.host, self._port_wanted, reuse_address=True,
+            backlog=256,  # many simultaneous connects (benchmarks at concurrency 64)
+        ), self._loop).result()
+        self._port = self._server.sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
+        loop = self._loop
+        if loop is None:
+            return
+
+        async def shut_down() -> None:
+            self._server.close()
+            for task in list(self._connections):  # hanging requests end now
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await self._server.wait_closed()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shut_down(), loop).result(timeout=5)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
             self._thread.join(timeout=5)
-            self._thread = None
+            if not self._thread.is_alive():
+                loop.close()
+            self._loop = self._server = self._thread = None
 
     def __enter__(self) -> "OpenAIStubServer":
         return self.start()
@@ -187,8 +206,8 @@ class OpenAIStubServer:
 
     @property
     def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return self._httpd.server_address[1]
+        assert self._port is not None, "server not started"
+        return self._port
 
     @property
     def base_url(self) -> str:
@@ -207,6 +226,14 @@ class OpenAIStubServer:
             self.chat_requests = 0
             self.model_requests = 0
             self.max_in_flight = self.in_flight
+
+    def stats(self) -> dict[str, Any]:
+        """The counters, and the CPU seconds this process has used so far (for benchmarks that
+        run the stub in its own process)."""
+        with self._lock:
+            return {"chat_requests": self.chat_requests, "model_requests": self.model_requests,
+                    "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                    "cpu_seconds": time.process_time()}
 
     def _next_fault(self, body: dict[str, Any]) -> tuple[int, Fault]:
         with self._lock:
@@ -248,127 +275,125 @@ class OpenAIStubServer:
             },
         }
 
+    # -- HTTP/1.1 -----------------------------------------------------------------------
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One keep-alive connection: requests one after the other until either side closes."""
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            keep_open = True
+            while keep_open:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+                method, path, version = request_line.split(" ", 2)
+                headers = {}
+                for line in lines:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+                raw = await reader.readexactly(length) if length else b""
+                keep_open = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+                try:
+                    keep_open &= await self._handle(method, path.rstrip("/"), headers, raw, writer)
+                except Exception as exc:  # a failing reply function: the client sees a 500
+                    traceback.print_exc()
+                    self._respond(writer, 500, _error_payload(500, f"stub: {type(exc).__name__}: {exc}"))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:  # stop(): ends here, so that asyncio has nothing to report
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
 
-class _Handler(BaseHTTPRequestHandler):
-    server_ref: OpenAIStubServer
-    protocol_version = "HTTP/1.1"  # keep-alive, as the real API
-
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet
-        return None
-
-    def setup(self) -> None:
-        super().setup()
-        # headers and body go out in separate writes: without this, Nagle + delayed ACK add ~40 ms
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        etype = {
-            400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-            429: "rate_limit_exceeded",
-        }.get(status, "server_error")
-        self._send_json(
-            status,
-            {"error": {"message": message, "type": etype, "param": None, "code": None}},
-            headers,
-        )
-
-    def do_GET(self) -> None:
-        stub = self.server_ref
-        if self.path.rstrip("/") == "/_stub/stats":  # not OpenAI: counters for benchmarks
-            with stub._lock:
-                stats = {"chat_requests": stub.chat_requests, "model_requests": stub.model_requests,
-                         "in_flight": stub.in_flight, "max_in_flight": stub.max_in_flight}
-            self._send_json(200, stats)
-        elif self.path.rstrip("/") == "/_stub/reset":
-            stub.reset()
-            self._send_json(200, {"reset": True})
-        elif self.path.rstrip("/") in ("/v1/models", "/models"):
-            with stub._lock:
-                stub.model_requests += 1
-            self._send_json(200, {
+    async def _handle(self, method: str, path: str, headers: dict[str, str], raw: bytes,
+                      writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; False when the connection is to be closed afterwards."""
+        if method == "GET" and path == "/_stub/stats":  # not OpenAI: counters for benchmarks
+            self._respond(writer, 200, self.stats())
+        elif method == "GET" and path == "/_stub/reset":
+            self.reset()
+            self._respond(writer, 200, {"reset": True})
+        elif method == "GET" and path in _MODEL_PATHS:
+            with self._lock:
+                self.model_requests += 1
+            self._respond(writer, 200, {
                 "object": "list",
-                "data": [{"id": stub.model, "object": "model", "created": 0, "owned_by": "stub"}],
+                "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "stub"}],
             })
+        elif method == "POST" and path in _CHAT_PATHS:
+            return await self._chat(path, headers, raw, writer)
         else:
-            self._error(404, f"no route {self.path}")
+            self._respond(writer, 404, _error_payload(404, f"no route {path}"))
+        return True
 
-    def do_POST(self) -> None:
-        stub = self.server_ref
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-            self._error(404, f"no route {self.path}")
-            return
+    async def _chat(self, path: str, headers: dict[str, str], raw: bytes, writer: asyncio.StreamWriter) -> bool:
         try:
             body = json.loads(raw or b"{}")
-        except json.JSONDecodeError:
-            self._error(400, "request body is not JSON")
-            return
-        index, fault = stub._next_fault(body)
-        rec = RecordedRequest(
-            path=self.path, body=body,
-            headers={k.lower(): v for k, v in self.headers.items()}, fault=fault,
-            started=time.monotonic(),
-        )
-        with stub._lock:
-            if stub.record:
-                stub.requests.append(rec)
-            stub.in_flight += 1
-            stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+        except ValueError:
+            self._respond(writer, 400, _error_payload(400, "request body is not JSON"))
+            return True
+        index, fault = self._next_fault(body)
+        rec = RecordedRequest(path=path, body=body, headers=headers, fault=fault, started=time.monotonic())
+        with self._lock:
+            if self.record:
+                self.requests.append(rec)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if stub.latency:
-                stub._stop.wait(stub.latency)
-            self._serve(fault, body)
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if fault.kind == "hang":
+                await asyncio.sleep(fault.seconds)
+                if writer.is_closing():  # the client has given up by now
+                    return False
+                fault = Fault.ok()  # answer anyway (into a closed socket, maybe)
+            return self._answer(fault, body, writer)
         finally:
             rec.finished = time.monotonic()
-            with stub._lock:
-                stub.in_flight -= 1
+            with self._lock:
+                self.in_flight -= 1
 
-    def _serve(self, fault: Fault, body: dict[str, Any]) -> None:
-        stub = self.server_ref
-        if fault.kind == "hang":
-            stub._stop.wait(fault.seconds)
-            # the client has given up by now; answer anyway (into a closed socket, maybe)
-            fault = Fault.ok()
+    def _answer(self, fault: Fault, body: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
         if fault.kind == "error":
-            headers = {}
+            extra = {}
             if fault.retry_after is not None:
                 ra = fault.retry_after
-                headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
-            self._error(fault.status, fault.message or "error", headers)
-            return
+                extra["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
+            self._respond(writer, fault.status, _error_payload(fault.status, fault.message or "error"), extra)
+            return True
         if fault.kind == "malformed":
-            self._send_json(200, b"<html>502 Bad Gateway: upstream sent garbage</html> {not json")
-            return
-        payload = stub.completion_body(body)
+            self._respond(writer, 200, b"<html>502 Bad Gateway: upstream sent garbage</html> {not json")
+            return True
+        payload = self.completion_body(body)
         if fault.kind == "empty_choices":
             payload["choices"] = []
-        raw = json.dumps(payload).encode()
-        try:
-            if fault.kind == "truncated":
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw[: len(raw) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            if fault.kind == "truncated_json":
-                raw = raw[: len(raw) // 2]
-            self._send_json(200, raw)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        data = json.dumps(payload).encode()
+        if fault.kind == "truncated":  # the headers promise the whole body; half comes, then the end
+            self._respond(writer, 200, data, cut=len(data) // 2)
+            return False
+        if fault.kind == "truncated_json":
+            data = data[: len(data) // 2]
+        self._respond(writer, 200, data)
+        return True
+
+    @staticmethod
+    def _respond(writer: asyncio.StreamWriter, status: int, payload: Any, headers: dict[str, str] | None = None,
+                 *, cut: int | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "Content-Type: application/json",
+                f"Content-Length: {len(data)}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (data if cut is None else data[:cut]))
+
+
+def _error_payload(status: int, message: str) -> dict[str, Any]:
+    etype = _ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": etype, "param": None, "code": None}}
 
 
 def main(argv: list[str] | None = None) -> None:

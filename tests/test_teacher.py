@@ -216,6 +216,14 @@ def test_identical_requests_in_flight_are_made_once(stub):
     assert sum(r.cached for r in results) == 7
 
 
+def test_identical_requests_beyond_the_concurrency_limit_are_made_once(stub):
+    stub.latency = 0.05
+    teacher = make_teacher(stub)
+    results = teacher.chat_many([msgs("again")] * 40, concurrency=2)
+    assert stub.chat_requests == 1
+    assert all(r.ok and r.text == "echo: again" for r in results) and sum(r.cached for r in results) == 39
+
+
 def test_results_are_committed_before_they_count_so_a_crash_repeats_no_call(stub, tmp_path):
     stub.latency = 0.02
     path = tmp_path / "ws.duckdb"
