@@ -369,15 +369,20 @@ class JobState:
         return d
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """Linux: the process start time in clock ticks (tells a reused pid apart)."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """Linux: the fields of /proc/<pid>/stat after the command name (None: no such process)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
             data = fh.read()
     except OSError:
         return None
-    fields = data[data.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
+    return data[data.rfind(")") + 2 :].split()
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Linux: the process start time in clock ticks (tells a reused pid apart)."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def _pid_alive(pid: int | None, start: str | None = None) -> bool:
@@ -390,12 +395,9 @@ def _pid_alive(pid: int | None, start: str | None = None) -> bool:
             _CHILDREN.pop(pid, None)
         return False
     if os.path.isdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-                data = fh.read()
-        except OSError:
+        fields = _proc_stat(pid)
+        if fields is None:
             return False
-        fields = data[data.rfind(")") + 2 :].split()
         if fields and fields[0] in ("Z", "X"):
             return False
         if start is not None and len(fields) > 19 and fields[19] != str(start):
