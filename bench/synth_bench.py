@@ -15,7 +15,6 @@ Part 2, the synthesis pipeline: see the marked section ``SYNTHESIS BENCH`` below
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess

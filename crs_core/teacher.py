@@ -708,10 +708,9 @@ class JsonlCache:
 def import_cache_entries(workspace: Any, entries: Iterable[tuple[str, dict[str, Any]]]) -> int:
     """Copy cache entries (e.g. a job's ``JsonlCache.entries()``) into the workspace's
     llm_cache; existing keys are kept. Returns how many were offered."""
-    rows = [_cache_row(k, e) for k, e in entries]
-    if rows:
-        WorkspaceCache(workspace)._write(rows)
-    return len(rows)
+    items = list(entries)
+    WorkspaceCache(workspace).put_many(items)
+    return len(items)
 
 
 def _cache_row(key: str, entry: dict[str, Any]) -> list[Any]:
@@ -821,19 +820,6 @@ def _retry_after_seconds(headers: Any) -> float | None:
         return max(0.0, when.timestamp() - time.time())
     except (TypeError, ValueError):
         return None
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """Whether an ``openai.APITimeoutError`` is a timeout: some transports (openai's aiohttp one)
-    report a refused or dropped connection as a connect timeout too; a real one has a
-    TimeoutError in its chain of causes."""
-    for _ in range(20):  # the chain is short; never loop on a cycle
-        if exc is None:
-            return False
-        if isinstance(exc, TimeoutError):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _error_detail(exc: Any) -> str:
@@ -1387,16 +1373,14 @@ class Teacher:
                 kind, retryable = "http", status == 429 or status >= 500
                 retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
                 message = f"the teacher endpoint {where} answered HTTP {status}: {detail}"
-            except openai.APIConnectionError as exc:  # APITimeoutError included
-                status, retryable = None, True
-                if isinstance(exc, openai.APITimeoutError) and _timed_out(exc):
-                    kind = "timeout"
-                    message = f"the teacher endpoint {where} did not answer within {cfg.timeout:g} s"
-                else:
-                    kind = "connection"
-                    cause = exc.__cause__ or exc.__context__
-                    message = f"could not reach the teacher endpoint {where}: {_error_detail(exc)}" + (
-                        f" ({type(cause).__name__}: {cause})" if cause is not None else "")
+            except openai.APITimeoutError:
+                status, kind, retryable = None, "timeout", True
+                message = f"the teacher endpoint {where} did not answer within {cfg.timeout:g} s"
+            except openai.APIConnectionError as exc:
+                status, kind, retryable = None, "connection", True
+                cause = exc.__cause__ or exc.__context__
+                message = f"could not reach the teacher endpoint {where}: {_error_detail(exc)}" + (
+                    f" ({type(cause).__name__}: {cause})" if cause is not None else "")
             except (_BadResponse, openai.APIResponseValidationError, ValueError) as exc:
                 status, kind, retryable = None, "bad_response", True
                 message = f"the teacher endpoint {where} sent an unusable response: {exc}"
