@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from .errors import CRSError
-from .store import Workspace, insert_frame
+from .store import Workspace, contains_pattern, insert_frame
 
 __all__ = [
     "STATUSES",
@@ -161,8 +161,8 @@ def review_queue(ws: Workspace, filters: QueueFilter | Mapping[str, Any] | None 
         where.append("coalesce(grounding_rate, 0) <= ?")
         params.append(float(f.max_grounding))
     if f.search and f.search.strip():
-        where.append("(query ILIKE ? OR coalesce(item_title, '') ILIKE ?)")
-        pattern = "%" + _like_escape(f.search.strip()) + "%"
+        where.append("(query ILIKE ? ESCAPE '\\' OR coalesce(item_title, '') ILIKE ? ESCAPE '\\')")
+        pattern = contains_pattern(f.search)
         params += [pattern, pattern]
     sql = _QUEUE_SQL + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY created_at, query_id"
@@ -178,10 +178,6 @@ def queue_facets(ws: Workspace) -> dict[str, list[str]]:
     )
     return {col: sorted(str(v) for v in frame[col].dropna().unique())
             for col in ("teacher", "strategy", "selection_id")}
-
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 # -------------------------------------------------------------------------------- dialogue

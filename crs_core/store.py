@@ -353,6 +353,13 @@ def _ident(name: str) -> str:
     return name
 
 
+def contains_pattern(text: str) -> str:
+    """A LIKE / ILIKE pattern matching values that contain ``text`` literally. Use it with
+    ``ESCAPE '\\'`` (DuckDB has no default escape character: without the clause, a search for
+    "a_b" would look for a backslash)."""
+    return "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def insert_frame(cur, table: str, frame: pd.DataFrame) -> None:
     """INSERT the rows of ``frame`` into ``table`` (columns by name) on ``cur``, inside the
     caller's transaction."""

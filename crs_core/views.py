@@ -15,17 +15,13 @@ import numpy as np
 import pandas as pd
 
 from .errors import CRSError
-from .store import Workspace
+from .store import Workspace, contains_pattern
 
 SNIPPET = 160
 
 
 class ViewError(CRSError):
     """A view cannot be shown as asked (unknown selection, ...)."""
-
-
-def _like(text: str) -> str:
-    return "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 # ---------------------------------------------------------------------------- versioning
@@ -65,8 +61,9 @@ def items_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (
     """Catalog items with review / interaction counts, best known first."""
     where, params = [], []
     if search.strip():
-        where.append("(i.title ILIKE ? OR i.item_id ILIKE ? OR coalesce(i.plot, '') ILIKE ?)")
-        params += [_like(search)] * 3
+        where.append("(i.title ILIKE ? ESCAPE '\\' OR i.item_id ILIKE ? ESCAPE '\\' "
+                     "OR coalesce(i.plot, '') ILIKE ? ESCAPE '\\')")
+        params += [contains_pattern(search)] * 3
     for g in genre_filter:
         where.append("list_contains(string_split(coalesce(i.genres, ''), '|'), ?)")
         params.append(str(g))
@@ -92,12 +89,16 @@ def rating_range(ws: Workspace) -> tuple[float, float]:
 def reviews_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (),
                   rating: tuple[float, float] | None = None, clustering_id: str | None = None,
                   clusters: Sequence[int] = (), item_id: str | None = None, unit_ids: Sequence[str] | None = None,
-                  limit: int = 500) -> pd.DataFrame:
-    """Reviews joined with their item (and cluster, given a clustering), filtered."""
+                  limit: int = 500, snippet: int | None = None) -> pd.DataFrame:
+    """Reviews joined with their item (and cluster, given a clustering), filtered.
+
+    With ``snippet``, ``text`` holds at most that many characters (plus an ellipsis when cut):
+    a table of 500 full reviews is megabytes the browser must receive and lay out, while a reader
+    opens one review at a time (`review_text`). Search still looks at the whole text."""
     where, params = [], []
     if search.strip():
-        where.append("(r.text ILIKE ? OR i.title ILIKE ?)")
-        params += [_like(search)] * 2
+        where.append("(r.text ILIKE ? ESCAPE '\\' OR i.title ILIKE ? ESCAPE '\\')")
+        params += [contains_pattern(search)] * 2
     for g in genre_filter:
         where.append("list_contains(string_split(coalesce(i.genres, ''), '|'), ?)")
         params.append(str(g))
@@ -119,13 +120,23 @@ def reviews_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] =
         if clusters:
             where.append("a.cluster IN (SELECT unnest(?::INTEGER[]))")
             params.append([int(c) for c in clusters])
+    text_sql = "r.text"
+    if snippet is not None:
+        text_sql = (f"CASE WHEN length(r.text) > {int(snippet)} THEN left(r.text, {int(snippet)}) || '…' "
+                    "ELSE r.text END AS text")
     sql = (
-        f"SELECT r.review_id, i.title, i.year, r.rating, {cluster_sql}, r.text, r.item_id, r.user_id, r.source "
+        f"SELECT r.review_id, i.title, i.year, r.rating, {cluster_sql}, {text_sql}, r.item_id, r.user_id, r.source "
         "FROM reviews r LEFT JOIN items i ON i.item_id = r.item_id " + join
         + ("WHERE " + " AND ".join(where) + " " if where else "")
         + "ORDER BY r.review_id LIMIT ?"
     )
     return ws.df(sql, params + [int(limit)])
+
+
+def review_text(ws: Workspace, review_id: str) -> str | None:
+    """The full text of one review (None when it is not in the workspace)."""
+    row = ws.cursor().execute("SELECT text FROM reviews WHERE review_id = ?", [str(review_id)]).fetchone()
+    return None if row is None else row[0]
 
 
 # ---------------------------------------------------------------------- embeddings / map
@@ -272,9 +283,9 @@ def catalog_search(ws: Workspace, text: str, limit: int = 20) -> pd.DataFrame:
     if not text or not text.strip():
         return pd.DataFrame(columns=["item_id", "title", "year", "genres"])
     return ws.df(
-        "SELECT item_id, title, year, genres FROM items WHERE title ILIKE ? OR item_id = ? "
+        "SELECT item_id, title, year, genres FROM items WHERE title ILIKE ? ESCAPE '\\' OR item_id = ? "
         "ORDER BY (lower(title) = lower(?)) DESC, year DESC NULLS LAST, title LIMIT ?",
-        [_like(text), text.strip(), text.strip(), int(limit)],
+        [contains_pattern(text), text.strip(), text.strip(), int(limit)],
     )
 
 

@@ -21,9 +21,10 @@ c[1].metric("Reviews", f"{counts['reviews']:,}")
 c[2].metric("Interactions", f"{counts['interactions']:,}")
 c[3].metric("Dialogue turns", f"{counts['dialogue_turns']:,}")
 
-tab_items, tab_reviews, tab_add = st.tabs(["Items", "Reviews", "Add your own file"])
+REVIEW_SNIPPET = 300
 
-with tab_items:
+
+def items_tab() -> None:
     if counts["items"] == 0:
         needs("No items yet. Build the default workspace on Home, or add an items file in the "
               "'Add your own file' tab.", "pages/home.py", "Home")
@@ -38,7 +39,8 @@ with tab_items:
                      column_config={"avg_rating": st.column_config.NumberColumn(format="%.1f"),
                                     "year": st.column_config.NumberColumn(format="%d")})
 
-with tab_reviews:
+
+def reviews_tab() -> None:
     if counts["reviews"] == 0:
         needs("No reviews yet. Build the default workspace on Home, or add a reviews file in the "
               "'Add your own file' tab.", "pages/home.py", "Home")
@@ -59,8 +61,9 @@ with tab_reviews:
             sizes = cached(views.cluster_sizes, clustering)
             clusters = f5.multiselect("Clusters", sizes["cluster"].tolist(), key="seeds_review_clusters")
         reviews = cached(views.reviews_table, search, tuple(genre), tuple(rating) if rating else None,
-                         clustering, tuple(clusters), None, None, 500)
-        st.caption(f"{len(reviews):,} reviews shown (first 500 matches). Select a row to read it in full.")
+                         clustering, tuple(clusters), None, None, 500, REVIEW_SNIPPET)
+        st.caption(f"{len(reviews):,} reviews shown (first 500 matches, texts cut at {REVIEW_SNIPPET} "
+                   "characters). Select a row to read it in full.")
         event = st.dataframe(reviews, hide_index=True, width="stretch", key="seeds_reviews_table",
                              on_select="rerun", selection_mode="single-row",
                              column_config={"text": st.column_config.TextColumn(width="large")})
@@ -69,9 +72,10 @@ with tab_reviews:
             row = reviews.iloc[rows[0]]
             with st.container(border=True):
                 st.text(f"{row['title']} ({row['year']}) — rating {row['rating']} — review {row['review_id']}")
-                st.text(row["text"])
+                st.text(cached(views.review_text, row["review_id"]) or row["text"])
 
-with tab_add:
+
+def add_file_tab() -> None:
     st.write("Add reviews, items, interactions, tags or dialogues in a supported format. The whole "
              "file is checked first; nothing is written when it has a problem (unless you choose "
              "to skip bad rows, which are then listed).")
@@ -118,3 +122,13 @@ with tab_add:
             except (CRSError, ValueError, OSError) as exc:
                 show_error(exc)
                 st.caption("Nothing was written to the workspace.")
+
+
+# only the open tab runs (on_change="rerun"): every visit used to build and send the hidden tabs'
+# tables too; the open tab is kept in the URL (?tab=...) so a link can open it directly
+tab_items, tab_reviews, tab_add = st.tabs(["Items", "Reviews", "Add your own file"], key="seeds_tab",
+                                          on_change="rerun", bind="query-params")
+for tab, body in ((tab_items, items_tab), (tab_reviews, reviews_tab), (tab_add, add_file_tab)):
+    if tab.open:
+        with tab:
+            body()

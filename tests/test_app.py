@@ -132,6 +132,19 @@ def test_review_renders_review_html_as_text(monkeypatch, studio_workspace):
     assert not any("<script" in str(c.value) for c in at.caption)
 
 
+def test_seeds_reviews_tab_lists_snippets_as_text(monkeypatch, studio_workspace):
+    at = open_page(monkeypatch, studio_workspace, "pages/seeds.py")
+    assert at.get("arrow_data_frame") or at.dataframe, "the Items tab shows its table"
+    at.session_state["seeds_tab"] = "Reviews"
+    at.run()
+    assert_clean(at)
+    table = at.dataframe(key="seeds_reviews_table").value
+    assert len(table) > 0 and table["text"].str.len().max() <= 301  # REVIEW_SNIPPET + the ellipsis
+    at.text_input(key="seeds_review_search").set_value("window.__crs_xss").run()
+    assert list(at.dataframe(key="seeds_reviews_table").value["text"]) == [XSS_TEXT]
+    assert not any("<script" in m.value for m in at.markdown)
+
+
 @pytest.mark.parametrize("strategy", ["FISHER", "JS"])
 def test_a_selection_run_stores_a_selection(monkeypatch, own_workspace, strategy):
     pytest.importorskip("crs_core.embed", reason="crs_core.selections loads embeddings through crs_core.embed")
@@ -155,6 +168,9 @@ def test_seeds_upload_validates_first_and_writes_nothing_on_error(monkeypatch, o
         before = ws.count("reviews")
         imdb = ws.scalar("SELECT imdb_id FROM items WHERE imdb_id IS NOT NULL ORDER BY imdb_id LIMIT 1")
     at = open_page(monkeypatch, own_workspace, "pages/seeds.py")
+    assert not at.get("file_uploader"), "only the open tab (Items) runs"
+    at.session_state["seeds_tab"] = "Add your own file"
+    at.run()
     good = json.dumps({"review_id": "mine-1", "imdb_id": imdb, "text": "Loved it.", "rating": 9})
     bad = good.replace("mine-1", "mine-2") + "\n{not json\n"
     at.file_uploader(key="seeds_upload").upload("mine.jsonl", bad.encode()).run()

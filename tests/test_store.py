@@ -103,3 +103,17 @@ def test_vector_blobs_round_trip():
     matrix = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
     assert np.array_equal(blobs_to_vectors(vectors_to_blobs(matrix), 7), matrix)
     assert blobs_to_vectors([], 3).shape == (0, 3)
+
+
+@pytest.mark.parametrize("needle, hay, hit", [
+    ("a_b", "xa_by", True), ("a_b", "axb", False),        # _ is literal, not "any character"
+    ("50%", "only 50% off", True), ("50%", "500 off", False),
+    ("c:\\dir", "in c:\\dir now", True), ("  The Matrix ", "the matrix (1999)", True),
+])
+def test_contains_pattern_matches_the_text_literally(needle, hay, hit):
+    import duckdb
+
+    from crs_core.store import contains_pattern
+
+    got = duckdb.execute("SELECT ? ILIKE ? ESCAPE '\\'", [hay, contains_pattern(needle)]).fetchone()[0]
+    assert got is hit

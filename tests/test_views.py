@@ -1,0 +1,39 @@
+"""crs_core.views on the small real workspace: the review table's snippets and one review's full text."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import XSS_TEXT
+from crs_core import views
+from crs_core.store import Workspace
+
+
+@pytest.fixture()
+def ws(studio_workspace):
+    with Workspace(studio_workspace) as workspace:
+        yield workspace
+
+
+def test_reviews_table_cuts_texts_to_the_snippet_and_marks_the_cut(ws):
+    full = views.reviews_table(ws, limit=50)
+    cut = views.reviews_table(ws, limit=50, snippet=40)
+    assert list(full["review_id"]) == list(cut["review_id"])
+    for whole, part in zip(full["text"], cut["text"]):
+        if len(whole) > 40:
+            assert part == whole[:40] + "…"
+        else:
+            assert part == whole
+    assert any(len(t) > 40 for t in full["text"]), "the sample has long reviews"
+
+
+def test_reviews_table_search_looks_at_the_whole_text_not_the_snippet(ws):
+    long_one = ws.df("SELECT review_id, text FROM reviews WHERE length(text) > 400 ORDER BY review_id LIMIT 1")
+    word = long_one["text"].iloc[0][-60:].strip()  # beyond any 40-character snippet
+    hits = views.reviews_table(ws, search=word, snippet=40)
+    assert long_one["review_id"].iloc[0] in set(hits["review_id"])
+
+
+def test_review_text_returns_the_full_text_or_none(ws):
+    assert views.review_text(ws, "xss-review") == XSS_TEXT
+    assert views.review_text(ws, "no-such-review") is None
