@@ -8,6 +8,10 @@ exactly as it talks to a remote endpoint::
         server.base_url                    # 'http://127.0.0.1:<port>/v1'
     # stopped: terminate, then kill; also stopped at interpreter exit (atexit)
 
+and when the process that started it dies without cleaning up (SIGTERM, SIGKILL, a crash: atexit
+does not run then), the server notices and exits: it watches the pipe on its stdin, whose only
+writer is the parent, and reads end-of-file when the parent is gone.
+
 Errors are ``LlamaServerError`` (a ``CRSError``) with a message a user can act on: llama_cpp
 not installed, port taken, model missing, or the server died at start (with its log's tail).
 """
@@ -101,6 +105,21 @@ def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
 
 
 # -- the server --------------------------------------------------------------------------------
+# The child's main: `python -m llama_cpp.server` plus a thread that waits for end-of-file on stdin
+# (the parent's end of the pipe closes when the parent exits, however it exits), then asks uvicorn
+# to shut down (SIGTERM to itself) and, should that hang, exits hard.
+_CHILD_MAIN = """
+import os, runpy, signal, sys, threading, time
+def _parent_gone():
+    sys.stdin.buffer.read()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(0)
+threading.Thread(target=_parent_gone, daemon=True).start()
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
 _LIVE: "weakref.WeakSet[LlamaServer]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
@@ -174,7 +193,7 @@ class LlamaServer:
 
     def command(self, port: int) -> list[str]:
         return [
-            self.python, "-m", "llama_cpp.server",
+            self.python, "-c", _CHILD_MAIN,
             "--model", str(self.model_path),
             "--model_alias", self.model_alias,
             "--host", self.host,
@@ -231,7 +250,7 @@ class LlamaServer:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.port = port
         self._proc = subprocess.Popen(
-            self.command(port), stdin=subprocess.DEVNULL, stdout=self._log_file,
+            self.command(port), stdin=subprocess.PIPE, stdout=self._log_file,
             stderr=subprocess.STDOUT, env=env,  # same process group: a group kill (CI, Ctrl-C) ends it too
         )
         deadline = time.monotonic() + self.startup_timeout
@@ -288,6 +307,9 @@ class LlamaServer:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
             self._proc.wait(timeout=10)
+        if self._proc is not None and self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
         if self._log_file is not None:
             with contextlib.suppress(Exception):
                 self._log_file.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,6 +111,32 @@ def test_atexit_stops_a_forgotten_server(requirements, tmp_path):
     while _pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _pid_alive(pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_the_server_exits_when_its_parent_is_killed(requirements, sig):
+    # atexit does not run on SIGTERM / SIGKILL: the server watches its stdin pipe instead
+    script = textwrap.dedent(f"""
+        import sys, time; sys.path.insert(0, {str(ROOT)!r})
+        from crs_core.llama_server import LlamaServer
+        srv = LlamaServer({str(requirements)!r}).start()
+        print(srv.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline().strip())
+        assert _pid_alive(pid)
+        parent.send_signal(sig)
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _pid_alive(pid), "the llama.cpp server outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
 
 
 def test_port_taken_is_a_clear_error(requirements):
