@@ -31,8 +31,18 @@ document and session; server-side caches, st.cache_data keyed on the workspace's
 are warm). Every page gets its own server start, so a page's cold time does not profit from an
 earlier page.
 
-Baseline: the same measurement of a one-line Streamlit app (``st.title``), for a ratio that
-removes the machine's speed and Streamlit's own cost.
+Baselines: the same measurement of a one-line Streamlit app (``st.title``), for a ratio that
+removes the machine's speed and Streamlit's own cost; and of a one-line app with one Plotly
+scatter of 300 points (``st.plotly_chart``), because a new document that draws any Plotly chart
+pays for loading Streamlit's Plotly bundle (about 2 s of JavaScript on a slow 2-core machine,
+measured with the DevTools profiler): that is the floor of the Map page, whatever it draws.
+
+In-app navigation (``--in-app``, on by default): what a user does after the first page is to
+click a page in the sidebar. The document stays (Streamlit is a single-page app), so scripts
+already loaded, e.g. Plotly after the first chart, are not loaded again. Measured on one server
+and one browser: open Home, then for each page click its sidebar link and time from the click
+to interactive (same conditions as above: heading, main element, no script running, WebSocket
+quiet); back to Home and click it again ("again").
 
 The 50k-point map: a copy of the workspace whose mapped review set is tiled to at least
 ``--map-points`` points: each extra copy of a review is a new review row (same text and film,
@@ -82,6 +92,16 @@ PAGES = {
     "training": ("training", "Training", None),
     "evaluation": ("evaluation", "Evaluation", None),
 }
+
+PLOTLY_BASELINE_APP = """import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+st.title("Plotly baseline")
+xy = np.random.default_rng(0).normal(size=(300, 2))
+st.plotly_chart(go.Figure(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers")), key="chart",
+                on_select="rerun", selection_mode=("box", "lasso"))
+"""
 
 WS_HOOK = """
 (() => {
@@ -186,6 +206,31 @@ def visit(driver, url: str, title: str, main: str | None) -> Visit:
     """Open `url` and wait until the page is interactive (see the module docstring)."""
     driver.get("about:blank")
     driver.get(url)
+    return _wait_interactive(driver, title, main, since=0.0, messages_before=0, what=url)
+
+
+CLICK_NAV = """
+const link = [...document.querySelectorAll('[data-testid="stSidebarNavLink"]')]
+  .find(a => new URL(a.href).pathname.replace(/^\\/+|\\/+$/g, '') === arguments[0]);
+if (!link) return null;
+const t0 = performance.now(), n = window.__crsWs.n;
+link.click();
+return {t0: t0, n: n};
+"""
+
+
+def navigate(driver, path: str, title: str, main: str | None) -> Visit:
+    """Click the sidebar link to `path` in the open document; TTI counted from the click."""
+    started = driver.execute_script(CLICK_NAV, path)
+    if started is None:
+        raise RuntimeError(f"no sidebar link to /{path}")
+    t0 = started["t0"] / 1000
+    v = _wait_interactive(driver, title, main, since=t0, messages_before=int(started["n"]), what=f"/{path}")
+    return Visit(v.tti - t0, v.main_at - t0, v.last_message_at - t0, v.messages, v.exception)
+
+
+def _wait_interactive(driver, title: str, main: str | None, *, since: float, messages_before: int,
+                      what: str) -> Visit:
     deadline = time.monotonic() + TIMEOUT_S
     main_at = None
     while time.monotonic() < deadline:
@@ -196,10 +241,11 @@ def visit(driver, url: str, title: str, main: str | None) -> Visit:
         else:
             main_at = None
         last = p["wsLast"] / 1000
-        if main_at is not None and not p["running"] and p["wsN"] > 0 and now - last >= QUIET_S:
-            return Visit(max(main_at, last), main_at, last, int(p["wsN"]), bool(p["exception"]))
+        if (main_at is not None and not p["running"] and p["wsN"] > messages_before and last >= since
+                and now - last >= QUIET_S):
+            return Visit(max(main_at, last), main_at, last, int(p["wsN"]) - messages_before, bool(p["exception"]))
         time.sleep(POLL_S)
-    raise TimeoutError(f"{url} did not become interactive within {TIMEOUT_S:.0f} s")
+    raise TimeoutError(f"{what} did not become interactive within {TIMEOUT_S:.0f} s")
 
 
 def measure(script: Path, workspace: Path | None, path: str, title: str, main: str | None, tmp: Path
@@ -216,6 +262,31 @@ def measure(script: Path, workspace: Path | None, path: str, title: str, main: s
             driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
     return cold, warm
+
+
+def measure_in_app(workspace: Path, pages: list[str], tmp: Path) -> dict[str, tuple[Visit, Visit]]:
+    """{page: (first click, click again)} on one server and one browser, starting from Home."""
+    profile = Path(tempfile.mkdtemp(prefix="profile-", dir=tmp))
+    out: dict[str, tuple[Visit, Visit]] = {}
+    home_path, home_title, home_main = PAGES["home"]
+    with Studio(ROOT / "app.py", workspace, tmp) as studio:
+        driver = browser(profile)
+        try:
+            visit(driver, f"{studio.url}/{home_path}", home_title, home_main)
+            for name in pages:
+                if name == "home":
+                    continue
+                path, title, main = PAGES[name]
+                first = navigate(driver, path, title, main)
+                navigate(driver, home_path, home_title, home_main)
+                again = navigate(driver, path, title, main)
+                navigate(driver, home_path, home_title, home_main)
+                out[name] = (first, again)
+                print(f"in-app {name}: first {first.tti:.2f} s, again {again.tti:.2f} s", flush=True)
+        finally:
+            driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+    return out
 
 
 # ---------------------------------------------------------------------------- workspaces
@@ -269,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workspace", help="workspace to copy (default: $CRS_WORKSPACE or the default workspace)")
     ap.add_argument("--pages", nargs="+", choices=list(PAGES), default=list(PAGES))
     ap.add_argument("--map-points", type=int, default=50_000, help="points of the tiled map (0: skip)")
+    ap.add_argument("--no-in-app", dest="in_app", action="store_false",
+                    help="skip the in-app navigation measurement (sidebar clicks)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     for exe in (CHROMIUM, CHROMEDRIVER):
@@ -285,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         base = {"cold": cold.tti, "warm": warm.tti}
         rows.append({"page": "baseline (st.title only)", "points": None, "cold": asdict(cold), "warm": asdict(warm)})
         print(f"baseline: cold {cold.tti:.2f} s, warm {warm.tti:.2f} s", flush=True)
+        plotly_app = tmp / "plotly_baseline_app.py"
+        plotly_app.write_text(PLOTLY_BASELINE_APP)
+        cold, warm = measure(plotly_app, None, "", "Plotly baseline", PAGES["map"][2], tmp)
+        rows.append({"page": "baseline + Plotly chart", "points": 300, "cold": asdict(cold), "warm": asdict(warm)})
+        print(f"Plotly baseline: cold {cold.tti:.2f} s, warm {warm.tti:.2f} s", flush=True)
 
         ws = copy_workspace(src, tmp / "bench.duckdb")
         from crs_core.store import Workspace
@@ -306,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"page": f"map ({info['points']:,} points)", "points": info["points"], "tiling": info,
                          "cold": asdict(cold), "warm": asdict(warm)})
             print(f"map {info['points']:,} points: cold {cold.tti:.2f} s, warm {warm.tti:.2f} s", flush=True)
+        in_app = measure_in_app(ws, args.pages, tmp) if args.in_app else {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -316,6 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         ok = "ok" if c < GOAL_S and w < GOAL_S else ("warm ok" if w < GOAL_S else "OVER")
         flag = " exception!" if r["cold"]["exception"] or r["warm"]["exception"] else ""
         print(f"{r['page']:<26} {c:>6.2f} {w:>6.2f} {c / base['cold']:>9.1f} {w / base['warm']:>9.1f}  {ok}{flag}")
+    if in_app:
+        print(f"\nIn-app navigation (sidebar click, same document), seconds (goal < {GOAL_S:g} s):")
+        print(f"{'page':<26} {'first':>6} {'again':>6}  goal")
+        for name, (first, again) in in_app.items():
+            ok = "ok" if first.tti < GOAL_S and again.tti < GOAL_S else ("again ok" if again.tti < GOAL_S else "OVER")
+            flag = " exception!" if first.exception or again.exception else ""
+            print(f"{name:<26} {first.tti:>6.2f} {again.tti:>6.2f}  {ok}{flag}")
+        for name, (first, again) in in_app.items():
+            rows.append({"page": f"in-app {name}", "first": asdict(first), "again": asdict(again)})
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

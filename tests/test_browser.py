@@ -102,13 +102,13 @@ def browser(tmp_path_factory):
 
 def _wait_idle(driver, title: str, timeout: float = 90) -> None:
     """Until the page's title is shown and the script has stopped running for a moment."""
-    from selenium.webdriver.common.by import By
-
     deadline = time.monotonic() + timeout
     quiet = 0
     while time.monotonic() < deadline:
-        heads = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "h1")]
-        running = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+        # read in one script: elements found by one call can be replaced before the next reads them
+        heads, running = driver.execute_script(
+            "return [[...document.querySelectorAll('h1')].map(h => h.textContent),"
+            " document.querySelector('[data-testid=\"stStatusWidget\"]') !== null];")
         quiet = quiet + 1 if any(title in h for h in heads) and not running else 0
         if quiet >= 4:
             return
