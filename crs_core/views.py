@@ -196,7 +196,7 @@ def hover_texts(titles: Sequence[Any], years: Sequence[Any], snippets: Sequence[
 
     title = esc(pd.Series(titles, dtype=object).fillna("").astype(str)).replace("", "?")
     year = pd.to_numeric(pd.Series(years, dtype=object), errors="coerce")
-    year = year.map(lambda y: "" if pd.isna(y) else str(int(y)))
+    year = year.map(lambda y: "" if pd.isna(y) else str(int(y))).astype(object)  # object even when empty
     snippet = esc(pd.Series(snippets, dtype=object).fillna("").astype(str))
     return (title + " (" + year + ")<br>" + snippet + "…").to_numpy(dtype=object)
 
@@ -234,11 +234,20 @@ def selections(ws: Workspace) -> pd.DataFrame:
 
 
 def selection_picks(ws: Workspace, selection_id: str, clustering_id: str | None = None) -> pd.DataFrame:
-    """Picks in order, joined with their review/item (and cluster and map position when known)."""
-    sel = ws.df("SELECT unit, set_id FROM selections WHERE selection_id = ?", [selection_id])
+    """Picks in order, joined with their review/item (and cluster and map position when known).
+
+    An item pick over a map of reviews (a selection with unit "item" made from review
+    embeddings: the item is the mean of its reviews) is placed at the centroid of its reviews'
+    map positions."""
+    sel = ws.df("SELECT s.unit, s.set_id, e.unit AS set_unit FROM selections s "
+                "LEFT JOIN embedding_sets e USING (set_id) WHERE s.selection_id = ?", [selection_id])
     if sel.empty:
         raise ViewError(f"no selection {selection_id!r} in the workspace")
-    unit, set_id = sel.iloc[0]["unit"], sel.iloc[0]["set_id"]
+    unit, set_id, set_unit = sel.iloc[0]["unit"], sel.iloc[0]["set_id"], sel.iloc[0]["set_unit"]
+    positions = "projections"
+    if unit == "item" and set_unit == "review":
+        positions = ("(SELECT q.set_id, r.item_id AS unit_id, avg(q.x) AS x, avg(q.y) AS y FROM projections q "
+                     "JOIN reviews r ON r.review_id = q.unit_id GROUP BY q.set_id, r.item_id)")
     params: list[Any] = [set_id]
     cluster, join = "NULL::INTEGER", ""
     if clustering_id:
@@ -251,7 +260,7 @@ def selection_picks(ws: Workspace, selection_id: str, clustering_id: str | None 
         body = "LEFT JOIN items i ON i.item_id = p.unit_id "
         cols = "i.item_id, i.title, i.year, i.genres, NULL AS rating, i.plot AS text"
     sql = (f"SELECT p.rank, p.unit_id, p.score, p.round, {cluster} AS cluster, m.x, m.y, {cols} "
-           "FROM selection_picks p LEFT JOIN projections m ON m.unit_id = p.unit_id AND m.set_id = ? "
+           f"FROM selection_picks p LEFT JOIN {positions} m ON m.unit_id = p.unit_id AND m.set_id = ? "
            + body + join + "WHERE p.selection_id = ? ORDER BY p.rank")
     return ws.df(sql, params + [selection_id])
 

@@ -52,8 +52,10 @@ for cluster, frame in groups:
         marker={"size": 4 if len(points) > 5000 else 6, "opacity": 0.6},
         hovertext=frame["hover"].to_numpy(dtype=object), hoverinfo="text",
     ))
-if overlay:
-    picks = cached(views.selection_picks, overlay, clustering).dropna(subset=["x"])
+picks = cached(views.selection_picks, overlay, clustering).dropna(subset=["x"]) if overlay else None
+if picks is not None and picks.empty:
+    st.caption("None of this selection's picks is on this map.")
+if picks is not None and not picks.empty:
     show_numbers = len(picks) <= 60
     fig.add_trace(go.Scattergl(
         x=picks["x"], y=picks["y"], customdata=picks["unit_id"], name="selection (pick order)",

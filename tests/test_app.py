@@ -4,6 +4,7 @@ a file upload, an evaluation drill-down."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -130,6 +131,18 @@ def test_review_renders_review_html_as_text(monkeypatch, studio_workspace):
     assert XSS_TEXT in [t.value for t in at.text]
     assert not any("<script" in m.value for m in at.markdown)
     assert not any("<script" in str(c.value) for c in at.caption)
+
+
+def test_map_overlays_an_item_selection_made_from_review_embeddings(monkeypatch, own_workspace):
+    from test_views import _add_item_selection
+
+    _add_item_selection(own_workspace)
+    at = open_page(monkeypatch, own_workspace, "pages/map.py")
+    assert at.selectbox(key="map_overlay").value == "test-items"  # the newest selection is overlaid
+    assert not at.error, [e.value for e in at.error]
+    traces = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    xs = traces[-1]["x"]  # plotly sends numeric arrays as base64 float64 ("bdata")
+    assert traces[-1]["name"] == "selection (pick order)" and len(base64.b64decode(xs["bdata"])) == 3 * 8
 
 
 def test_seeds_reviews_tab_lists_snippets_as_text(monkeypatch, studio_workspace):

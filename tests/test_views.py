@@ -37,3 +37,36 @@ def test_reviews_table_search_looks_at_the_whole_text_not_the_snippet(ws):
 def test_review_text_returns_the_full_text_or_none(ws):
     assert views.review_text(ws, "xss-review") == XSS_TEXT
     assert views.review_text(ws, "no-such-review") is None
+
+
+def test_hover_texts_of_no_points_is_empty():
+    assert len(views.hover_texts([], [], [])) == 0
+
+
+def _add_item_selection(path) -> tuple[str, list[str]]:
+    """An item-unit selection over the small workspace's review map (as budget curves make)."""
+    with Workspace(path) as w:
+        set_id = w.scalar("SELECT set_id FROM embedding_sets WHERE unit = 'review' LIMIT 1")
+        items = [r[0] for r in w.cursor().execute(
+            "SELECT DISTINCT r.item_id FROM projections q JOIN reviews r ON r.review_id = q.unit_id "
+            "WHERE q.set_id = ? ORDER BY 1 LIMIT 3", [set_id]).fetchall()]
+        with w.transaction() as cur:
+            cur.execute("INSERT INTO selections (selection_id, name, strategy, unit, set_id, budget, params) "
+                        "VALUES ('test-items', 'items', 'JS', 'item', ?, 3, '{}')", [set_id])
+            cur.executemany("INSERT INTO selection_picks (selection_id, rank, unit_id, score) VALUES (?, ?, ?, 0)",
+                            [("test-items", n + 1, item) for n, item in enumerate(items)])
+    return set_id, items
+
+
+def test_item_picks_over_a_review_map_sit_at_the_centroid_of_their_reviews(studio_workspace_file, tmp_path):
+    from conftest import copy_workspace
+
+    path = copy_workspace(studio_workspace_file, tmp_path / "items.duckdb")
+    set_id, items = _add_item_selection(path)
+    with Workspace(path) as w:
+        picks = views.selection_picks(w, "test-items")
+        assert list(picks["unit_id"]) == items and picks["x"].notna().all()
+        first = w.df("SELECT avg(q.x) AS x, avg(q.y) AS y FROM projections q JOIN reviews r "
+                     "ON r.review_id = q.unit_id WHERE q.set_id = ? AND r.item_id = ?", [set_id, items[0]])
+        assert picks["x"].iloc[0] == pytest.approx(first["x"].iloc[0])
+        assert picks["y"].iloc[0] == pytest.approx(first["y"].iloc[0])
