@@ -22,10 +22,13 @@ not a thread. ``chat`` and ``chat_many`` block their calling thread, which recei
 
 Cache: every call goes through a cache keyed by a hash of (provider kind, endpoint, model,
 messages, parameters, optional salt), never the API key. With a workspace the cache is its
-``llm_cache`` table and each result is committed (results that arrive together are committed
-together, in one small transaction) as soon as it arrives, before the call counts as done: a
-crash or restart repeats no paid call. Identical requests in flight at the same time are made
-once. A background job, which must not open the workspace, uses a
+``llm_cache`` table and each result is committed before the call counts as done (returned,
+tallied, reported to ``progress``): a crash or restart repeats no paid call that was reported
+done. Commits run in a writer thread, off the event loop: a call's concurrency slot is free as
+soon as its response is read, and the results that arrive together are committed together (one
+transaction; while requests are in flight the writer paces itself, see ``_CacheWriter``).
+Identical requests in flight at the same time are made once. A background job, which must not
+open the workspace, uses a
 ``JsonlCache`` in its folder (fsynced before a result counts as done; ``import_cache_entries``
 copies it into the workspace later). Without either, an in-memory ``MemoryCache``.
 
@@ -42,6 +45,7 @@ The API key lives only in memory (``Secret``); it is never part of a cache key, 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import email.utils
 import hashlib
@@ -873,6 +877,130 @@ async def _pause(seconds: float, cancelled: Callable[[], bool]) -> bool:
     return True
 
 
+class _CacheWriter:
+    """A teacher's cache commits, off the event loop: one writer thread takes every entry queued
+    so far, writes them with one ``put_many`` (one transaction for the workspace, one fsync for a
+    JSON-lines file) and then resolves their futures on the loop, while the loop goes on sending
+    and receiving. Entries that arrive during a write go into the next one (group commit).
+
+    A write costs the workspace milliseconds of CPU whatever its size, so while more results are
+    on their way (``expecting()``: requests in flight) the next write starts no sooner than
+    ``pace`` times the last one's duration after its start (at most ``max_wait`` later): the
+    writer is busy at most 1/pace of the time and its batches grow with the rate, instead of
+    one transaction per result. A lone result (nothing in flight) is written at once.
+
+    The thread starts on the first entry and ends after ``idle_exit`` seconds without any, on
+    ``stop()`` (``Teacher.close``) or at interpreter exit, once the entries queued are written."""
+
+    idle_exit = 5.0
+    max_batch = 1000
+    pace = 3.0
+    max_wait = 0.05  # seconds
+
+    def __init__(self, cache: Any, expecting: Callable[[], bool] = lambda: False):
+        self.cache = cache
+        self.expecting = expecting
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (key, entry, future); None: stop
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._next_start = 0.0  # monotonic; see pace
+        self.commits = 0  # put_many calls made (tests, benchmarks)
+        _WRITERS.add(self)
+
+    def write(self, key: str, entry: dict[str, Any]) -> asyncio.Future:
+        """On the loop: queue an entry; the future is done once it is committed (or carries the
+        TeacherSetupError that says why it could not be). The entry is handed over after the
+        callbacks ready now, so that the next call's request (its slot was just released) is
+        sent before the writer wakes up and competes with it for the GIL."""
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
+        loop.call_soon(self._enqueue, (key, entry, written))
+        return written
+
+    def _enqueue(self, item: tuple[str, dict[str, Any], asyncio.Future]) -> None:
+        self._queue.put(item)
+        with self._lock:  # after the put: a writer about to exit has seen the entry, or is gone
+            if self._thread is None or self._pid != os.getpid():  # (none in a forked child)
+                self._thread = threading.Thread(target=self._run, name="teacher-cache-writer", daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Let the thread end now (after writing what is queued); a later write starts a new one."""
+        with self._lock:
+            thread = self._thread if self._pid == os.getpid() else None
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            if stopping:  # idle or asked to stop: end, unless entries came meanwhile
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+            try:
+                first = self._queue.get(timeout=self.idle_exit)
+            except queue.Empty:
+                stopping = True
+                continue
+            if first is None:
+                stopping = True
+                continue
+            wait = min(self._next_start - time.monotonic(), self.max_wait)
+            if wait > 0 and self.expecting():  # entries arriving meanwhile join this write
+                time.sleep(wait)
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < self.max_batch:
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        stopping = True
+                    else:
+                        batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future]]) -> None:
+        error: Exception | None = None
+        started = time.monotonic()
+        try:
+            cache_put_many(self.cache, [(key, entry) for key, entry, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every call of the batch reports it
+            error = exc
+        self._next_start = started + self.pace * (time.monotonic() - started)
+        self.commits += 1
+        loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for *_, written in batch:
+            loops.setdefault(written.get_loop(), []).append(written)
+        for loop, futures in loops.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle_writes, futures, error)
+
+
+_WRITERS: "weakref.WeakSet[_CacheWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_writers() -> None:
+    """At interpreter exit: writer threads end (and release their cache cursors) first."""
+    for writer in list(_WRITERS):
+        with contextlib.suppress(Exception):
+            writer.stop(timeout=5.0)
+
+
+def _settle_writes(futures: list[asyncio.Future], error: Exception | None) -> None:
+    for written in futures:
+        if written.done():  # its caller was cancelled meanwhile
+            continue
+        if error is None:
+            written.set_result(None)
+        else:
+            written.set_exception(TeacherSetupError(f"could not write the LLM cache: {error}"))
+
+
 # ==============================================================================================
 # the teacher
 # ==============================================================================================
@@ -909,10 +1037,10 @@ class Teacher:
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = dict(_ZERO_COUNTS)  # Tally's fields, under self._lock
         # on the teacher loop only: calls in flight by cache key (done with the committed cache
-        # entry, or None if the call failed), and entries waiting for the next cache commit
+        # entry, or None if the call failed)
         self._inflight: dict[str, asyncio.Future] = {}
-        self._uncommitted: list[tuple[str, dict[str, Any], asyncio.Future]] = []
-        self._committer: asyncio.Task | None = None
+        # cache commits, in their own thread; they pace themselves while requests are in flight
+        self._writer = _CacheWriter(self.cache, lambda: self._counts["in_flight"] > 0)
         self._ledger = _Ledger(budget)
         self._check_budget_pricing(budget)
         self._sleep = sleep
@@ -1006,6 +1134,7 @@ class Teacher:
         return self
 
     def close(self) -> None:
+        self._writer.stop()  # nothing is left to write: every call returns after its commit
         with self._client_lock:
             if self._client is not None:
                 self._finalizer.detach()
@@ -1188,9 +1317,10 @@ class Teacher:
 
         async def call_all() -> None:
             slots = asyncio.Semaphore(limit)  # HTTP requests in flight
-            # calls from their start to their cache commit: a few more than slots, so that a
-            # commit overlaps the next request, but calls never run further ahead of the cache
-            calls = asyncio.Semaphore(limit + min(limit, 4))
+            # calls from their start to their cache commit: twice the slots, so that a slot is
+            # free again as soon as its response is read (up to `limit` results wait for their
+            # commit meanwhile), but calls never run further ahead of the cache than that
+            calls = asyncio.Semaphore(2 * limit)
 
             async def one(i: int) -> None:
                 try:
@@ -1248,8 +1378,9 @@ class Teacher:
         cancelled: Callable[[], bool], *, store: bool,
     ) -> tuple[Completion, dict[str, Any] | None]:
         """Budget check, the HTTP call (holding one of the concurrency slots), then the cache
-        commit (after the slot is released, so the next call's request overlaps it). Returns
-        the completion and the cache entry committed (None when store is False)."""
+        commit in the writer thread (after the slot is released and the budget settled, so the
+        next call's request overlaps it). Returns the completion and the cache entry committed
+        (None when store is False)."""
         params = record["params"]
         price = self.price
         est_prompt = estimate_tokens(_message_text(req.messages)) + 4 * len(req.messages)
@@ -1275,16 +1406,19 @@ class Teacher:
                     client = self._client or await asyncio.to_thread(self._ensure_client)
                     made = True
                     t0 = time.monotonic()
-                    raw, attempts = await self._request_with_retries(client, req, params, cancelled)
+                    raw, (text, finish, model_name, usage), attempts = await self._request_with_retries(
+                        client, req, params, cancelled)
                 finally:
                     self._bump(in_flight=-1)
-            text, finish, model_name, usage = self._read_completion(raw)
             if usage is not None:
                 pt, ct = usage
             else:  # an endpoint that reports no usage: count estimates (budget stays honest)
                 pt, ct = est_prompt, estimate_tokens(text)
             cost = price.cost(pt, ct) if price is not None else None
             spent_tokens, spent_cost = pt + ct, cost or 0.0
+            if reservation is not None:  # spent now, whatever the commit does
+                ledger.settle(reservation, spent_tokens, spent_cost, made=made)
+                reservation = None
             completion = Completion(
                 text=text, prompt_tokens=pt, completion_tokens=ct, cost=cost, cached=False,
                 model=model_name or self.model, finish_reason=finish, cache_key=key,
@@ -1298,7 +1432,7 @@ class Teacher:
                                  "id": raw.get("id"), "usage": raw.get("usage")},
                     "prompt_tokens": pt, "completion_tokens": ct, "cost": cost,
                 }
-                await self._commit(key, entry)  # committed before the call counts as done
+                await self._writer.write(key, entry)  # committed before the call counts as done
             self._bump(calls=1, prompt_tokens=pt, completion_tokens=ct, cost=cost or 0.0,
                        unpriced_calls=0 if price is not None else 1)
             return completion, entry
@@ -1310,34 +1444,10 @@ class Teacher:
             if reservation is not None:
                 ledger.settle(reservation, spent_tokens, spent_cost, made=made)
 
-    async def _commit(self, key: str, entry: dict[str, Any]) -> None:
-        """Put an entry into the cache; returns once it is committed. The cache is written in a
-        worker thread, one write at a time: the entries that arrive meanwhile go together into
-        the next write (one transaction for the workspace, one fsync for a JSON-lines file)."""
-        written = asyncio.get_running_loop().create_future()
-        self._uncommitted.append((key, entry, written))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._write_uncommitted())
-        await written
-
-    async def _write_uncommitted(self) -> None:
-        try:
-            while self._uncommitted:
-                batch, self._uncommitted = self._uncommitted, []
-                try:
-                    await asyncio.to_thread(cache_put_many, self.cache, [(k, e) for k, e, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - every call of the batch reports it
-                    for *_, written in batch:
-                        written.set_exception(TeacherSetupError(f"could not write the LLM cache: {exc}"))
-                else:
-                    for *_, written in batch:
-                        written.set_result(None)
-        finally:
-            self._committer = None
-
     async def _request_with_retries(
         self, client: Any, req: ChatRequest, params: dict[str, Any], cancelled: Callable[[], bool]
-    ) -> tuple[dict[str, Any], int]:
+    ) -> tuple[dict[str, Any], tuple[str, str | None, str | None, tuple[int, int] | None], int]:
+        """The decoded response, what ``_read_completion`` reads from it, and the attempts made."""
         import openai
 
         cfg = self.config
@@ -1365,8 +1475,7 @@ class Teacher:
                 # caps calls/s at high concurrency) and passes server-specific parameters through.
                 resp = await client.post("/chat/completions", cast_to=object, body=kwargs)
                 raw = self._as_dict(resp)
-                self._read_completion(raw)  # validates: raises _BadResponse
-                return raw, attempt
+                return raw, self._read_completion(raw), attempt  # raises _BadResponse
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 detail = _error_detail(exc)

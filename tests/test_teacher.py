@@ -252,6 +252,142 @@ def test_results_are_committed_before_they_count_so_a_crash_repeats_no_call(stub
     assert teacher.tally().cached_hits == made_before
 
 
+class SlowCache(MemoryCache):
+    """A cache whose writes take `delay` seconds; records when and where each write ran."""
+
+    def __init__(self, delay: float = 0.3, fail: Exception | None = None):
+        super().__init__()
+        self.delay, self.fail = delay, fail
+        self.writes: list[dict] = []  # thread, keys, start, end (time.monotonic, as the stub's)
+        self.on_write = None  # called at the end of each write, before it returns
+
+    def put_many(self, items):
+        start = time.monotonic()
+        time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        super().put_many(items)
+        if self.on_write is not None:
+            self.on_write()
+        self.writes.append({"thread": threading.current_thread().name, "keys": [k for k, _ in items],
+                            "start": start, "end": time.monotonic()})
+
+
+def test_commits_run_in_a_writer_thread_and_a_slot_is_free_during_its_commit(stub):
+    cache = SlowCache(delay=0.3)
+    teacher = make_teacher(stub, cache=cache)
+    reported = []  # (index, the result's key already in the cache) when reported
+
+    def on_result(i, r):
+        reported.append((i, cache.get(r.cache_key) is not None, time.monotonic()))
+
+    results = teacher.chat_many([msgs(f"w{i}") for i in range(3)], concurrency=1, on_result=on_result)
+    assert [r.text for r in results] == [f"echo: w{i}" for i in range(3)]
+    assert all(w["thread"] == "teacher-cache-writer" for w in cache.writes)  # never the event loop
+    assert all(in_cache for _, in_cache, _ in reported)  # committed before reported done
+    first_commit_end = next(w["end"] for w in cache.writes if results[0].cache_key in w["keys"])
+    # concurrency 1: the second request was sent while the first result was being committed
+    assert stub.requests[1].started < first_commit_end
+    assert teacher.tally().calls == 3 and teacher.tally().in_flight == 0
+
+
+def test_results_waiting_for_their_commit_are_bounded(stub):
+    cache = SlowCache(delay=0.5)
+    made_when_first_commit_ends = []
+    cache.on_write = lambda: made_when_first_commit_ends.append(stub.chat_requests)
+    teacher = make_teacher(stub, cache=cache)
+    results = teacher.chat_many([msgs(f"bound {i}") for i in range(12)], concurrency=2)
+    assert all(r.ok for r in results) and stub.chat_requests == 12
+    # while the first commit runs, the slots go on (more than 2 requests made), but at most
+    # 2 x concurrency calls are between their start and their commit
+    assert 2 < made_when_first_commit_ends[0] <= 4
+    assert stub.max_in_flight <= 2
+
+
+def test_budget_is_settled_when_the_response_arrives_not_after_the_commit(stub):
+    # worst case of one call: 27 tokens (estimate 17 + max_tokens 10); real use: 14 tokens. The
+    # budget fits one worst case at a time, so the second call waits for the first to settle.
+    cache = SlowCache(delay=0.4)
+    teacher = make_teacher(stub, cache=cache, max_tokens=10, budget=Budget(max_tokens=45))
+    results = teacher.chat_many([msgs("b0"), msgs("b1"), msgs("b2")], concurrency=2)
+    assert sorted(type(r).__name__ for r in results) == ["BudgetExhausted", "Completion", "Completion"]
+    assert teacher.tally().total_tokens == 28 <= 45 and stub.chat_requests == 2
+    first = stub.requests[0].body["messages"][-1]["content"]
+    first_commit_end = next(w["end"] for w in cache.writes
+                            if teacher.cache_key(msgs(first)) in w["keys"])
+    assert stub.requests[1].started < first_commit_end  # did not wait for the first commit
+
+
+def test_a_cache_that_cannot_be_written_is_a_setup_error(stub):
+    teacher = make_teacher(stub, cache=SlowCache(delay=0.0, fail=OSError("disk full")))
+    with pytest.raises(TeacherSetupError, match="could not write the LLM cache: disk full"):
+        teacher.chat_many([msgs("x"), msgs("y")], concurrency=2)
+    with pytest.raises(TeacherSetupError, match="disk full"):
+        teacher.chat(msgs("z"))
+    assert teacher.tally().calls == 0  # nothing counts as done
+
+
+def test_workspace_writes_are_grouped_while_requests_are_in_flight(stub, tmp_path):
+    stub.latency = 0.02
+    with Workspace(tmp_path / "ws.duckdb") as ws:
+        teacher = make_teacher(stub, cache=ws)
+        results = teacher.chat_many([msgs(f"grp {i}") for i in range(64)], concurrency=16)
+        assert all(r.ok for r in results) and ws.count("llm_cache") == 64
+        assert teacher._writer.commits <= 32  # not one transaction per result
+        # a lone call (nothing else in flight) is written at once
+        t0 = time.monotonic()
+        assert teacher.chat(msgs("alone")).ok and time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.parametrize("expecting", [True, False], ids=["results-on-their-way", "lone-results"])
+def test_the_writer_paces_itself_only_while_more_results_are_on_their_way(monkeypatch, expecting):
+    import asyncio
+
+    from crs_core.teacher import _CacheWriter
+
+    monkeypatch.setattr(_CacheWriter, "max_wait", 0.5)
+    cache = SlowCache(delay=0.1)
+    writer = _CacheWriter(cache, expecting=lambda: expecting)
+    entry = {"request": {}, "response": {"text": "x"}}
+
+    async def main():
+        if expecting:  # a result every 20 ms
+            pending = []
+            for i in range(20):
+                pending.append(writer.write(f"k{i}", entry))
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*pending)
+        else:  # one result at a time
+            for i in range(3):
+                await writer.write(f"k{i}", entry)
+
+    asyncio.run(main())
+    writer.stop()
+    assert sum(len(w["keys"]) for w in cache.writes) == (20 if expecting else 3)
+    gaps = [b["start"] - a["start"] for a, b in zip(cache.writes, cache.writes[1:])]
+    if expecting:  # the next write starts >= 3 x the last one's duration after it started
+        assert all(g >= 3 * (a["end"] - a["start"]) - 0.01 for g, a in zip(gaps, cache.writes))
+        assert len(cache.writes) <= 5  # ~ every 0.3 s over 0.4 s, rather than every 0.1 s
+    else:  # written at once
+        assert all(b["start"] - a["end"] < 0.15 for a, b in zip(cache.writes, cache.writes[1:]))
+
+
+def test_the_writer_thread_ends_when_idle_and_comes_back(stub, monkeypatch):
+    from crs_core.teacher import _CacheWriter
+
+    monkeypatch.setattr(_CacheWriter, "idle_exit", 0.1)
+    teacher = make_teacher(stub)
+    teacher.chat(msgs("first"))
+    writer = teacher._writer
+    assert writer._thread is not None and writer._thread.is_alive()
+    deadline = time.monotonic() + 3
+    while writer._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writer._thread is None  # gone
+    assert not teacher.chat(msgs("second")).cached  # written by a new writer thread
+    assert teacher.chat(msgs("second")).cached and stub.chat_requests == 2
+
+
 def test_use_cache_false_always_calls(stub):
     teacher = make_teacher(stub)
     teacher.chat(msgs("z"))
