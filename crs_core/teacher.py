@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import email.utils
 import hashlib
@@ -80,6 +81,7 @@ ENV_MODEL = "CRS_TEACHER_MODEL"
 ENV_API_KEY_ENV = "CRS_TEACHER_API_KEY_ENV"
 NO_KEY = "sk-no-key-required"  # what local servers get: they accept any key
 CACHE_KEY_VERSION = 1
+RECENT_ENTRIES = 4096  # committed entries a teacher remembers (see Teacher._recent)
 
 Messages = list[dict[str, Any]]
 
@@ -1039,6 +1041,10 @@ class Teacher:
         # on the teacher loop only: calls in flight by cache key (done with the committed cache
         # entry, or None if the call failed)
         self._inflight: dict[str, asyncio.Future] = {}
+        # on the teacher loop only: the entries this teacher committed last, so that a request
+        # whose cache lookup (in its calling thread) missed just before an identical call
+        # committed is answered from that entry, not paid again
+        self._recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         # cache commits, in their own thread; they pace themselves while requests are in flight
         self._writer = _CacheWriter(self.cache, lambda: self._counts["in_flight"] > 0)
         self._ledger = _Ledger(budget)
@@ -1356,6 +1362,8 @@ class Teacher:
         if not use_cache:
             async with calls:
                 return (await self._call_and_store(req, record, key, slots, cancelled, store=False))[0]
+        if (recent := self._recent.get(key)) is not None:
+            return self._from_cache(key, recent)
         while (leader := self._inflight.get(key)) is not None:
             while not leader.done():
                 if cancelled():
@@ -1372,6 +1380,10 @@ class Teacher:
         finally:
             del self._inflight[key]
             done.set_result(entry)
+            if entry is not None:
+                self._recent[key] = entry
+                if len(self._recent) > RECENT_ENTRIES:
+                    self._recent.popitem(last=False)
 
     async def _call_and_store(
         self, req: ChatRequest, record: dict[str, Any], key: str, slots: asyncio.Semaphore,

@@ -224,6 +224,24 @@ def test_identical_requests_beyond_the_concurrency_limit_are_made_once(stub):
     assert all(r.ok and r.text == "echo: again" for r in results) and sum(r.cached for r in results) == 39
 
 
+def test_a_lookup_that_missed_just_before_an_identical_call_committed_pays_nothing(stub):
+    class StaleLookups(MemoryCache):
+        """A cache whose lookups always miss: every request looks as if its calling thread read
+        the cache just before an identical call elsewhere committed its result."""
+
+        def get(self, key):
+            return None
+
+        def get_many(self, keys):
+            return {}
+
+    teacher = make_teacher(stub, cache=StaleLookups())
+    first = teacher.chat(msgs("race"))
+    again = teacher.chat(msgs("race"))
+    assert stub.chat_requests == 1
+    assert not first.cached and again.cached and again.text == first.text == "echo: race"
+
+
 def test_results_are_committed_before_they_count_so_a_crash_repeats_no_call(stub, tmp_path):
     stub.latency = 0.02
     path = tmp_path / "ws.duckdb"
