@@ -1,7 +1,6 @@
 """Selection: pick B seeds with a strategy (random, JS, Fisher and their metadata / user-aware
 variants), see their coverage, compare two selections."""
 
-import plotly.express as px
 import streamlit as st
 
 from crs_core import select, views
@@ -118,9 +117,9 @@ if chosen[0] != chosen[1]:
 
 if clustering:
     hist = cached(views.selection_cluster_histogram, tuple(dict.fromkeys(chosen)), clustering)
-    fig = px.bar(hist, x="cluster", y="share", color="selection_id", barmode="group",
-                 title=f"Coverage of the clusters of {clustering} (share of picks per cluster)")
-    fig.update_layout(height=380, legend_title_text="", margin={"t": 50, "b": 10})
-    st.plotly_chart(fig, key="sel_coverage_chart")
+    st.markdown(f"**Coverage of the clusters of {clustering}** (share of picks per cluster)")
+    # a built-in (Vega-Lite) chart: Plotly's bundle alone takes seconds to start in a new page
+    st.bar_chart(hist, x="cluster", y="share", color="selection_id", stack=False, height=380,
+                 x_label="cluster", y_label="share of picks")
 else:
     needs("Pick a clustering above to see cluster coverage charts.")
