@@ -125,7 +125,7 @@ def add_file_tab() -> None:
 
 
 # only the open tab runs (on_change="rerun"): every visit used to build and send the hidden tabs'
-# tables too; the open tab is kept in the URL (?tab=...) so a link can open it directly
+# tables too; the open tab is kept in the URL (?seeds_tab=Reviews) so a link can open it directly
 tab_items, tab_reviews, tab_add = st.tabs(["Items", "Reviews", "Add your own file"], key="seeds_tab",
                                           on_change="rerun", bind="query-params")
 for tab, body in ((tab_items, items_tab), (tab_reviews, reviews_tab), (tab_add, add_file_tab)):

@@ -117,7 +117,7 @@ if chosen[0] != chosen[1]:
 
 if clustering:
     hist = cached(views.selection_cluster_histogram, tuple(dict.fromkeys(chosen)), clustering)
-    st.markdown(f"**Coverage of the clusters of {clustering}** (share of picks per cluster)")
+    st.markdown(f"**Coverage of the clusters of `{clustering}`** (share of picks per cluster)")
     # a built-in (Vega-Lite) chart: Plotly's bundle alone takes seconds to start in a new page
     st.bar_chart(hist, x="cluster", y="share", color="selection_id", stack=False, height=380,
                  x_label="cluster", y_label="share of picks")
