@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from .errors import CRSError
-from .store import Workspace, contains_pattern, insert_frame
+from .store import Workspace, contains_clause, insert_frame
 
 __all__ = [
     "STATUSES",
@@ -161,9 +161,9 @@ def review_queue(ws: Workspace, filters: QueueFilter | Mapping[str, Any] | None 
         where.append("coalesce(grounding_rate, 0) <= ?")
         params.append(float(f.max_grounding))
     if f.search and f.search.strip():
-        where.append("(query ILIKE ? ESCAPE '\\' OR coalesce(item_title, '') ILIKE ? ESCAPE '\\')")
-        pattern = contains_pattern(f.search)
-        params += [pattern, pattern]
+        clause, args = contains_clause(f.search, "query", "coalesce(item_title, '')")
+        where.append(clause)
+        params += args
     sql = _QUEUE_SQL + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY created_at, query_id"
     if f.limit is not None:

@@ -360,6 +360,13 @@ def contains_pattern(text: str) -> str:
     return "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def contains_clause(text: str, *columns: str) -> tuple[str, list[str]]:
+    """``(a ILIKE ? ESCAPE '\\' OR b ...)`` and its parameters: any of ``columns`` contains
+    ``text`` literally. Pattern and ESCAPE clause come together, so no caller can forget one."""
+    sql = " OR ".join(f"{column} ILIKE ? ESCAPE '\\'" for column in columns)
+    return f"({sql})", [contains_pattern(text)] * len(columns)
+
+
 def insert_frame(cur, table: str, frame: pd.DataFrame) -> None:
     """INSERT the rows of ``frame`` into ``table`` (columns by name) on ``cur``, inside the
     caller's transaction."""

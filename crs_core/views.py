@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CRSError
-from .store import Workspace, contains_pattern
+from .store import Workspace, contains_clause
 
 SNIPPET = 160
 
@@ -61,9 +61,9 @@ def items_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (
     """Catalog items with review / interaction counts, best known first."""
     where, params = [], []
     if search.strip():
-        where.append("(i.title ILIKE ? ESCAPE '\\' OR i.item_id ILIKE ? ESCAPE '\\' "
-                     "OR coalesce(i.plot, '') ILIKE ? ESCAPE '\\')")
-        params += [contains_pattern(search)] * 3
+        clause, args = contains_clause(search, "i.title", "i.item_id", "coalesce(i.plot, '')")
+        where.append(clause)
+        params += args
     for g in genre_filter:
         where.append("list_contains(string_split(coalesce(i.genres, ''), '|'), ?)")
         params.append(str(g))
@@ -97,8 +97,9 @@ def reviews_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] =
     opens one review at a time (`review_text`). Search still looks at the whole text."""
     where, params = [], []
     if search.strip():
-        where.append("(r.text ILIKE ? ESCAPE '\\' OR i.title ILIKE ? ESCAPE '\\')")
-        params += [contains_pattern(search)] * 2
+        clause, args = contains_clause(search, "r.text", "i.title")
+        where.append(clause)
+        params += args
     for g in genre_filter:
         where.append("list_contains(string_split(coalesce(i.genres, ''), '|'), ?)")
         params.append(str(g))
@@ -291,10 +292,11 @@ def catalog_search(ws: Workspace, text: str, limit: int = 20) -> pd.DataFrame:
     """Items whose title matches `text` (case-insensitive), best known first: for adding to a list."""
     if not text or not text.strip():
         return pd.DataFrame(columns=["item_id", "title", "year", "genres"])
+    title_matches, args = contains_clause(text, "title")
     return ws.df(
-        "SELECT item_id, title, year, genres FROM items WHERE title ILIKE ? ESCAPE '\\' OR item_id = ? "
+        f"SELECT item_id, title, year, genres FROM items WHERE {title_matches} OR item_id = ? "
         "ORDER BY (lower(title) = lower(?)) DESC, year DESC NULLS LAST, title LIMIT ?",
-        [contains_pattern(text), text.strip(), text.strip(), int(limit)],
+        args + [text.strip(), text.strip(), int(limit)],
     )
 
 

@@ -151,6 +151,23 @@ def build_small_workspace(path: Path) -> None:
         ws.close()
 
 
+def add_item_selection(path: Path) -> tuple[str, list[str]]:
+    """An item-unit selection over the small workspace's review map (as budget curves make)."""
+    from crs_core.store import Workspace
+
+    with Workspace(path) as w:
+        set_id = w.scalar("SELECT set_id FROM embedding_sets WHERE unit = 'review' LIMIT 1")
+        items = [r[0] for r in w.cursor().execute(
+            "SELECT DISTINCT r.item_id FROM projections q JOIN reviews r ON r.review_id = q.unit_id "
+            "WHERE q.set_id = ? ORDER BY 1 LIMIT 3", [set_id]).fetchall()]
+        with w.transaction() as cur:
+            cur.execute("INSERT INTO selections (selection_id, name, strategy, unit, set_id, budget, params) "
+                        "VALUES ('test-items', 'items', 'JS', 'item', ?, 3, '{}')", [set_id])
+            cur.executemany("INSERT INTO selection_picks (selection_id, rank, unit_id, score) VALUES (?, ?, ?, 0)",
+                            [("test-items", n + 1, item) for n, item in enumerate(items)])
+    return set_id, items
+
+
 # --------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def studio_workspace_file() -> Path:

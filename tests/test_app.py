@@ -10,7 +10,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, XSS_TEXT, copy_workspace
+from conftest import ROOT, XSS_TEXT, add_item_selection, copy_workspace
 from crs_core import review
 from crs_core.store import Workspace
 
@@ -134,9 +134,7 @@ def test_review_renders_review_html_as_text(monkeypatch, studio_workspace):
 
 
 def test_map_overlays_an_item_selection_made_from_review_embeddings(monkeypatch, own_workspace):
-    from test_views import _add_item_selection
-
-    _add_item_selection(own_workspace)
+    add_item_selection(own_workspace)
     at = open_page(monkeypatch, own_workspace, "pages/map.py")
     assert at.selectbox(key="map_overlay").value == "test-items"  # the newest selection is overlaid
     assert not at.error, [e.value for e in at.error]

@@ -117,3 +117,15 @@ def test_contains_pattern_matches_the_text_literally(needle, hay, hit):
 
     got = duckdb.execute("SELECT ? ILIKE ? ESCAPE '\\'", [hay, contains_pattern(needle)]).fetchone()[0]
     assert got is hit
+
+
+def test_contains_clause_pairs_each_column_with_the_escaped_pattern():
+    import duckdb
+
+    from crs_core.store import contains_clause
+
+    clause, params = contains_clause("a_b", "x", "y")
+    assert clause == "(x ILIKE ? ESCAPE '\\' OR y ILIKE ? ESCAPE '\\')" and len(params) == 2
+    hits = duckdb.execute(f"SELECT x FROM (VALUES ('a_b', 'no'), ('axb', 'no'), ('no', 'A_B!')) t(x, y) "
+                          f"WHERE {clause} ORDER BY x", params).fetchall()
+    assert hits == [("a_b",), ("no",)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import XSS_TEXT
+from conftest import XSS_TEXT, add_item_selection
 from crs_core import views
 from crs_core.store import Workspace
 
@@ -43,26 +43,11 @@ def test_hover_texts_of_no_points_is_empty():
     assert len(views.hover_texts([], [], [])) == 0
 
 
-def _add_item_selection(path) -> tuple[str, list[str]]:
-    """An item-unit selection over the small workspace's review map (as budget curves make)."""
-    with Workspace(path) as w:
-        set_id = w.scalar("SELECT set_id FROM embedding_sets WHERE unit = 'review' LIMIT 1")
-        items = [r[0] for r in w.cursor().execute(
-            "SELECT DISTINCT r.item_id FROM projections q JOIN reviews r ON r.review_id = q.unit_id "
-            "WHERE q.set_id = ? ORDER BY 1 LIMIT 3", [set_id]).fetchall()]
-        with w.transaction() as cur:
-            cur.execute("INSERT INTO selections (selection_id, name, strategy, unit, set_id, budget, params) "
-                        "VALUES ('test-items', 'items', 'JS', 'item', ?, 3, '{}')", [set_id])
-            cur.executemany("INSERT INTO selection_picks (selection_id, rank, unit_id, score) VALUES (?, ?, ?, 0)",
-                            [("test-items", n + 1, item) for n, item in enumerate(items)])
-    return set_id, items
-
-
 def test_item_picks_over_a_review_map_sit_at_the_centroid_of_their_reviews(studio_workspace_file, tmp_path):
     from conftest import copy_workspace
 
     path = copy_workspace(studio_workspace_file, tmp_path / "items.duckdb")
-    set_id, items = _add_item_selection(path)
+    set_id, items = add_item_selection(path)
     with Workspace(path) as w:
         picks = views.selection_picks(w, "test-items")
         assert list(picks["unit_id"]) == items and picks["x"].notna().all()
