@@ -228,9 +228,15 @@ class Workspace:
         self.read_only = read_only
         if read_only and not self.path.exists():
             raise WorkspaceError(f"workspace {self.path} does not exist; run `python -m crs_core init` first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_non_duckdb(self.path)
         try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot create the folder of workspace {self.path}: {exc.strerror or exc}") from exc
+        try:
+            # no extension is ever downloaded or loaded behind our back (a SQLite file, for one,
+            # would make DuckDB fetch its sqlite scanner from the network)
+            self._con = duckdb.connect(str(self.path), read_only=read_only, config=_DUCKDB_CONFIG)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise WorkspaceError(
@@ -238,12 +244,28 @@ class Workspace:
                     "close it there or use a different --workspace"
                 ) from exc
             raise WorkspaceError(f"cannot open workspace {self.path}: {exc}") from exc
+        except duckdb.Error as exc:
+            raise WorkspaceError(f"cannot open workspace {self.path}: {exc}") from exc
+        self._check_file_backed()
         self._local = threading.local()
         self._write_lock = threading.RLock()
         if not read_only:
             self.migrate()
         else:
             self._check_version()
+
+    def _check_file_backed(self) -> None:
+        """DuckDB opens some paths (a .csv or .jsonl name, say) as an in-memory database, which
+        would silently lose every write: refuse anything not backed by our file."""
+        row = self._con.execute(
+            "SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+        backing = row[0] if row else None
+        if not backing or Path(backing).resolve() != self.path.resolve():
+            self._con.close()
+            raise WorkspaceError(
+                f"workspace {self.path}: DuckDB did not open this file as a database "
+                f"({'in memory' if not backing else backing}), so nothing would be saved; "
+                "give a path ending in .duckdb")
 
     # -- connection handling -------------------------------------------------------------
     def cursor(self) -> duckdb.DuckDBPyConnection:
@@ -345,6 +367,35 @@ class Workspace:
             "clusterings", "selections", "synthetic_queries", "augmented_labels", "jobs", "runs",
         ]
         return {t: self.count(t) for t in tables}
+
+
+_DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+_DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
+_KNOWN_HEADERS = [(b"SQLite format 3\x00", "a SQLite database"), (b"\x1f\x8b", "a gzip file"),
+                  (b"PAR1", "a Parquet file"), (b"PK\x03\x04", "a zip archive")]
+
+
+def _refuse_non_duckdb(path: Path) -> None:
+    """Raise WorkspaceError unless ``path`` is absent (a new workspace) or a DuckDB database."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise WorkspaceError(f"workspace {path} is a folder; give the path of a .duckdb file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise WorkspaceError(f"cannot read workspace {path}: {exc.strerror or exc}") from exc
+    if head[8:12] == _DUCKDB_MAGIC:
+        return
+    what = next((name for magic, name in _KNOWN_HEADERS if head.startswith(magic)), None)
+    if what is None:
+        text = head.lstrip()[:1]
+        what = ("an empty file" if not head else "a JSON file" if text in (b"{", b"[")
+                else "a text file (CSV?)" if all(b >= 9 for b in head) else "not a DuckDB database")
+    raise WorkspaceError(
+        f"{path} is not a DuckDB workspace ({what}); refusing to open it. Give the path of an existing "
+        "workspace or of a new .duckdb file (input files are added with `python -m crs_core ingest FILE`)")
 
 
 def _ident(name: str) -> str:

@@ -129,3 +129,59 @@ def test_contains_clause_pairs_each_column_with_the_escaped_pattern():
     hits = duckdb.execute(f"SELECT x FROM (VALUES ('a_b', 'no'), ('axb', 'no'), ('no', 'A_B!')) t(x, y) "
                           f"WHERE {clause} ORDER BY x", params).fetchall()
     assert hits == [("a_b",), ("no",)]
+
+
+# -- a wrong workspace path (issue 13, finding 2) -------------------------------------------------
+@pytest.mark.parametrize("name,content,what", [
+    ("reviews.csv", b"review_id,item_id,text\nr1,tt1,Great\n", "CSV"),
+    ("reviews.jsonl", b'{"review_id": "r1", "text": "Great"}\n', "JSON"),
+    ("old.sqlite", None, "SQLite"),
+    ("empty.duckdb", b"", "empty"),
+])
+def test_an_existing_file_that_is_not_a_duckdb_database_is_refused_untouched(tmp_path, name, content, what):
+    """DuckDB opened a CSV / JSONL path as an in-memory database (every write lost, exit 0) and
+    tried to download its SQLite extension for a SQLite file: the workspace refuses them all."""
+    path = tmp_path / name
+    if content is None:
+        import sqlite3
+
+        con = sqlite3.connect(path)
+        con.execute("CREATE TABLE t (a)")
+        con.commit()
+        con.close()
+    else:
+        path.write_bytes(content)
+    before = path.read_bytes()
+    with pytest.raises(WorkspaceError, match="not a DuckDB workspace") as info:
+        Workspace(path)
+    assert str(path) in str(info.value) and what in str(info.value)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_folder_as_workspace_is_refused(tmp_path):
+    with pytest.raises(WorkspaceError, match="is a folder"):
+        Workspace(tmp_path)
+
+
+def test_a_database_not_backed_by_the_file_is_refused(tmp_path, monkeypatch):
+    """The second guard: whatever DuckDB opens must be backed by the workspace file."""
+    path = tmp_path / "ratings.csv"
+    path.write_text("a,b\n1,2\n")
+    monkeypatch.setattr(store, "_refuse_non_duckdb", lambda p: None)  # only the second guard left
+    with pytest.raises(WorkspaceError, match="in memory") as info:
+        Workspace(path)
+    assert str(path) in str(info.value)
+
+
+def test_extensions_are_never_installed_or_loaded_automatically(tmp_path):
+    with Workspace(tmp_path / "w.duckdb") as ws:
+        assert ws.scalar("SELECT current_setting('autoinstall_known_extensions')") is False
+        assert ws.scalar("SELECT current_setting('autoload_known_extensions')") is False
+
+
+def test_an_unusable_parent_folder_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(WorkspaceError, match="cannot create the folder") as info:
+        Workspace(blocker / "sub" / "w.duckdb")
+    assert str(blocker / "sub" / "w.duckdb") in str(info.value)
