@@ -15,6 +15,7 @@ from .store import Workspace
 DEFAULT_MODEL = "minilm"
 DEFAULT_K = 20
 REVIEW_SET = f"review:{DEFAULT_MODEL}"
+DEFERRED_KEY = "init_deferred"  # set by `init --quick` when it left the slow steps to the studio
 
 ProgressFactory = Callable[[str], ProgressFn | None]
 
@@ -74,23 +75,57 @@ def embed_reviews(ws: Workspace, model: str = DEFAULT_MODEL, progress: ProgressF
     return build_embedding_set(ws, "review", ids, texts, get_encoder(model), progress=progress)
 
 
+def seed_shipped_vectors(ws: Workspace, model: str = DEFAULT_MODEL):
+    """Seed the embedding cache with the bundled reviews' shipped vectors (see prebuilt.py)."""
+    from .embed import get_encoder
+    from .prebuilt import seed_embedding_cache
+
+    _, texts = review_texts(ws)
+    return seed_embedding_cache(ws, texts, lambda: get_encoder(model), encoder_name=model)
+
+
 def init_default(ws: Workspace, progress_for: ProgressFactory = lambda label: None, *,
-                 k: int = DEFAULT_K, seed: int = 0) -> list[str]:
-    """Ingest the bundled data, embed the reviews, cluster and project them — each once."""
+                 k: int = DEFAULT_K, seed: int = 0, embed_missing: bool = True,
+                 note: Callable[[str], None] = lambda line: None) -> list[str]:
+    """Ingest the bundled data, embed the reviews, cluster and project them — each once.
+
+    Shipped vectors and map (data/bundled/review_vectors) are used when they verify, so a first
+    start takes about a minute instead of half an hour. With ``embed_missing=False`` the slow
+    path (encoding every review) is left undone and said in a note: the studio's Home page then
+    builds it in the background with progress.
+    """
     from .cluster import run_kmeans, run_projection
     from .ingest import ingest_default
+    from .prebuilt import store_shipped_projection
 
     done: list[str] = []
     if ws.count("items") == 0 or ws.count("reviews") == 0:
         ingest_default(ws, progress=progress_for("Ingesting bundled data"))
         done.append("ingest")
     if not _count(ws, "SELECT count(*) FROM embedding_sets WHERE set_id = ?", [REVIEW_SET]):
+        shipped = seed_shipped_vectors(ws)
+        note(shipped.reason)
+        if not shipped.used and not embed_missing:
+            note("review embeddings are not built yet: the studio's Home page builds them in the "
+                 "background (or run `python -m crs_core init`)")
+            ws.set_meta(DEFERRED_KEY, "1")
+            return done
         embed_reviews(ws, progress=progress_for("Embedding reviews"))
-        done.append("embed")
+        done.append("embed (shipped vectors)" if shipped.used else "embed")
     if not _count(ws, "SELECT count(*) FROM clusterings WHERE set_id = ? AND k = ?", [REVIEW_SET, k]):
         run_kmeans(ws, REVIEW_SET, k=k, seed=seed)
         done.append("cluster")
     if not _count(ws, "SELECT count(*) FROM projections WHERE set_id = ?", [REVIEW_SET]):
-        run_projection(ws, REVIEW_SET, seed=seed, progress=progress_for("Projecting to 2-D (UMAP)"))
-        done.append("project")
+        if seed == 0 and store_shipped_projection(ws, REVIEW_SET):
+            done.append("map (shipped)")
+        else:
+            run_projection(ws, REVIEW_SET, seed=seed, progress=progress_for("Projecting to 2-D (UMAP)"))
+            done.append("project")
+    if ws.get_meta(DEFERRED_KEY) == "1":
+        ws.set_meta(DEFERRED_KEY, "0")
     return done
+
+
+def init_deferred(ws: Workspace) -> bool:
+    """True when `init --quick` left the default build unfinished (Home resumes it unasked)."""
+    return ws.get_meta(DEFERRED_KEY) == "1"

@@ -3,10 +3,17 @@
 
     python scripts/build_bundled_data.py --shared ../shared/data
 
+    python scripts/build_bundled_data.py --vectors-from data/workspaces/default.duckdb
+
 Copies the files the default workspace is built from, each folder with its SOURCE note,
 and filters the IMDb reviews to the movies the catalog can name (an IMDb id known to the
 ReDial catalog or to MovieLens links): a review that cannot be tied to a titled item is no
 use as a seed. Everything else is copied byte for byte; ingest does the joins.
+
+``--vectors-from`` exports the review vectors and 2-D map of a workspace built by
+``python -m crs_core init`` (the slow path: every review encoded here) into
+``data/bundled/review_vectors/``, so that later first starts skip the encoding; see
+``crs_core/prebuilt.py`` for how they are checked before use.
 """
 
 from __future__ import annotations
@@ -83,12 +90,31 @@ def filter_reviews(shared: Path, out: Path, keep: set[str]) -> tuple[int, int]:
     return kept, total
 
 
+def export_vectors(workspace: Path, folder: Path) -> int:
+    sys.path.insert(0, str(ROOT))
+    from crs_core.pipeline import REVIEW_SET
+    from crs_core.prebuilt import write_bundle
+    from crs_core.store import Workspace
+
+    with Workspace(workspace, read_only=True) as ws:
+        manifest = write_bundle(ws, REVIEW_SET, folder,
+                                command="python -m crs_core init (every review encoded), then "
+                                        "python scripts/build_bundled_data.py --vectors-from WORKSPACE")
+    print(f"wrote {manifest['n']:,} vectors ({manifest['dtype']}) and the map of {REVIEW_SET} into {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"),
                         help="the shared raw data folder (default: ../shared/data)")
     parser.add_argument("--out", default=str(ROOT / "data" / "bundled"), help="destination folder")
+    parser.add_argument("--vectors-from", metavar="WORKSPACE",
+                        help="only export the review vectors and map of this built workspace "
+                             "into OUT/review_vectors")
     args = parser.parse_args(argv)
+    if args.vectors_from:
+        return export_vectors(Path(args.vectors_from), Path(args.out) / "review_vectors")
     shared, out = Path(args.shared), Path(args.out)
     if not (shared / "reviews/imdb_reviews.jsonl.gz").exists():
         print(f"error: {shared} does not look like the shared data folder", file=sys.stderr)
