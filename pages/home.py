@@ -4,7 +4,7 @@ import streamlit as st
 
 from crs_core import views
 from crs_core.ingest import ingest_summary
-from crs_core.pipeline import init_default, pipeline_status
+from crs_core.pipeline import init_default, init_deferred, pipeline_status
 from pages._shared import (PAGE_OF_STEP, background_run, cached, ensure_navigation, forget_background,
                            show_error, start_background, workspace)
 
@@ -39,8 +39,8 @@ if not (basics["seeds"] and basics["embed"] and basics["cluster"]):
         build_key = f"build:{ws.path}"
         build = background_run(build_key)
         busy = build is not None and build.running
-        if st.button("Build default workspace", type="primary", key="home_build", disabled=busy,
-                     icon=":material/construction:"):
+
+        def start_build() -> None:
             step = {"label": "Starting"}
 
             def work(progress, stop, step=step):
@@ -50,7 +50,15 @@ if not (basics["seeds"] and basics["embed"] and basics["cluster"]):
 
                 return init_default(ws, progress_for)
 
-            build = start_background(build_key, "Building the default workspace", work, step)
+            start_background(build_key, "Building the default workspace", work, step)
+
+        if build is None and init_deferred(ws):
+            # `init --quick` (studio.sh) left the slow steps to the studio: go on without asking
+            start_build()
+            st.rerun()
+        if st.button("Build default workspace", type="primary", key="home_build", disabled=busy,
+                     icon=":material/construction:"):
+            start_build()
             st.rerun()
 
         def follow() -> None:

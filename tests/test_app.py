@@ -71,6 +71,32 @@ def test_home_shows_pipeline_status(monkeypatch, studio_workspace):
     assert "home_build" not in [b.key for b in at.button]  # nothing left to build
 
 
+def test_home_finishes_a_deferred_build_unasked(monkeypatch, tmp_path):
+    """`init --quick` leaves the slow steps to the studio: Home starts them in the background."""
+    from crs_core.pipeline import DEFERRED_KEY, REVIEW_SET, pipeline_status
+
+    from pages import _shared
+
+    path = tmp_path / "deferred.duckdb"
+    with Workspace(path) as ws, ws.transaction() as cur:
+        cur.execute("INSERT INTO items (item_id, title, year) VALUES ('tt01', 'A Film', 1999)")
+        cur.executemany("INSERT INTO reviews (review_id, item_id, text, source) VALUES (?, 'tt01', ?, 'test')",
+                        [(f"r{i}", f"Review number {i}: {'great' if i % 2 else 'dull'} film, scene {i}.")
+                         for i in range(24)])
+        ws.set_meta(DEFERRED_KEY, "1", cur)
+    at = open_page(monkeypatch, path, "pages/home.py")
+    run = _shared.background_run(f"build:{path}")
+    assert run is not None, "the build started without a click"
+    run.thread.join(300)
+    assert run.error is None, run.error
+    at.run()
+    assert_clean(at)
+    with Workspace(path) as ws:
+        assert all(s.done for s in pipeline_status(ws) if s.key in ("embed", "cluster"))
+        assert ws.get_meta(DEFERRED_KEY) == "0"
+        assert ws.scalar("SELECT count(*) FROM projections WHERE set_id = ?", [REVIEW_SET]) == 24
+
+
 def test_review_approve_persists(monkeypatch, own_workspace):
     at = open_page(monkeypatch, own_workspace, "pages/review.py")
     assert at.selectbox(key="rv_current").value == "q000"
