@@ -257,9 +257,10 @@ class Workspace:
     def _check_file_backed(self) -> None:
         """DuckDB opens some paths (a .csv or .jsonl name, say) as an in-memory database, which
         would silently lose every write: refuse anything not backed by our file."""
-        row = self._con.execute(
-            "SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-        backing = row[0] if row else None
+        with contextlib.closing(self._con.cursor()) as cur:  # (an open result would hold a transaction)
+            rows = cur.execute(
+                "SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+        backing = rows[0][0] if rows else None
         if not backing or Path(backing).resolve() != self.path.resolve():
             self._con.close()
             raise WorkspaceError(

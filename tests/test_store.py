@@ -185,3 +185,9 @@ def test_an_unusable_parent_folder_is_one_clear_error(tmp_path):
     with pytest.raises(WorkspaceError, match="cannot create the folder") as info:
         Workspace(blocker / "sub" / "w.duckdb")
     assert str(blocker / "sub" / "w.duckdb") in str(info.value)
+
+
+def test_opening_leaves_no_transaction_open(tmp_path):
+    """The file-backed check must not hold a transaction (CHECKPOINT would refuse to run)."""
+    with Workspace(tmp_path / "w.duckdb") as ws:
+        ws.cursor().execute("CHECKPOINT")
