@@ -6,7 +6,7 @@ over crs_core; nothing here computes anything.
 
 import streamlit as st
 
-from pages._shared import sidebar_workspace_picker
+from pages._shared import auto_build_default, sidebar_workspace_picker
 
 st.set_page_config(page_title="CRS data studio", page_icon=":material/movie:", layout="wide")
 
@@ -32,4 +32,5 @@ PAGES = {
 
 navigation = st.navigation(PAGES)
 sidebar_workspace_picker()
+auto_build_default()
 navigation.run()

@@ -51,8 +51,7 @@ def _init(ws: Workspace, args: argparse.Namespace) -> int:
         return bars[-1]
 
     try:
-        done = init_default(ws, progress_for, k=args.k, seed=args.seed, embed_missing=not args.quick,
-                            note=lambda line: print(line, flush=True))
+        done = init_default(ws, progress_for, k=args.k, seed=args.seed, note=lambda line: print(line, flush=True))
     finally:
         for bar in bars:
             bar.close()
@@ -293,8 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="build the default workspace (ingest, embed, cluster, map); reuses what exists")
     p.add_argument("--k", type=int, default=20, help="number of K-means clusters (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="stop before the slow step (encoding every review) when the shipped vectors cannot be used; the studio's Home page then builds it in the background")
 
     sub.add_parser("status", help="pipeline steps done / pending, with counts")
 

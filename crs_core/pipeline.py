@@ -15,7 +15,6 @@ from .store import Workspace
 DEFAULT_MODEL = "minilm"
 DEFAULT_K = 20
 REVIEW_SET = f"review:{DEFAULT_MODEL}"
-DEFERRED_KEY = "init_deferred"  # set by `init --quick` when it left the slow steps to the studio
 
 ProgressFactory = Callable[[str], ProgressFn | None]
 
@@ -85,14 +84,13 @@ def seed_shipped_vectors(ws: Workspace, model: str = DEFAULT_MODEL):
 
 
 def init_default(ws: Workspace, progress_for: ProgressFactory = lambda label: None, *,
-                 k: int = DEFAULT_K, seed: int = 0, embed_missing: bool = True,
+                 k: int = DEFAULT_K, seed: int = 0,
                  note: Callable[[str], None] = lambda line: None) -> list[str]:
     """Ingest the bundled data, embed the reviews, cluster and project them — each once.
 
     Shipped vectors and map (data/bundled/review_vectors) are used when they verify, so a first
-    start takes about a minute instead of half an hour. With ``embed_missing=False`` the slow
-    path (encoding every review) is left undone and said in a note: the studio's Home page then
-    builds it in the background with progress.
+    build takes about a minute instead of half an hour; ``note`` receives one line saying
+    whether they were used and why.
     """
     from .cluster import run_kmeans, run_projection
     from .ingest import ingest_default
@@ -105,11 +103,6 @@ def init_default(ws: Workspace, progress_for: ProgressFactory = lambda label: No
     if not _count(ws, "SELECT count(*) FROM embedding_sets WHERE set_id = ?", [REVIEW_SET]):
         shipped = seed_shipped_vectors(ws)
         note(shipped.reason)
-        if not shipped.used and not embed_missing:
-            note("review embeddings are not built yet: the studio's Home page builds them in the "
-                 "background (or run `python -m crs_core init`)")
-            ws.set_meta(DEFERRED_KEY, "1")
-            return done
         embed_reviews(ws, progress=progress_for("Embedding reviews"))
         done.append("embed (shipped vectors)" if shipped.used else "embed")
     if not _count(ws, "SELECT count(*) FROM clusterings WHERE set_id = ? AND k = ?", [REVIEW_SET, k]):
@@ -121,11 +114,10 @@ def init_default(ws: Workspace, progress_for: ProgressFactory = lambda label: No
         else:
             run_projection(ws, REVIEW_SET, seed=seed, progress=progress_for("Projecting to 2-D (UMAP)"))
             done.append("project")
-    if ws.get_meta(DEFERRED_KEY) == "1":
-        ws.set_meta(DEFERRED_KEY, "0")
     return done
 
 
-def init_deferred(ws: Workspace) -> bool:
-    """True when `init --quick` left the default build unfinished (Home resumes it unasked)."""
-    return ws.get_meta(DEFERRED_KEY) == "1"
+def default_build_pending(ws: Workspace) -> bool:
+    """Seeds, embeddings, clusters or the map of the default build are still missing."""
+    steps = {s.key: s.done for s in pipeline_status(ws)}
+    return not (steps["seeds"] and steps["embed"] and steps["cluster"])

@@ -213,3 +213,44 @@ def start_background(key: str, label: str, target, extra: dict | None = None) ->
     runs[key] = run
     run.thread.start()
     return run
+
+
+# -- the default build (ingest, embeddings, clusters, map) in the studio process -------------
+ENV_BUILD_DEFAULT = "CRS_BUILD_DEFAULT"  # set by studio.sh: build the start-up workspace unasked
+
+
+def default_build_key(ws: Workspace) -> str:
+    return f"build:{ws.path}"
+
+
+def start_default_build(ws: Workspace) -> BackgroundRun:
+    """`init` of the default workspace in a background thread; Home follows its progress."""
+    from crs_core.pipeline import init_default
+
+    step = {"label": "Starting", "notes": []}
+
+    def work(progress, stop, step=step):
+        def progress_for(label):
+            step["label"] = label
+            return progress
+
+        return init_default(ws, progress_for, note=step["notes"].append)
+
+    return start_background(default_build_key(ws), "Building the default workspace", work, step)
+
+
+def auto_build_default() -> None:
+    """When studio.sh started the studio, build what its workspace still lacks right away, so
+    the first page answers in seconds and the workspace fills in behind it (once per process,
+    only for the workspace the studio was started on; a failed build waits for the button)."""
+    import os
+
+    if os.environ.get(ENV_BUILD_DEFAULT) != "1":
+        return
+    ws = workspace()
+    if str(ws.path) != str(workspace_path(_cli_workspace())) or background_run(default_build_key(ws)):
+        return
+    from crs_core.pipeline import default_build_pending
+
+    if default_build_pending(ws):
+        start_default_build(ws)

@@ -4,9 +4,9 @@ import streamlit as st
 
 from crs_core import views
 from crs_core.ingest import ingest_summary
-from crs_core.pipeline import init_default, init_deferred, pipeline_status
-from pages._shared import (PAGE_OF_STEP, background_run, cached, ensure_navigation, forget_background,
-                           show_error, start_background, workspace)
+from crs_core.pipeline import pipeline_status
+from pages._shared import (PAGE_OF_STEP, background_run, cached, default_build_key, ensure_navigation,
+                           forget_background, show_error, start_default_build, workspace)
 
 ensure_navigation()
 
@@ -27,38 +27,26 @@ st.progress(n_done / len(steps), text=f"{n_done} of {len(steps)} steps done")
 basics = {s.key: s.done for s in steps}
 if not (basics["seeds"] and basics["embed"] and basics["cluster"]):
     with st.container(border=True):
-        if not basics["seeds"]:
+        build_key = default_build_key(ws)
+        build = background_run(build_key)
+        busy = build is not None and build.running
+        if busy:
+            st.subheader("Building the default workspace")
+            st.write("Ingesting the bundled data, then the review vectors (shipped with the data and "
+                     "checked on this machine), clusters and the map: about a minute. Pages fill in as "
+                     "steps finish.")
+        elif not basics["seeds"]:
             st.subheader("This workspace is empty")
             st.write("Build the default workspace from the bundled real data (IMDb reviews, MovieLens "
                      "ratings, the ReDial / INSPIRED catalogs and test dialogues): ingest, embed the "
-                     "reviews, cluster them and draw the map. It takes a few minutes on a laptop CPU and "
-                     "reuses whatever is already built. Or add your own files on the Seeds page.")
+                     "reviews, cluster them and draw the map. About a minute with the shipped review "
+                     "vectors; it reuses whatever is already built. Or add your own files on the Seeds page.")
         else:
             st.subheader("Finish the default workspace")
             st.write("Seed data is here; embeddings, clusters or the map are still missing.")
-        build_key = f"build:{ws.path}"
-        build = background_run(build_key)
-        busy = build is not None and build.running
-
-        def start_build() -> None:
-            step = {"label": "Starting"}
-
-            def work(progress, stop, step=step):
-                def progress_for(label):
-                    step["label"] = label
-                    return progress
-
-                return init_default(ws, progress_for)
-
-            start_background(build_key, "Building the default workspace", work, step)
-
-        if build is None and init_deferred(ws):
-            # `init --quick` (studio.sh) left the slow steps to the studio: go on without asking
-            start_build()
-            st.rerun()
         if st.button("Build default workspace", type="primary", key="home_build", disabled=busy,
                      icon=":material/construction:"):
-            start_build()
+            start_default_build(ws)
             st.rerun()
 
         def follow() -> None:
@@ -73,7 +61,8 @@ if not (basics["seeds"] and basics["embed"] and basics["cluster"]):
                 show_error(current.error)
             else:
                 forget_background(build_key)
-                st.session_state["home_flash"] = "Built: " + (", ".join(current.result) or "nothing new")
+                st.session_state["home_flash"] = "  \n".join(
+                    ["Built: " + (", ".join(current.result) or "nothing new"), *current.extra.get("notes", [])])
                 st.rerun()
 
         st.fragment(follow, run_every=1.0 if busy else None)()

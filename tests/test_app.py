@@ -71,30 +71,42 @@ def test_home_shows_pipeline_status(monkeypatch, studio_workspace):
     assert "home_build" not in [b.key for b in at.button]  # nothing left to build
 
 
-def test_home_finishes_a_deferred_build_unasked(monkeypatch, tmp_path):
-    """`init --quick` leaves the slow steps to the studio: Home starts them in the background."""
-    from crs_core.pipeline import DEFERRED_KEY, REVIEW_SET, pipeline_status
+def test_studio_started_by_studio_sh_finishes_its_workspace_unasked(monkeypatch, tmp_path):
+    """studio.sh sets CRS_BUILD_DEFAULT: the first page answers at once and what the start-up
+    workspace lacks is built in the background (here embeddings, clusters and map of 24 reviews)."""
+    from crs_core.pipeline import REVIEW_SET, default_build_pending
 
     from pages import _shared
 
-    path = tmp_path / "deferred.duckdb"
+    path = tmp_path / "unfinished.duckdb"
     with Workspace(path) as ws, ws.transaction() as cur:
         cur.execute("INSERT INTO items (item_id, title, year) VALUES ('tt01', 'A Film', 1999)")
         cur.executemany("INSERT INTO reviews (review_id, item_id, text, source) VALUES (?, 'tt01', ?, 'test')",
                         [(f"r{i}", f"Review number {i}: {'great' if i % 2 else 'dull'} film, scene {i}.")
                          for i in range(24)])
-        ws.set_meta(DEFERRED_KEY, "1", cur)
-    at = open_page(monkeypatch, path, "pages/home.py")
+    monkeypatch.setenv(_shared.ENV_BUILD_DEFAULT, "1")
+    at = open_page(monkeypatch, path, "pages/seeds.py")  # any page starts it
     run = _shared.background_run(f"build:{path}")
     assert run is not None, "the build started without a click"
     run.thread.join(300)
     assert run.error is None, run.error
-    at.run()
+    assert run.result == ["embed", "cluster", "project"]
+    assert "none of the workspace's texts" in run.extra["notes"][0]  # not the bundled reviews
+    at.switch_page("pages/home.py").run()
     assert_clean(at)
+    assert "home_build" not in [b.key for b in at.button]
     with Workspace(path) as ws:
-        assert all(s.done for s in pipeline_status(ws) if s.key in ("embed", "cluster"))
-        assert ws.get_meta(DEFERRED_KEY) == "0"
+        assert not default_build_pending(ws)
         assert ws.scalar("SELECT count(*) FROM projections WHERE set_id = ?", [REVIEW_SET]) == 24
+
+
+def test_studio_started_without_the_flag_waits_for_the_button(monkeypatch, empty_workspace):
+    from pages import _shared
+
+    monkeypatch.delenv(_shared.ENV_BUILD_DEFAULT, raising=False)
+    at = open_page(monkeypatch, empty_workspace, "pages/home.py")
+    assert _shared.background_run(f"build:{empty_workspace}") is None
+    assert at.button(key="home_build").label == "Build default workspace"
 
 
 def test_review_approve_persists(monkeypatch, own_workspace):
@@ -372,3 +384,30 @@ def _plotly_array(value):
     if isinstance(value, dict):
         return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
     return np.asarray(value)
+
+
+# -- issue 13, finding 1: the studio sends no key where a visitor points it ---------------------------
+def test_the_studio_listens_on_loopback_only():
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+
+
+def test_synthesis_page_drops_a_typed_key_when_the_base_url_changes(monkeypatch, studio_workspace):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    at = open_page(monkeypatch, studio_workspace, "pages/synthesis.py")
+    at.radio(key="syn_provider").set_value("openai").run()
+    assert "syn_key_env" not in [w.key for w in at.text_input]  # no key is read from a variable a visitor names
+    at.text_input(key="syn_base_url").set_value("https://api.openai.com/v1")
+    at.text_input(key="syn_api_key").set_value("sk-test-TYPED-KEY-0123456789").run()
+    assert_clean(at)
+    assert not any("No API key" in w.value for w in at.warning)
+    at.text_input(key="syn_base_url").set_value("https://collector.example.invalid/v1").run()
+    assert_clean(at)
+    assert at.text_input(key="syn_api_key").value == ""
+    warnings = " ".join(w.value for w in at.warning)
+    assert "enter it again" in warnings and "No API key for https://collector.example.invalid/v1" in warnings
+    at.text_input(key="syn_api_key").set_value("sk-test-TYPED-KEY-0123456789").run()  # entered again: kept
+    assert at.text_input(key="syn_api_key").value == "sk-test-TYPED-KEY-0123456789"
+    assert not any("No API key" in w.value for w in at.warning)
