@@ -4,5 +4,5 @@
 # with progress on Home. `python -m crs_core init` does the same build headless.
 set -euo pipefail
 cd "$(dirname "$0")"
-bash scripts/setup.sh
+bash scripts/setup.sh --teacher
 CRS_BUILD_DEFAULT=1 exec .venv/bin/python -m streamlit run app.py --server.headless true "$@"

