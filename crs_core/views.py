@@ -421,3 +421,16 @@ def selection_coverage(ws: Workspace, selection_id: str, clustering_id: str | No
             out["cluster_coverage"] = len(hist) / k
             out["cluster_entropy_norm"] = float(-(f * np.log(f)).sum() / np.log(k)) if k > 1 else 0.0
     return out
+
+
+def cluster_palette(n: int) -> list[str]:
+    """n colours that can be told apart: Plotly's 26-colour Alphabet palette (the default
+    10-colour cycle made cluster 0 and cluster 10 look the same), evenly spaced hues past 26."""
+    from plotly.colors import qualitative
+
+    if n <= len(qualitative.Alphabet):
+        return list(qualitative.Alphabet[:n])
+    import colorsys
+
+    return ["#%02x%02x%02x" % tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / n, 0.75, 0.85 - 0.25 * (i % 2)))
+            for i in range(n)]

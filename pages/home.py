@@ -76,8 +76,8 @@ for step in steps:
         c1.text(step.detail)
         if step.done:
             c2.caption("done")
-        elif step.hint.startswith("python "):
-            c2.code(step.hint, language=None)
+        elif step.hint.startswith("python "):  # the page is the way; the CLI is a hint for scripts
+            c2.caption(f"to do on its page · headless: `{step.hint}`")
         else:
             c2.caption(f"to do: {step.hint}")
         page = PAGE_OF_STEP.get(step.key)

@@ -5,6 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from crs_core import views
+from crs_core.views import cluster_palette
 from pages._shared import cached, ensure_navigation, needs, workspace
 
 ensure_navigation()
@@ -43,13 +44,14 @@ st.caption(f"{len(points):,} points. Hover for the review and its film; drag a b
 
 fig = go.Figure()
 groups = [(None, points)] if clustering is None else list(points.groupby("cluster", dropna=False, sort=True))
-for cluster, frame in groups:
+palette = cluster_palette(len(groups))
+for (cluster, frame), colour in zip(groups, palette):
     # numpy arrays, not lists: Plotly validates a list element by element (seconds at 50k points)
     fig.add_trace(go.Scattergl(
         x=frame["x"].to_numpy(), y=frame["y"].to_numpy(), mode="markers",
         customdata=frame["unit_id"].to_numpy(dtype=object),
         name="reviews" if cluster is None else f"cluster {cluster}",
-        marker={"size": 4 if len(points) > 5000 else 6, "opacity": 0.6},
+        marker={"size": 4 if len(points) > 5000 else 6, "opacity": 0.6, "color": colour},
         hovertext=frame["hover"].to_numpy(dtype=object), hoverinfo="text",
     ))
 picks = cached(views.selection_picks, overlay, clustering).dropna(subset=["x"]) if overlay else None

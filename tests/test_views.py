@@ -55,3 +55,11 @@ def test_item_picks_over_a_review_map_sit_at_the_centroid_of_their_reviews(studi
                      "ON r.review_id = q.unit_id WHERE q.set_id = ? AND r.item_id = ?", [set_id, items[0]])
         assert picks["x"].iloc[0] == pytest.approx(first["x"].iloc[0])
         assert picks["y"].iloc[0] == pytest.approx(first["y"].iloc[0])
+
+
+@pytest.mark.parametrize("n", [1, 10, 20, 26, 40])
+def test_cluster_palette_gives_every_cluster_its_own_colour(n):
+    from crs_core.views import cluster_palette
+
+    colours = cluster_palette(n)
+    assert len(colours) == n and len(set(colours)) == n
