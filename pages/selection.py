@@ -76,6 +76,10 @@ if existing.empty:
 st.subheader("Selections")
 st.dataframe(existing.drop(columns=["params", "summary"]), hide_index=True, width="stretch", key="sel_table")
 
+SCORE_HELP = ("The strategy's gain when this pick was made (greedy, so it shrinks pick by pick): "
+              "JS — entropy of the row's cluster distribution + λ·JS divergence to the mean of the picks "
+              "before it; Fisher — log(1 + xᵀΛx), the information the row adds; random — 0. Close "
+              "scores (2.9956 vs 2.9957) mean the picks were almost equally good.")
 st.subheader("Compare two selections")
 clus = cached(views.clusterings, set_id)
 clustering = st.selectbox("Measure coverage with clustering", [None] + clus["clustering_id"].tolist(),
@@ -108,7 +112,9 @@ for n, (col, sid) in enumerate(zip((a_col, b_col), chosen)):
                        if engine.get("user_coverage") is not None else ""))
     picks = cached(views.selection_picks, sid, clustering)
     col.dataframe(picks[["rank", "title", "year", "cluster", "score", "text"]], hide_index=True,
-                  height=min(300, 35 * (len(picks) + 1) + 3), width="stretch", key=f"sel_picks_{'ab'[n]}")
+                  height=min(300, 35 * (len(picks) + 1) + 3), width="stretch", key=f"sel_picks_{'ab'[n]}",
+                  column_config={"score": st.column_config.NumberColumn(
+                      "score", format="%.4f", help=SCORE_HELP)})
 
 if chosen[0] != chosen[1]:
     pa = set(cached(views.selection_picks, chosen[0])["unit_id"])
