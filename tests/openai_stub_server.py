@@ -18,6 +18,13 @@ status), ``bad_request`` (400), ``unauthorized`` (401), ``hang`` (no answer for 
 middle of the body), ``truncated_json`` (a complete response whose JSON is cut off),
 ``empty_choices`` (200 with ``"choices": []``).
 
+Structured replies: ``response_formats`` lists the ``response_format`` forms the server takes
+(``"json_schema"``, ``"json_object+schema"``, ``"json_object"``, ``"text"``; None = any, the
+default). A request with another form is refused as real endpoints refuse it: HTTP
+``format_refusal_status`` (400 like OpenAI for a model without structured outputs; 500 like
+llama_cpp.server 0.3.36 for ``json_schema``). A reply function that takes two arguments gets
+the request body too (``reply(messages, body)``), so it can answer in the schema it was sent.
+
 It stands in for a remote endpoint, so it should cost as little CPU as possible (benchmarks run
 it on the same cores as the client they measure): one asyncio event loop in a background thread
 serves every connection; a request costs a header parse, the reply function and one write. The
@@ -38,6 +45,7 @@ import argparse
 import asyncio
 import collections
 import http
+import inspect
 import json
 import sys
 import threading
@@ -143,8 +151,17 @@ class OpenAIStubServer:
         host: str = "127.0.0.1",
         port: int = 0,
         record: bool = True,
+        response_formats: tuple[str, ...] | None = None,
+        format_refusal_status: int = 400,
     ):
         self.reply: ReplyFn = reply or default_reply
+        try:
+            self._reply_takes_body = len(inspect.signature(self.reply).parameters) >= 2
+        except (TypeError, ValueError):
+            self._reply_takes_body = False
+        self.response_formats = response_formats
+        self.format_refusal_status = format_refusal_status
+        self.format_refusals = 0
         self.latency = latency
         self.model = model
         self.host = host
@@ -246,7 +263,7 @@ class OpenAIStubServer:
 
     def completion_body(self, body: dict[str, Any]) -> dict[str, Any]:
         messages = body.get("messages") or []
-        text = self.reply(messages)
+        text = self.reply(messages, body) if self._reply_takes_body else self.reply(messages)
         prompt_tokens = sum(count_tokens(m.get("content", "")) + 3 for m in messages)
         completion_tokens = count_tokens(text)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
@@ -359,6 +376,16 @@ class OpenAIStubServer:
                 self.in_flight -= 1
 
     def _answer(self, fault: Fault, body: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        form = response_format_form(body)
+        if fault.kind == "ok" and form is not None and self.response_formats is not None \
+                and form not in self.response_formats:
+            with self._lock:
+                self.format_refusals += 1
+            status = self.format_refusal_status
+            self._respond(writer, status, _error_payload(
+                status, f"response_format of type {form!r} is not supported (stub accepts "
+                        f"{', '.join(self.response_formats) or 'none'})"))
+            return True
         if fault.kind == "error":
             extra = {}
             if fault.retry_after is not None:
@@ -389,6 +416,18 @@ class OpenAIStubServer:
                 f"Content-Length: {len(data)}"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (data if cut is None else data[:cut]))
+
+
+def response_format_form(body: dict[str, Any]) -> str | None:
+    """The form of a request's response_format: None (absent), 'text', 'json_object',
+    'json_object+schema', 'json_schema' or another type as sent."""
+    rf = body.get("response_format")
+    if not isinstance(rf, dict):
+        return None
+    kind = str(rf.get("type"))
+    if kind == "json_object" and rf.get("schema") is not None:
+        return "json_object+schema"
+    return kind
 
 
 def _error_payload(status: int, message: str) -> dict[str, Any]:

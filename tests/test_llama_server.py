@@ -85,6 +85,42 @@ def test_real_server_chat_json_mode_and_stop(requirements):
     server.stop()  # idempotent
 
 
+def test_structured_replies_with_the_real_server(requirements):
+    """The schema path against llama_cpp.server 0.3.36 itself: as an unknown OpenAI-compatible
+    endpoint it refuses json_schema (HTTP 500), so the teacher falls back to json_object + schema
+    once, and the grammar holds the reply to the schema (every pick one of the candidates); as
+    the local provider it is asked json_object + schema at once."""
+    from crs_core.synth import (QUERY_SCHEMA, build_choice_messages, choice_schema, parse_choice_reply,
+                                parse_query_reply)
+    from crs_core.teacher import FORMAT_JSON_OBJECT, forget_structured_formats
+
+    cands = ["Heat (1995)", "Toy Story (1995)", "Alien (1979)", "Fargo (1996)", "The Lion King (1994)",
+             "Ronin (1998)", "Se7en (1995)"]
+    forget_structured_formats()
+    with LlamaServer(requirements) as server:
+        remote = Teacher(TeacherConfig.openai(server.base_url, server.model_alias, max_attempts=5, timeout=120),
+                         cache=MemoryCache())
+        c = remote.chat(build_choice_messages("I want a tense crime thriller about a bank robbery.", cands),
+                        json_schema=choice_schema(len(cands), 3), max_tokens=40, temperature=0.0)
+        tally = remote.tally()
+        assert remote.structured_format() == FORMAT_JSON_OBJECT
+        assert tally.requests == 2 and tally.retries == 0  # json_schema refused once, not retried
+        value = json.loads(c.text)  # the grammar: valid JSON of the schema
+        assert set(value) == {"picks"} and 1 <= len(value["picks"]) <= 3
+        assert all(isinstance(n, int) and 1 <= n <= len(cands) for n in value["picks"])
+        assert parse_choice_reply(c.text, cands).ok
+        log = server.log_tail(200)
+        assert "json_schema" in log or "500" in log  # the refusal is the server's own
+
+        local = Teacher(TeacherConfig.local(), server=server, cache=MemoryCache())
+        q = local.chat([{"role": "user", "content": "Write what a movie fan might ask a recommender for."}],
+                       json_schema=QUERY_SCHEMA, max_tokens=80, temperature=0.0)
+        assert local.tally().requests == 1  # asked in the right form at once
+        assert set(json.loads(q.text)) == {"query"}
+        parsed = parse_query_reply(q.text)
+        assert parsed.ok or parsed.reason  # the JSON path reads it (the 135M model's text may be refused)
+
+
 def test_teacher_owns_and_stops_its_server(requirements):
     teacher = Teacher(TeacherConfig.local(requirements))
     assert teacher._server is None  # started on first need, not before

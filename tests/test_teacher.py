@@ -833,3 +833,106 @@ def test_requests_in_flight_at_a_kill_are_recorded_and_counted_when_resent(stub,
             teacher.chat(msgs("fails"))
         teacher.close()  # the writer has written what was queued
         assert ws.count("llm_inflight") == 0
+
+
+# -- structured replies: the response_format an endpoint takes, decided once per endpoint ----------
+from crs_core.teacher import (  # noqa: E402
+    FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA, FORMAT_NONE, forget_structured_formats, response_format_for,
+)
+from openai_stub_server import response_format_form  # noqa: E402
+
+PICKS = {"type": "object", "title": "picks", "properties": {"picks": {"type": "array", "items": {"type": "integer",
+         "enum": [1, 2, 3]}, "maxItems": 2}}, "required": ["picks"], "additionalProperties": False}
+
+
+def forms(server: OpenAIStubServer) -> list:
+    return [response_format_form(r.body) for r in server.requests]
+
+
+def test_response_format_forms():
+    assert response_format_for(PICKS, FORMAT_JSON_SCHEMA) == {
+        "type": "json_schema", "json_schema": {"name": "picks", "schema": PICKS, "strict": True}}
+    assert response_format_for(PICKS, FORMAT_JSON_OBJECT) == {"type": "json_object", "schema": PICKS}
+    assert response_format_for(PICKS, FORMAT_NONE) is None
+    with pytest.raises(TeacherSetupError):
+        response_format_for(PICKS, "xml")
+
+
+def test_an_endpoint_that_takes_json_schema_gets_it_at_once(stub):
+    forget_structured_formats()
+    stub.response_formats = ("json_schema",)
+    teacher = make_teacher(stub)
+    assert teacher.structured_format() is None
+    teacher.chat(msgs("pick"), json_schema=PICKS)
+    teacher.chat(msgs("pick again"), json_schema=PICKS)
+    assert forms(stub) == ["json_schema", "json_schema"] and stub.format_refusals == 0
+    assert teacher.structured_format() == FORMAT_JSON_SCHEMA
+    body = stub.requests[0].body["response_format"]
+    assert body["json_schema"]["schema"] == PICKS
+
+
+def test_llama_cpp_style_refusal_is_not_retried_and_json_object_is_used(stub):
+    """llama_cpp.server 0.3.36 answers json_schema with HTTP 500 (retryable for any other
+    request): the probe moves on at once, and every later call sends json_object + schema."""
+    forget_structured_formats()
+    stub.response_formats, stub.format_refusal_status = ("json_object+schema",), 500
+    teacher = make_teacher(stub, max_attempts=5)
+    c = teacher.chat(msgs("pick"), json_schema=PICKS)
+    assert c.ok and forms(stub) == ["json_schema", "json_object+schema"] and stub.format_refusals == 1
+    assert teacher.structured_format() == FORMAT_JSON_OBJECT
+    # the decision holds for the endpoint: another teacher object asks no more
+    other = make_teacher(stub)
+    other.chat(msgs("another"), json_schema=PICKS)
+    assert forms(stub)[-1] == "json_object+schema" and stub.format_refusals == 1
+    # a real 500 on a decided endpoint is retried as before
+    stub.push(Fault.server_error())
+    assert other.chat(msgs("third"), json_schema=PICKS).attempts == 2
+
+
+def test_an_endpoint_refusing_every_form_gets_plain_requests(stub):
+    forget_structured_formats()
+    stub.response_formats = ()
+    teacher = make_teacher(stub)
+    reqs = [ChatRequest(msgs(f"pick {i}"), json_schema=PICKS) for i in range(6)]
+    seen = []
+    results = teacher.chat_many(reqs, concurrency=4, on_result=lambda i, r: seen.append(i))
+    assert all(isinstance(r, Completion) for r in results) and sorted(seen) == list(range(6))
+    assert [r.text for r in results] == [f"echo: pick {i}" for i in range(6)]  # in request order
+    # one request tried the two schema forms, then none; the other five went plain at once
+    assert stub.format_refusals == 2 and forms(stub) == ["json_schema", "json_object+schema"] + [None] * 6
+    assert teacher.structured_format() == FORMAT_NONE
+
+
+def test_a_cached_answer_decides_the_form_without_a_call(stub, tmp_path):
+    forget_structured_formats()
+    stub.response_formats, stub.format_refusal_status = ("json_object+schema",), 500
+    with Workspace(tmp_path / "ws.duckdb") as ws:
+        first = make_teacher(stub, cache=ws).chat(msgs("pick"), json_schema=PICKS)
+        n = stub.chat_requests
+        forget_structured_formats()  # a new process: nothing decided
+        again = make_teacher(stub, cache=ws).chat(msgs("pick"), json_schema=PICKS)
+    assert again.cached and again.text == first.text
+    assert stub.chat_requests == n + 1 and forms(stub)[-1] == "json_schema"  # one refused probe, then the cache
+
+
+def test_a_probe_that_fails_for_another_reason_decides_nothing(stub):
+    forget_structured_formats()
+    stub.push(Fault.bad_request("context length exceeded"))
+    stub.response_formats = None  # takes anything: the 400 is not about the format...
+    teacher = make_teacher(stub, max_attempts=1)
+    # ...but a probe cannot tell: it moves on; the request then succeeds with json_object
+    assert teacher.chat(msgs("pick"), json_schema=PICKS).ok
+    assert teacher.structured_format() == FORMAT_JSON_OBJECT
+    forget_structured_formats()
+    stub.push(Fault.rate_limit(), Fault.rate_limit())
+    with pytest.raises(TeacherError, match="429"):
+        make_teacher(stub, max_attempts=2).chat(msgs("limited"), json_schema=PICKS)
+    assert make_teacher(stub).structured_format() is None  # a rate limit says nothing about the form
+
+
+def test_an_explicit_response_format_is_sent_as_is(stub):
+    forget_structured_formats()
+    stub.response_formats = ("json_object",)
+    teacher = make_teacher(stub)
+    teacher.chat(msgs("json please"), response_format={"type": "json_object"}, json_schema=PICKS)
+    assert forms(stub) == ["json_object"] and teacher.structured_format() is None
