@@ -32,41 +32,42 @@ MIN_TEMPLATES = 1
 SAMPLE_SIZE = 5  # the paper samples five templates per item
 
 # Written for this project: varied length, register, and kind of request (mood, company,
-# comparison, constraints, first-person taste, negatives). No titles, so the teacher does not
-# copy a film name from the style example into the query.
+# comparison, constraints, first-person taste, negatives), nearly all in the first person (a
+# user asking, never an assistant answering: the teacher copies the voice of its examples). No
+# titles, so the teacher does not copy a film name from the style example into the query.
 BUILTIN_TEMPLATES: list[str] = [
     "What should I watch tonight with my kids?",
-    "Looking for something like a classic heist movie, but darker and more serious.",
+    "I'm looking for something like a classic heist movie, but darker and more serious.",
     "I loved how tense and claustrophobic my last thriller was. Anything else that keeps me on the edge of my seat?",
-    "Can you suggest a feel-good comedy for a rainy Sunday afternoon?",
+    "I need a feel-good comedy for a rainy Sunday afternoon. Any ideas?",
     "I want a movie with great dialogue and characters who actually talk like people.",
-    "Any recommendations for a slow-burn horror film that doesn't rely on jump scares?",
+    "I'd like a slow-burn horror film that doesn't rely on jump scares.",
     "My partner likes romance and I like action. What could we both enjoy?",
     "I'm in the mood for something visually stunning, even if the story is a bit thin.",
     "Recommend me a film with a twist ending that I won't see coming.",
-    "Is there a war movie that focuses on the people rather than the battles?",
+    "I'm after a war movie that focuses on the people rather than the battles.",
     "I need something light and funny after a long week, nothing too long please.",
-    "What's a good animated movie that adults will enjoy as much as children?",
+    "I want an animated movie that I'll enjoy as much as my nephews do.",
     "I enjoy stories about underdogs who win against all odds. Suggestions?",
     "Looking for a mystery where I can try to solve the case along with the detective.",
     "I hated how predictable the last action movie I saw was. Can you find me one that surprises me?",
-    "Any sci-fi films that make you think about big questions instead of just showing explosions?",
+    "I'd love a sci-fi film that makes me think about big questions instead of just showing explosions.",
     "What's a good movie to watch with my grandparents that isn't boring?",
     "I like musicals, but only when the songs actually move the story forward.",
-    "Suggest a quiet, character-driven drama about family.",
-    "Can you recommend an old black-and-white film that still holds up today?",
+    "I'm craving a quiet, character-driven drama about family.",
+    "Can you point me to an old black-and-white film that still holds up today? I've never seen one.",
     "I'm looking for a sports movie that's about more than just winning the big game.",
     "Give me something scary but not too gory for a Halloween party with friends.",
     "I want to cry a little tonight. What's a beautiful, sad movie?",
-    "What are some smart, fast-paced crime movies with a great cast?",
-    "Something with strong female leads and a good sense of humor, please.",
+    "I'd like a smart, fast-paced crime movie with a great cast.",
+    "I want something with strong female leads and a good sense of humor, please.",
     "I usually don't like westerns. Is there one that might change my mind?",
-    "Looking for a road-trip movie with a lot of heart.",
+    "We're planning a movie night and want a road-trip film with a lot of heart.",
     "I just finished a gritty detective series and want a film with the same moody atmosphere.",
-    "Which movies have a soundtrack so good you want to listen to it afterwards?",
-    "Recommend a fantasy adventure with epic world-building for a long weekend.",
+    "I want a movie whose soundtrack I'll keep listening to afterwards.",
+    "I have a long weekend free, so recommend me a fantasy adventure with epic world-building.",
     "I'd like a documentary-style film based on a true story, something that feels real.",
-    "Is there a romantic comedy that isn't cheesy?",
+    "Is there a romantic comedy that isn't cheesy? I'm tired of the usual ones.",
 ]
 
 
