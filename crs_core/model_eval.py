@@ -5,7 +5,7 @@ generation jobs (`crs_core.train`, `crs_core.jobs`) and the protocol (`crs_core.
   folder (`resolve_model`). The stored run names the model (the job id, else the folder) and
   its training data, selection strategy and budget as the training job's config recorded them.
 - Dense retriever (`dense_retriever`): `DenseRetrieval` over the fine-tuned bi-encoder
-  (`RetrieverEncoder`); item vectors go to the workspace embedding cache under the model's
+  (`recommenders.load_retriever`, the one loader every consumer uses); item vectors go to the workspace embedding cache under the model's
   weights digest, so a second evaluation of the same model embeds nothing.
 - Generative LM (`launch_lm_eval`): the contexts of a fixed, seeded subsample of each test
   set's evaluable turns (`turn_sample`; default `DEFAULT_LM_TURN_SAMPLE` per dataset on CPU,
@@ -59,6 +59,7 @@ __all__ = [
     "ModelRef",
     "resolve_model",
     "dense_retriever",
+    "supervised_training_data",
     "evaluate_and_store",
     "default_lm_turn_sample",
     "plan_lm_eval",
@@ -176,11 +177,11 @@ def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT
     the evaluated datasets can rank (the union of their candidate sets: embedding the other
     catalog items would change nothing but the time). `catalog`: a `Catalog` whose item texts
     to use (default: the workspace catalog with `catalog.item_text`, the texts the retriever was trained on)."""
-    from .recommenders import Catalog, DenseRetrieval, RecommenderError, RetrieverEncoder
+    from .recommenders import Catalog, DenseRetrieval, RecommenderError, load_retriever
 
     model = resolve_model(ws, ref, KIND_RETRIEVER)
     try:
-        encoder = RetrieverEncoder(model.model_dir)
+        encoder = load_retriever(model.model_dir)
     except RecommenderError as exc:
         raise ModelNotFoundError(str(exc)) from exc
     catalog = catalog if catalog is not None else Catalog.from_workspace(ws)
@@ -191,6 +192,29 @@ def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT
     rec = DenseRetrieval(ws, encoder=encoder, catalog=catalog)
     rec.name = f"dense-retriever:{model.label}"
     return rec, model
+
+
+def supervised_training_data(ws: "Workspace", dataset: str = "inspired_train"
+                             ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(examples, items) to fit a model on the turns of a TRAINING split, as `python -m crs_core
+    train --data <dataset>` builds them: examples {"context", "labels"} (turns without context
+    skipped, labels without the items mentioned earlier), items = id -> `catalog.item_text` of
+    every label. A ``*_test`` split is refused, and the examples go through
+    `check_no_test_leakage` (no test dialogue, whole or in part) before anything is fitted."""
+    from .catalog import item_text
+    from .evaluate import check_no_test_leakage
+    from .recommenders import training_set_from_turns
+
+    if dataset.endswith("_test"):
+        raise EvalError(f"{dataset} is a test split: models are never fitted on test turns")
+    train_set = training_set_from_turns(ws, dataset)
+    examples = [{"context": list(e.context), "labels": list(e.labels)} for e in train_set.examples
+                if any(str(u or "").strip() for u in e.context)]
+    check_no_test_leakage(ws, [e["context"] for e in examples])
+    wanted = {i for e in examples for i in e["labels"]}
+    rows = ws.df("SELECT * FROM items").to_dict("records")
+    items = {str(r["item_id"]): item_text(r) for r in rows if str(r["item_id"]) in wanted}
+    return examples, items
 
 
 def evaluate_and_store(ws: "Workspace", recommender: Any, datasets: Sequence[str],

@@ -16,8 +16,10 @@ utterances (oldest first), results are catalog item ids, best first, never an ex
   interaction popularity.
 - `DenseRetrieval` (zero-shot): cosine between the embedded context and embedded item texts
   "Title (Year). Genres: a, b. Plot Directed by X. Starring: A, B, C."
-  With `encoder=RetrieverEncoder(folder)` the same ranking uses a bi-encoder fine-tuned by
-  `crs_core.train` (queries then go through its `encode_queries`: left-truncated, as trained).
+  With `encoder=load_retriever(folder)` the same ranking uses a bi-encoder fine-tuned by
+  `crs_core.train`: the query text (`dialogue_query`), its truncation side and the token
+  lengths are the ones training used, read from the model's crs_model.json. Every consumer
+  (CLI, pages, jobs, benches) loads a trained retriever through `load_retriever`.
 
 Context text (NBCRS and dense retrieval): the last 3 non-empty utterances joined with
 spaces, then cut from the START to its last 1,000 characters. The latest turns carry the
@@ -60,6 +62,8 @@ __all__ = [
     "NBCRS",
     "DenseRetrieval",
     "RetrieverEncoder",
+    "load_retriever",
+    "dialogue_query",
     "training_set_from_synthetic",
     "training_set_from_turns",
     "context_text",
@@ -240,6 +244,30 @@ def context_text(context: str | Sequence[str], turns: int = CONTEXT_TURNS,
     return text
 
 
+QUERY_SPEAKERS = ("all", "seeker")
+
+
+def dialogue_query(context: str | Sequence[str], turns: int | None = CONTEXT_TURNS,
+                   speaker: str = "all", max_chars: int | None = CONTEXT_MAX_CHARS) -> str:
+    """The query text of a dialogue context for a dense retriever, the ONE function that both
+    training (`crs_core.train.train_retriever`) and every consumer of a trained retriever
+    (`RetrieverEncoder.query_text`) call, with the settings saved in the model's crs_model.json.
+
+    `speaker="seeker"` keeps the seeker's utterances only: in a recommendation turn's context
+    the last utterance is the seeker's and speakers alternate (consecutive utterances of one
+    speaker are merged at ingest), so those are the utterances at -1, -3, -5, ...; `turns`
+    then counts the seeker's utterances. `turns=None` (or 0) keeps every utterance. The text is
+    `context_text` of the kept utterances (joined by spaces, the last `max_chars` characters)."""
+    if isinstance(context, str):
+        context = [context]
+    if speaker not in QUERY_SPEAKERS:
+        raise RecommenderError(f"query speaker must be one of {QUERY_SPEAKERS}, got {speaker!r}")
+    utts = [str(u) for u in context if u is not None and str(u).strip()]
+    if speaker == "seeker":
+        utts = utts[::-1][0::2][::-1]
+    return context_text(utts, turns or 0, max_chars or 0)
+
+
 # ----------------------------------------------------------------------------- catalog
 
 
@@ -401,8 +429,15 @@ class RetrieverEncoder:
                 h.update(block)
         self.model_dir = folder
         self.name = f"retriever-{h.hexdigest()[:12]}"
+        self.info = info
         self.query_max_len = int(info.get("query_max_len", 128))
         self.item_max_len = int(info.get("item_max_len", 128))
+        self.query_truncation = str(info.get("query_truncation", "left"))
+        # the query text as in training (crs_model.json); a folder from before these keys were
+        # saved was trained on the whole context, cut from the left by the tokenizer
+        self.query_turns = info.get("query_turns")
+        self.query_speaker = str(info.get("query_speaker", "all"))
+        self.query_max_chars = info.get("query_max_chars")
         self.batch_size = batch_size
         self._model = None
         self._tok = None
@@ -454,7 +489,22 @@ class RetrieverEncoder:
         return self._encode_side(texts, self.item_max_len, "right", progress, batch_size)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode_side(texts, self.query_max_len, "left")
+        """Query side: texts from `query_text`, cut at ``query_max_len`` tokens on the side
+        the model was trained with (left: the latest words are kept)."""
+        return self._encode_side(texts, self.query_max_len, self.query_truncation)
+
+    def query_text(self, context: str | Sequence[str]) -> str:
+        """The query text of a dialogue context, built exactly as in training."""
+        return dialogue_query(context, self.query_turns, self.query_speaker, self.query_max_chars)
+
+
+def load_retriever(model_dir: str | os.PathLike) -> RetrieverEncoder:
+    """THE loader of a trained dense retriever for every consumer (CLI `eval`, the Evaluation
+    page, jobs, benches): the query text, truncation side and lengths come from the model's
+    crs_model.json, so a model scores the same wherever it is loaded. (Loading the folder as a
+    plain ``SentenceTransformer`` would cut queries on the right at 256 tokens and embed a
+    different query text than training did.)"""
+    return RetrieverEncoder(model_dir)
 
 
 def _encoder_name(encoder: Any) -> str:
@@ -786,7 +836,9 @@ class DenseRetrieval(_ScoreRanker):
 
     def scores(self, contexts: list[list[str]]) -> np.ndarray:
         self.fit()
-        texts = [context_text(c, self.context_turns, self.max_chars) for c in contexts]
+        as_query = getattr(self.encoder, "query_text", None)  # trained retrievers: the query text of training
+        texts = [as_query(c) if as_query is not None else context_text(c, self.context_turns, self.max_chars)
+                 for c in contexts]
         queries = getattr(self.encoder, "encode_queries", None)  # asymmetric (fine-tuned) encoders
         q = _encode(self.encoder, texts) if queries is None else _normalise(np.asarray(queries(texts), np.float32), len(texts))
         return q @ self._items.T

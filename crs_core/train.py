@@ -317,6 +317,15 @@ class RetrieverConfig(_RunConfig):
     query_max_len: int = 128  # tokens; the dialogue is cut from the left (latest turns kept)
     item_max_len: int = 128
     max_labels_per_context: int = 20  # pairs per example: its first k labels
+    # the query text (recommenders.dialogue_query; saved with the model, used by every consumer)
+    query_turns: int | None = None  # last N utterances (of `query_speaker`); None: all
+    query_speaker: str = "all"  # "all" | "seeker"
+    query_max_chars: int | None = None  # keep the last N characters; None: no cut before the tokenizer
+    hard_negatives: int = 0  # per pair: items from the base model's ranking of its query (not its labels)
+    hard_negative_ranks: tuple[int, int] = (10, 100)  # ranks [lo, hi) they are drawn from
+    val_fraction: float = 0.0  # whole dialogues held out of TRAIN for validation / early stopping
+    eval_every: int | None = None  # validation every N steps (default: once per epoch)
+    patience: int | None = None  # stop after this many validations without improvement (None: never)
 
 
 @dataclass
@@ -713,8 +722,18 @@ def _run_loop(
     optimizer,
     scheduler,
     step_fn: Callable[[list[int]], tuple[float, int]],
+    after_step: Callable[[int], bool] | None = None,
+    extra_state: tuple[Callable[[Path], None], Callable[[Path], None]] | None = None,
 ) -> dict[str, Any]:
-    """The optimizer-step loop shared by both trainers: resume, steps, report, checkpoints, cancel."""
+    """The optimizer-step loop shared by both trainers: resume, steps, report, checkpoints, cancel.
+
+    `after_step(done)` runs after each optimizer step (validation); True stops training there
+    (early stopping). `extra_state` = (write(folder), read(folder)) keeps the caller's own state
+    (e.g. the best weights so far) in every checkpoint.
+
+    A run that cannot learn stops with a TrainingError instead of "succeeding": a loss that is
+    not finite (NaN / inf), or a loss of exactly 0 at the first step (nothing to learn, e.g.
+    every in-batch negative masked)."""
     import torch
 
     from .jobs import CheckpointError, JobCancelled
@@ -743,6 +762,8 @@ def _run_loop(
             },
             tmp / "trainer_state.pt",
         )
+        if extra_state is not None:
+            extra_state[0](tmp)
 
     def read(path: Path, manifest: dict[str, Any]):
         weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
@@ -755,7 +776,7 @@ def _run_loop(
         order = state.get("data_order", {})
         if order.get("steps_per_epoch") != spe or order.get("units_per_step") != spec.units_per_step:
             raise CheckpointError(f"{path}: written for a different data layout ({order}); cannot continue from it")
-        return weights, state
+        return weights, state, path
 
     def save(step: int) -> None:
         hooks.save_checkpoint(step, lambda tmp: write(tmp, step), {"step": step, "total_steps": total}, keep=spec.keep_checkpoints)
@@ -763,7 +784,7 @@ def _run_loop(
     start = 0
     loaded = hooks.load_checkpoint(read)
     if loaded is not None:
-        start, (weights, state) = loaded
+        start, (weights, state, loaded_path) = loaded
         with torch.no_grad():
             for n, p in params:
                 p.copy_(weights[n].to(p.device, p.dtype))
@@ -771,6 +792,8 @@ def _run_loop(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         losses = list(state.get("losses", []))
+        if extra_state is not None:
+            extra_state[1](loaded_path)
         hooks.truncate_progress(start)
     hooks.set_total(total, start)
     hooks.log(f"training: {total} steps ({spe} per epoch, {spec.epochs} epoch(s)), starting at step {start}")
@@ -791,7 +814,12 @@ def _run_loop(
         optimizer.zero_grad(set_to_none=True)
         loss, n_examples = step_fn(idx)
         if not math.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at step {step + 1}; lower the learning rate")
+            raise TrainingError(f"the loss became {loss} at step {step + 1}: training diverged and cannot "
+                                "learn; lower the learning rate (or raise the temperature)")
+        if step == 0 and loss == 0.0:
+            raise TrainingError("the loss is exactly 0 at step 1: there is nothing to learn (for the dense "
+                                "retriever: every in-batch negative is masked, i.e. each batch's items are all "
+                                "labels of its queries); give more varied examples or a larger batch")
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for _, p in params], spec.max_grad_norm)
         lr = float(optimizer.param_groups[0]["lr"])
@@ -801,16 +829,25 @@ def _run_loop(
         done = step + 1
         hooks.report(done, total, epoch=round(done / spe, 4), loss=float(loss), lr=lr, examples=n_examples,
                      log_every=spec.log_every)
+        stop = bool(after_step(done)) if after_step is not None else False
+        if stop and done < total:
+            hooks.log(f"early stop at step {done}/{total}")
+            break
         if done % spec.checkpoint_every == 0 and done < total:
             save(done)
+    else:
+        done = total
+    if start >= total:
+        done = total
     seconds = time.time() - t_start
     tail = losses[-max(1, len(losses) // 10) :]
     return {
-        "steps": total,
+        "steps": done,
+        "planned_steps": total,
         "resumed_from_step": start,
-        "steps_this_run": total - start,
+        "steps_this_run": done - start,
         "seconds_this_run": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(1, total - start), 3),
+        "seconds_per_step": round(seconds / max(1, done - start), 3),
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "last_loss": losses[-1] if losses else None,
@@ -829,6 +866,72 @@ def _mean_pool(last_hidden, mask):
 _ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
+def _dialogue_groups(examples: Sequence[Example]) -> list[int]:
+    """A group id per example: turns of one dialogue share it. Examples carry no dialogue id,
+    but a later turn's context extends an earlier turn's context of the same dialogue, so an
+    example joins the group of its longest proper prefix of >= 2 utterances seen as a context
+    (one utterance is no evidence: greetings such as "Hi! What movies do you like?" open many)."""
+    ctxs = [tuple(" ".join(u.split()) for u in ex.context) for ex in examples]
+    seen: dict[tuple[str, ...], int] = {}
+    group = list(range(len(examples)))
+    for i in sorted(range(len(examples)), key=lambda i: (len(ctxs[i]), i)):
+        c = ctxs[i]
+        for k in range(len(c) - 1, 1, -1):
+            g = seen.get(c[:k])
+            if g is not None:
+                group[i] = g
+                break
+        seen.setdefault(c, group[i])
+    return group
+
+
+def _validation_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices): whole dialogues (`_dialogue_groups`) of the
+    TRAINING examples held out, in a seeded order, until `fraction` of the examples are there."""
+    if not fraction or fraction <= 0:
+        return list(range(len(examples))), []
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(_dialogue_groups(examples)):
+        groups.setdefault(g, []).append(i)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    want = fraction * len(examples)
+    val: list[int] = []
+    for k in keys:
+        if len(val) >= want:
+            break
+        val.extend(groups[k])
+    val_set = set(val)
+    return [i for i in range(len(examples)) if i not in val_set], sorted(val)
+
+
+class RetrieverProbe:
+    """What a validation point sees of the model being trained: `query_text(context)` (the
+    training query text), `encode_queries(texts)` and `encode_items(texts)` (L2-normalised
+    vectors as numpy arrays, eval mode, no gradient). Passed to a `monitor` callback."""
+
+    def __init__(self, encode: Callable[[list[str], int, str], Any], cfg: "RetrieverConfig"):
+        self._encode, self._cfg = encode, cfg
+
+    def query_text(self, context: Sequence[str] | str) -> str:
+        from .recommenders import dialogue_query
+
+        return dialogue_query(context, self._cfg.query_turns, self._cfg.query_speaker, self._cfg.query_max_chars)
+
+    def encode_queries(self, texts: Sequence[str]):
+        return self._encode(list(texts), self._cfg.query_max_len, "left")
+
+    def encode_items(self, texts: Sequence[str]):
+        return self._encode(list(texts), self._cfg.item_max_len, "right")
+
+
+def _recall_at(scores, labels: Sequence[set[int]], k: int) -> float:
+    import numpy as np
+
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float(np.mean([len(set(row.tolist()) & lab) / len(lab) for row, lab in zip(top, labels)]))
+
+
 def train_retriever(
     examples: Sequence[Example],
     items: Mapping[str, Item],
@@ -837,18 +940,28 @@ def train_retriever(
     out_dir: str | os.PathLike | None = None,
     *,
     kl_alpha: float = 0.0,
+    monitor: Callable[[int, RetrieverProbe], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the bi-encoder; saves through `hooks.save_output` (a job) or into `out_dir`.
 
     `kl_alpha` > 0 (stage 2 of two-stage training): the model as loaded from ``base_model`` is
     the frozen stage-1 model; the loss is ``CE + kl_alpha * KL(P || y_hat)`` over the in-batch
     candidates, y_hat from the vectors that model gives every training query and label item
-    before the first step."""
+    before the first step.
+
+    With ``val_fraction`` > 0, whole dialogues of the TRAINING examples are held out; every
+    ``eval_every`` steps (and before the first) the model ranks every item for them, and the
+    weights with the best validation score (mean of Recall@10 and Recall@50) are the ones
+    saved; ``patience`` stops training after that many validations without improvement.
+    `monitor(step, probe)` (benches: a learning curve) runs at the same points and can only
+    observe: nothing it computes reaches training or model selection."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
 
     from . import models
+    from .recommenders import QUERY_SPEAKERS, dialogue_query
 
     cfg = config if isinstance(config, RetrieverConfig) else _config_from(RetrieverConfig, config)
     hooks = _hooks_or_default(hooks, out_dir)
@@ -856,11 +969,19 @@ def train_retriever(
     base = Path(cfg.base_model) if cfg.base_model else models.minilm_path()
     if not (base / "config.json").is_file():
         raise TrainingError(f"base model folder {base} has no config.json")
+    if cfg.query_speaker not in QUERY_SPEAKERS:
+        raise TrainingError(f"query_speaker must be one of {QUERY_SPEAKERS}, got {cfg.query_speaker!r}")
+    if not 0 <= float(cfg.val_fraction) < 0.5:
+        raise TrainingError(f"val_fraction must be in [0, 0.5), got {cfg.val_fraction!r}")
+    if not float(cfg.temperature) > 0:
+        raise TrainingError(f"temperature must be > 0, got {cfg.temperature!r}")
+    hn_lo, hn_hi = (int(x) for x in cfg.hard_negative_ranks)
 
+    train_idx, val_idx = _validation_split(examples, float(cfg.val_fraction), cfg.seed)
     pairs: list[tuple[int, str]] = []
     missing = 0
-    for ei, ex in enumerate(examples):
-        labels = [lab for lab in dict.fromkeys(ex.labels)]
+    for ei in train_idx:
+        labels = [lab for lab in dict.fromkeys(examples[ei].labels)]
         known = [lab for lab in labels if lab in items]
         missing += len(labels) - len(known)
         pairs.extend((ei, lab) for lab in known[: cfg.max_labels_per_context])
@@ -869,7 +990,11 @@ def train_retriever(
     if len(pairs) < 2:
         raise TrainingError(f"the dense retriever needs at least 2 (context, item) pairs, got {len(pairs)}")
     label_sets = [set(ex.labels) for ex in examples]
-    queries = [render_context(ex.context) for ex in examples]
+    queries = [dialogue_query(ex.context, cfg.query_turns, cfg.query_speaker, cfg.query_max_chars) for ex in examples]
+    item_ids = list(items)
+    item_pos = {it: i for i, it in enumerate(item_ids)}
+    val_rows = [(ei, {item_pos[lab] for lab in examples[ei].labels if lab in item_pos}) for ei in val_idx]
+    val_rows = [(ei, labs) for ei, labs in val_rows if labs]
 
     _seed_everything(cfg.seed)
     if cfg.num_threads:
@@ -879,6 +1004,7 @@ def train_retriever(
     model = AutoModel.from_pretrained(str(base), dtype=torch.float32).to(device)
     spec = _LoopSpec(len(pairs), min(cfg.batch_size, len(pairs)), 2, cfg.epochs, cfg.seed, cfg.max_steps,
                      cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+    _check_negatives(pairs, label_sets, spec, cfg.hard_negatives)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)]
     optimizer = torch.optim.AdamW(
@@ -887,7 +1013,8 @@ def train_retriever(
     total = spec.total_steps
     warmup = max(1, round(cfg.warmup_ratio * total)) if cfg.warmup_ratio > 0 else 0
     scheduler = _linear_warmup_decay(optimizer, warmup, total)
-    hooks.log(f"dense retriever: {len(pairs)} pairs from {len(examples)} examples, base {base}, device {device}")
+    hooks.log(f"dense retriever: {len(pairs)} pairs from {len(train_idx)} examples"
+              + (f" ({len(val_rows)} held out for validation)" if val_idx else "") + f", base {base}, device {device}")
 
     def encode(texts: list[str], max_len: int, side: str):
         tok.truncation_side = side
@@ -895,6 +1022,17 @@ def train_retriever(
         with _autocast(device):
             out = model(**enc).last_hidden_state
         return F.normalize(_mean_pool(out.float(), enc["attention_mask"]), dim=-1)
+
+    def encode_eval(texts: list[str], max_len: int, side: str, bs: int = 64):
+        was_training = model.training
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(texts), bs):
+                out.append(encode(texts[s : s + bs], max_len, side).cpu())
+        if was_training:
+            model.train()
+        return torch.cat(out).numpy() if out else np.zeros((0, model.config.hidden_size), np.float32)
 
     teacher_q: dict[int, Any] = {}
     teacher_d: dict[str, Any] = {}
@@ -910,39 +1048,114 @@ def train_retriever(
             for s in range(0, len(d_ids), 64):
                 chunk = d_ids[s : s + 64]
                 teacher_d.update(zip(chunk, encode([items[i].text for i in chunk], cfg.item_max_len, "right")))
+        model.train()
         hooks.log(f"soft labels: stage-1 vectors of {len(q_ids)} queries and {len(d_ids)} items (alpha {kl_alpha:g})")
+
+    hard_pool: dict[int, list[str]] = {}
+    if cfg.hard_negatives:
+        # mined once from the start model's ranking of every item for each training query
+        q_ids = sorted({e for e, _ in pairs})
+        qv = encode_eval([queries[e] for e in q_ids], cfg.query_max_len, "left")
+        dv = encode_eval([items[i].text for i in item_ids], cfg.item_max_len, "right")
+        ranked = np.argsort(-(qv @ dv.T), axis=1)
+        for row, e in zip(ranked, q_ids):
+            pool = [item_ids[j] for j in row[hn_lo:hn_hi] if item_ids[j] not in label_sets[e]]
+            if pool:
+                hard_pool[e] = pool
+        hooks.log(f"hard negatives: {cfg.hard_negatives} per pair from ranks {hn_lo}-{hn_hi} of the start model "
+                  f"({len(hard_pool)} queries)")
 
     def step_fn(idx: list[int]) -> tuple[float, int]:
         batch = [pairs[i] for i in idx]
-        q = encode([queries[e] for e, _ in batch], cfg.query_max_len, "left")
-        d = encode([items[it].text for _, it in batch], cfg.item_max_len, "right")
-        sim = q @ d.T / cfg.temperature
         b = len(batch)
-        mask = torch.zeros(b, b, dtype=torch.bool)
+        docs = [it for _, it in batch]
+        for e, _ in batch:
+            pool = hard_pool.get(e)
+            if pool:
+                docs.extend(random.choice(pool) for _ in range(cfg.hard_negatives))
+        q = encode([queries[e] for e, _ in batch], cfg.query_max_len, "left")
+        d = encode([items[it].text for it in docs], cfg.item_max_len, "right")
+        sim = q @ d.T / cfg.temperature
+        mask = torch.zeros(b, len(docs), dtype=torch.bool)
         for i, (e, _) in enumerate(batch):
-            for j, (_, it) in enumerate(batch):
+            for j, it in enumerate(docs):
                 if i != j and it in label_sets[e]:
-                    mask[i, j] = True  # another label of the same context is not a negative
+                    mask[i, j] = True  # another label of the same context (or the same item twice) is not a negative
         mask = mask.to(device)
         target = torch.arange(b, device=device)
         teacher = None
         if kl_alpha:
             tq = torch.stack([teacher_q[e] for e, _ in batch])
-            td = torch.stack([teacher_d[it] for _, it in batch])
+            td = torch.stack([teacher_d[it] for it in docs[:b]])
             teacher = tq @ td.T / cfg.temperature
-        ce, kl = soft_label_loss(sim, target, teacher, kl_alpha, mask)
+        ce, _ = soft_label_loss(sim, target, None, 0.0, mask)
+        kl = torch.zeros_like(ce)
+        if kl_alpha:  # over the in-batch label items (hard negatives take part in CE only)
+            _, kl = soft_label_loss(sim[:, :b], target, teacher, kl_alpha, mask[:, :b])
         loss = ce.mean()
         if cfg.symmetric:
-            loss = (loss + F.cross_entropy(sim.T.masked_fill(mask.T, float("-inf")), target)) / 2
+            sq = sim[:, :b].T.masked_fill(mask[:, :b].T, float("-inf"))
+            loss = (loss + F.cross_entropy(sq, target)) / 2
         loss = loss + kl_alpha * kl.mean()
         loss.backward()
         return float(loss.detach()), b
 
-    stats = _run_loop(spec, hooks=hooks, model=model, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn)
+    # validation (early stopping) and the monitor
+    every = int(cfg.eval_every or spec.steps_per_epoch)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"step": 0, "score": None, "weights": None}
+    probe = RetrieverProbe(encode_eval, cfg)
+
+    def validate(done: int) -> bool:
+        if val_rows:
+            qv = encode_eval([queries[e] for e, _ in val_rows], cfg.query_max_len, "left")
+            dv = encode_eval([items[i].text for i in item_ids], cfg.item_max_len, "right")
+            scores = qv @ dv.T
+            labs = [labs for _, labs in val_rows]
+            r10, r50 = _recall_at(scores, labs, 10), _recall_at(scores, labs, 50)
+            score = (r10 + r50) / 2
+            history.append({"step": done, "recall@10": round(r10, 4), "recall@50": round(r50, 4)})
+            hooks.log(f"validation at step {done}: R@10 {r10:.3f}, R@50 {r50:.3f} ({len(val_rows)} held-out turns)")
+            if best["score"] is None or score > best["score"]:
+                best.update(step=done, score=score,
+                            weights={k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()})
+        if monitor is not None:
+            monitor(done, probe)
+        if cfg.patience and val_rows:
+            since = [h for h in history if h["step"] > best["step"]]
+            return len(since) >= int(cfg.patience)
+        return False
+
+    def after_step(done: int) -> bool:
+        if (val_rows or monitor is not None) and (done % every == 0 or done == total):
+            return validate(done)
+        return False
+
+    def write_extra(tmp: Path) -> None:
+        if val_rows:
+            torch.save({"history": history, "best_step": best["step"], "best_score": best["score"],
+                        "weights": best["weights"]}, tmp / "validation.pt")
+
+    def read_extra(path: Path) -> None:
+        f = path / "validation.pt"
+        if val_rows and f.is_file():
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            history[:] = list(state["history"])
+            best.update(step=int(state["best_step"]), score=state["best_score"], weights=state["weights"])
+
+    if val_rows or monitor is not None:
+        validate(0)  # the start model: training must beat it on the held-out turns to be kept
+    stats = _run_loop(spec, hooks=hooks, model=model, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn,
+                      after_step=after_step, extra_state=(write_extra, read_extra))
+    if val_rows and best["weights"] is not None and best["step"] != stats["steps"]:
+        model.load_state_dict(best["weights"])
+        hooks.log(f"kept the weights of step {best['step']} (best validation score)")
     model.eval()
 
     def write_final(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
+        # the saved tokenizer cuts on the right, as item texts are cut; queries are cut on the
+        # LEFT (crs_model.json), which recommenders.load_retriever applies for every consumer
         tok.truncation_side = "right"
         tok.save_pretrained(str(tmp))
         for name in _ST_FILES:
@@ -954,7 +1167,10 @@ def train_retriever(
         (tmp / "crs_model.json").write_text(json.dumps({
             "type": "dense_retriever", "base_model": str(base), "pooling": "mean", "normalize": True,
             "query_max_len": cfg.query_max_len, "item_max_len": cfg.item_max_len,
-            "query_truncation": "left",
+            "query_truncation": "left", "item_truncation": "right",
+            "query_turns": cfg.query_turns, "query_speaker": cfg.query_speaker,
+            "query_max_chars": cfg.query_max_chars,
+            "best_step": best["step"] if val_rows else None, "validation": history,
         }, indent=1))
 
     final = _save_final(hooks, out_dir, write_final)
@@ -964,12 +1180,33 @@ def train_retriever(
         "model_dir": str(final),
         "model_name": f"dense-retriever ({base_name})",
         "base_model": str(base),
-        "examples": len(examples),
+        "examples": len(train_idx),
+        "validation_examples": len(val_rows),
         "pairs": len(pairs),
         "device": str(device),
         "config": asdict(cfg),
         **stats,
+        "best_step": best["step"] if val_rows else None,
+        "validation": history,
     }
+
+
+def _check_negatives(pairs: Sequence[tuple[int, str]], label_sets: Sequence[set[str]], spec: "_LoopSpec",
+                     hard_negatives: int) -> None:
+    """Refuse data whose batches have no in-batch negative at all (the loss would be 0 at every
+    step: other labels of a query are masked, so if every item of every batch is a label of
+    every query in it, nothing can be learned)."""
+    if hard_negatives:
+        return
+    order = _epoch_order(spec.seed, 0, spec.n_units)
+    for pos in range(spec.steps_per_epoch):
+        batch = [pairs[i] for i in order[pos * spec.units_per_step : (pos + 1) * spec.units_per_step]]
+        if any(i != j and it not in label_sets[e] for i, (e, _) in enumerate(batch) for j, (_, it) in enumerate(batch)):
+            return
+    raise TrainingError(
+        f"no batch has an in-batch negative: in each of the {spec.steps_per_epoch} batches every item is a label "
+        "of every query, so every negative is masked and the loss would be 0 at every step; the model cannot "
+        "learn. Give examples with different labels (or fewer labels per example), or a larger batch")
 
 
 def _save_final(hooks: Any, out_dir: str | os.PathLike | None, write: Callable[[Path], None]) -> Path:
@@ -1224,8 +1461,9 @@ def _run_training_job(ctx, kind: str) -> dict[str, Any]:
 
 
 def _retriever_units(examples: Sequence[Example], items: Mapping[str, Item], cfg: RetrieverConfig) -> int:
-    return sum(min(sum(1 for lab in dict.fromkeys(ex.labels) if lab in items), cfg.max_labels_per_context)
-               for ex in examples)
+    train_idx, _ = _validation_split(examples, float(cfg.val_fraction), cfg.seed)
+    return sum(min(sum(1 for lab in dict.fromkeys(examples[i].labels) if lab in items), cfg.max_labels_per_context)
+               for i in train_idx)
 
 
 def _planned_steps(kind: str, examples: Sequence[Example], items: Mapping[str, Item], cfg: Any) -> int:

@@ -4,32 +4,11 @@ curves per selection strategy, and a per-turn drill-down of a fresh evaluation."
 import plotly.express as px
 import streamlit as st
 
-from crs_core import budget_curve, evaluate, recommenders, train, views
+from crs_core import budget_curve, evaluate, model_eval, recommenders, train, views
 from crs_core.errors import CRSError
 from pages._shared import StreamlitProgress, cached, ensure_navigation, needs, show_error, workspace
 
 ensure_navigation()
-
-class TrainedEncoder:
-    """A fine-tuned retriever (a training job's model folder) as a recommenders encoder."""
-
-    def __init__(self, model_dir: str, job_id: str):
-        from crs_core import models
-
-        models.offline_env()
-        from sentence_transformers import SentenceTransformer
-
-        self.name = f"retriever-{job_id}"  # item embeddings are cached per encoder name
-        self._model = SentenceTransformer(model_dir, device="cpu")
-
-    def encode(self, texts):
-        return self._model.encode(list(texts), batch_size=64, normalize_embeddings=True, show_progress_bar=False)
-
-
-@st.cache_resource(max_entries=2, show_spinner="Loading the trained retriever…")
-def trained_encoder(model_dir: str, job_id: str) -> TrainedEncoder:
-    return TrainedEncoder(model_dir, job_id)
-
 
 st.title("Evaluation")
 st.write("Recommendation turns of ReDial / INSPIRED test dialogues (He et al. protocol: items mentioned "
@@ -126,7 +105,10 @@ if go:
             meta = {"model": kind, "training_data": None}
             if kind in trained:
                 job = trained[kind]
-                rec = recommenders.DenseRetrieval(ws, encoder=trained_encoder(job["model_dir"], job["job_id"]))
+                # the CLI's code path (`python -m crs_core eval --retriever`): the model loaded by
+                # recommenders.load_retriever (query text, truncation and lengths as trained),
+                # items of the test set embedded through the workspace cache
+                rec, _ref = model_eval.dense_retriever(ws, job["job_id"], [test])
                 rec.fit(None, progress=bar)
                 meta = {"model": rec.name, "config": {"job_id": job["job_id"]},
                         **{k: job["config"].get(k) for k in ("training_data", "selection_strategy", "budget")}}

@@ -155,3 +155,46 @@ def test_import_refuses_a_job_that_is_not_an_lm_evaluation(ws, tmp_path):
         model_eval.store_lm_eval(ws, state)
     with pytest.raises(model_eval.ModelNotFoundError, match="no job"):
         model_eval.wait_for_lm_eval(ws, "lm_generate-none")
+
+
+# ----------------------------------------------------------------------------- one loader everywhere
+
+
+def test_the_page_and_the_cli_rank_identically_with_a_trained_retriever(monkeypatch, studio_workspace_file, tmp_path):
+    """A tiny retriever trained by a real job: the Evaluation page's drill-down and the CLI's
+    `eval --retriever` path give the same rankings turn by turn (the page used to load the folder
+    as a plain SentenceTransformer: another query text and truncation, other rankings)."""
+    from streamlit.testing.v1 import AppTest
+
+    from crs_core import train
+    from crs_core.evaluate import evaluate
+    from crs_core.recommenders import Catalog, training_set_from_turns
+
+    path = copy_workspace(studio_workspace_file, tmp_path / "ws.duckdb")
+    with Workspace(path) as w:
+        turns = [e for e in training_set_from_turns(w, "inspired_train").examples if e.context][:12]
+        catalog = Catalog.from_workspace(w)
+        items = {i: catalog.texts[catalog.index[i]] for e in turns for i in e.labels if i in catalog.index}
+        cfg = {"batch_size": 4, "max_steps": 2, "query_turns": 2, "query_max_len": 24, "item_max_len": 24}
+        job_id = train.launch_training(w, train.KIND_RETRIEVER, [{"context": e.context, "labels": e.labels}
+                                                                  for e in turns], items, cfg,
+                                       jobs_root=tmp_path / "jobs")
+        st = jobs.wait_for_job(jobs.job_folder(w, job_id), timeout=600, poll=0.5)
+        assert st.state == "succeeded", jobs.read_log(st.folder)
+        rec, _ref = model_eval.dense_retriever(w, job_id, ["inspired_test"])  # what `eval --retriever` runs
+        cli = evaluate(w, rec, "inspired_test", turn_sample=25)
+
+    monkeypatch.setenv("CRS_WORKSPACE", str(path))
+    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page("pages/evaluation.py")
+    at.run()
+    at.selectbox(key="ev_kind").set_value(f"trained:{job_id}")
+    at.selectbox(key="ev_test").set_value("inspired_test")
+    at.number_input(key="ev_sample").set_value(25)
+    at.button(key="ev_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in list(at.exception) + list(at.error)]
+    page = at.session_state["ev_result"]
+    assert [t.turn_id for t in page.turns] == [t.turn_id for t in cli.turns] and len(cli.turns) == 25
+    assert [t.ranked for t in page.turns] == [t.ranked for t in cli.turns]
+    assert page.value("recall@50") == cli.value("recall@50")

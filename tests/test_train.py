@@ -9,6 +9,7 @@ import os
 # before torch loads: busy-waiting OpenMP threads make torch 5-10x slower on a shared 2-core box
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json
 import math
 import time
 from pathlib import Path
@@ -320,3 +321,123 @@ def test_lora_two_stage_in_process_continues_the_stage1_adapter(tmp_path, studen
                                     "stage1_model": res["stage1_model_dir"]}, out_dir=tmp_path / "lm0")
     assert res_b["stage1_steps"] == 0
     assert 0 <= res["first_loss"] - res_b["first_loss"] < 0.01
+
+
+# -- the dense retriever: runs that cannot learn stop; the query as trained everywhere ---------
+def test_retriever_job_whose_negatives_are_all_masked_fails_instead_of_succeeding(tmp_path):
+    """Issue 13: every in-batch negative masked (each query's labels are all the batch's items)
+    trained at loss 0.0 for every step and reported "succeeded"."""
+    ws = Workspace(tmp_path / "ws.duckdb")
+    same = [{"context": ["User: a tense heist movie please"], "labels": ["tt0113277", "tt0068646"]},
+            {"context": ["User: a mafia classic, any decade"], "labels": ["tt0068646", "tt0113277"]}]
+    job_id = train.launch_training(ws, train.KIND_RETRIEVER, same, ITEMS, {"batch_size": 4, "epochs": 3},
+                                   jobs_root=tmp_path / "jobs")
+    st = jobs.wait_for_job(jobs.job_folder(ws, job_id), timeout=600, poll=0.5)
+    assert st.state == "failed", f"{st}\n{jobs.read_log(st.folder)}"
+    assert "no batch has an in-batch negative" in (st.error or "") and "cannot learn" in st.error
+    assert not train.trained_models(ws, train.KIND_RETRIEVER)
+    ws.close()
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error(tmp_path):
+    real, _aug, items = _real_and_augmented()
+    with pytest.raises(train.TrainingError, match=r"loss became (nan|inf).*cannot learn; lower the learning rate"):
+        train.train_retriever(real, items, {**RETRIEVER_SMALL, "lr": 1e30, "max_steps": 4}, out_dir=tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("loss, message", [(0.0, "exactly 0 at step 1"), (float("nan"), "loss became nan")])
+def test_the_training_loop_refuses_a_zero_loss_at_step_one_and_a_nan_loss(loss, message):
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    spec = train._LoopSpec(8, 4, 1, 1, 0, None, 100, 2, 1, 1.0)
+
+    def step_fn(idx):
+        out = model(torch.ones(len(idx), 2)).sum() * 0
+        out.backward()
+        return loss, len(idx)
+
+    with pytest.raises(train.TrainingError, match=message):
+        train._run_loop(spec, hooks=train._NoJob(), model=model, optimizer=opt, scheduler=sched, step_fn=step_fn)
+
+
+LONG = ["User: Hi! I mostly watch old westerns with my grandfather on Sunday afternoons, " * 3,
+        "System: Nice, do you like the classic ones?",
+        "User: Yes, " + "the long dusty ones with a slow showdown and a great score, " * 4 + "and Clint Eastwood."]
+
+
+def test_a_trained_retriever_scores_queries_exactly_as_training_did(tmp_path):
+    """Truncation consistency: the query text and its LEFT truncation saved with the model are
+    what every consumer uses (the page once loaded the folder as a plain SentenceTransformer:
+    whole context, cut on the right at 256 tokens)."""
+    import numpy as np
+
+    from crs_core.recommenders import Catalog, DenseRetrieval, dialogue_query, load_retriever
+
+    real, _aug, items = _real_and_augmented()
+    seen = {}
+
+    def monitor(step, probe):  # the model as training encodes with it, at the last step
+        seen[step] = (probe.query_text(LONG), probe.encode_queries([probe.query_text(LONG)]),
+                      probe.encode_items([items["tt0113277"].text]))
+
+    cfg = {**RETRIEVER_SMALL, "query_turns": 2, "query_speaker": "seeker", "query_max_len": 24}
+    res = train.train_retriever(real, items, cfg, out_dir=tmp_path / "m", monitor=monitor)
+    assert sorted(seen) == [0, 2]
+    info = json.loads((tmp_path / "m" / "crs_model.json").read_text())
+    assert info["query_truncation"] == "left" and info["query_turns"] == 2 and info["query_speaker"] == "seeker"
+    enc = load_retriever(res["model_dir"])
+    text = enc.query_text(LONG)
+    assert text == seen[2][0] == dialogue_query(LONG, 2, "seeker", None)
+    assert "System:" not in text and text.endswith("Clint Eastwood.")  # the seeker's two utterances
+    np.testing.assert_allclose(enc.encode_queries([text]), seen[2][1], atol=1e-5)
+    np.testing.assert_allclose(enc.encode([items["tt0113277"].text]), seen[2][2], atol=1e-5)
+    # left truncation at 24 tokens: the start of the text is cut, its end is what counts
+    changed_start = enc.encode_queries(["I never watch musicals. " + text])
+    changed_end = enc.encode_queries([text.replace("Clint Eastwood", "Jane Fonda")])
+    np.testing.assert_allclose(changed_start, seen[2][1], atol=1e-5)
+    assert not np.allclose(changed_end, seen[2][1], atol=1e-3)
+    # DenseRetrieval ranks with that query text
+    catalog = Catalog(list(items), [it.text for it in items.values()])
+    rec = DenseRetrieval(None, encoder=enc, catalog=catalog)
+    scores = rec.scores([LONG])[0]
+    expected = seen[2][1] @ enc.encode([it.text for it in items.values()]).T
+    np.testing.assert_allclose(scores, expected[0], atol=1e-4)
+
+
+def test_validation_holds_out_whole_training_dialogues_and_the_monitor_only_observes(tmp_path):
+    """Early stopping selects on turns held out of TRAIN; a monitor (a bench's learning curve
+    on a test set) runs at the same points and cannot change the fit."""
+    import torch
+
+    dialogues = [[f"User: opening {d}", f"System: question {d}", f"User: answer {d}", f"System: more {d}",
+                  f"User: detail {d}"] for d in range(4)]
+    exs = train.load_examples(
+        [{"context": d[:2], "labels": [lab]} for d, lab in zip(dialogues, ITEMS)]
+        + [{"context": d[:4], "labels": [lab]} for d, lab in zip(dialogues, list(ITEMS)[4:])]
+        + [{"context": ["User: opening 0"], "labels": ["tt0078748"]}])
+    groups = train._dialogue_groups(exs)
+    assert groups[0] == groups[4] and groups[1] == groups[5] and len(set(groups)) == 5
+    tr, val = train._validation_split(exs, 0.25, seed=1)
+    assert set(tr) | set(val) == set(range(len(exs))) and not set(tr) & set(val)
+    assert all((groups[i] in {groups[j] for j in val}) == (i in val) for i in range(len(exs)))  # whole dialogues
+
+    items = train.load_items(ITEMS)
+    cfg = {**RETRIEVER_SMALL, "batch_size": 3, "epochs": 2, "max_steps": 3, "eval_every": 1, "val_fraction": 0.25}
+    calls = []
+
+    def monitor(step, probe):
+        calls.append(step)
+        probe.encode_queries([probe.query_text(LONG)])
+        probe.encode_items([it.text for it in items.values()])
+
+    a = train.train_retriever(exs, items, cfg, out_dir=tmp_path / "a", monitor=monitor)
+    b = train.train_retriever(exs, items, cfg, out_dir=tmp_path / "b")
+    assert calls == [0, 1, 2, 3] and [h["step"] for h in a["validation"]] == [0, 1, 2, 3]
+    assert a["validation"] == b["validation"] and a["best_step"] == b["best_step"]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["validation_examples"] == len(val) and a["examples"] == len(tr)
