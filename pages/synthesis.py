@@ -5,7 +5,7 @@ import streamlit as st
 
 from crs_core import views
 from crs_core.errors import CRSError
-from crs_core.teacher import DEFAULT_API_KEY_ENV, Budget, Teacher, TeacherConfig
+from crs_core.teacher import ENV_API_KEY, Budget, Teacher, TeacherConfig, endpoint_of, env_key_endpoint
 from pages._shared import (background_run, cached, ensure_navigation, needs, show_error, start_background,
                            workspace)
 
@@ -45,16 +45,26 @@ with st.container(border=True):
         t1, t2 = st.columns(2)
         base_url = t1.text_input("Base URL", "https://api.openai.com/v1", key="syn_base_url")
         model = t2.text_input("Model", "gpt-4o-mini", key="syn_model")
-        k1, k2 = st.columns(2)
-        key_env = k1.text_input("API key from environment variable", DEFAULT_API_KEY_ENV, key="syn_key_env")
-        key_value = k2.text_input("…or paste a key (kept only in this browser session)", type="password",
-                                  key="syn_api_key")
+        # A typed key is fixed to the endpoint it was typed for (the rule is TeacherConfig's): a new
+        # base URL drops it, and it has to be entered again for the new endpoint.
+        endpoint = endpoint_of(base_url.strip() or None)
+        typed_for = st.session_state.get("syn_key_endpoint")
+        if st.session_state.get("syn_api_key") and typed_for not in (None, endpoint):
+            st.session_state["syn_api_key"] = ""
+            st.session_state["syn_key_endpoint"] = typed_for = None
+            st.warning(f"The API key was entered for another endpoint; enter it again to send it to {endpoint}.")
+        key_value = st.text_input(f"API key for {endpoint} (kept only in this browser session, sent only there)",
+                                  type="password", key="syn_api_key")
+        if key_value and typed_for is None:
+            st.session_state["syn_key_endpoint"] = typed_for = endpoint
         config = None
         try:
             config = TeacherConfig.openai(base_url.strip() or None, model.strip(), api_key=key_value or None,
-                                          api_key_env=key_env.strip() or DEFAULT_API_KEY_ENV)
+                                          api_key_endpoint=typed_for if key_value else None)
+            if not key_value and config.has_api_key:
+                st.caption(f"Using ${ENV_API_KEY} from the studio's environment (fixed to {env_key_endpoint()}).")
             if not config.has_api_key and not base_url.startswith(("http://127.0.0.1", "http://localhost")):
-                st.warning(f"No API key: set ${key_env} before starting the studio, or paste one.")
+                st.warning(f"No API key for {endpoint}: {config.missing_key_reason()}")
         except CRSError as exc:
             show_error(exc)
     else:
