@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
@@ -157,10 +158,18 @@ def _teacher(ws: Workspace, args: argparse.Namespace):
 def _synth(ws: Workspace, args: argparse.Namespace) -> int:
     from .synth import run_synthesis
 
-    with _teacher(ws, args) as teacher, TqdmProgress("Synthesizing", unit="query") as bar:
-        report = run_synthesis(ws, args.selection, teacher, k_queries=args.k_queries, gt_mode=args.gt_mode,
-                               items_limit=args.items, seed=args.seed, progress=bar)
-    print("\n".join(report.lines()))
+    with _teacher(ws, args) as teacher:
+        if teacher.interrupted_calls():
+            print(f"warning: {teacher.interrupted_calls()} teacher request(s) were in flight when an earlier run on "
+                  "this workspace was killed; those this run needs are sent again, and an endpoint may bill them "
+                  "twice", file=sys.stderr, flush=True)
+        with TqdmProgress("Synthesizing", unit="query") as bar:
+            report = run_synthesis(ws, args.selection, teacher, k_queries=args.k_queries, gt_mode=args.gt_mode,
+                                   items_limit=args.items, seed=args.seed, progress=bar)
+    print("\n".join(report.lines()), flush=True)
+    if not report.complete:
+        print(f"error: {report.reason()}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -336,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def teacher_options(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("teacher (default: $CRS_TEACHER_BASE_URL, else the local llama.cpp server)")
-        g.add_argument("--base-url", help="an OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY")
+        g.add_argument("--base-url", help="an OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY, "
+                       "which is sent only to $CRS_TEACHER_BASE_URL (default https://api.openai.com/v1)")
         g.add_argument("--model", dest="model", help="the endpoint's model name")
         g.add_argument("--temperature", type=float, default=0.8, help="default 0.8 (the paper's)")
         g.add_argument("--max-calls", type=int, help="budget: stop cleanly after this many calls")
@@ -428,13 +438,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with Workspace(workspace_path(args.workspace)) as ws:
-            return _COMMANDS[args.command](ws, args)
+            code = _COMMANDS[args.command](ws, args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `status | head -1`: the reader has what it wanted; stop quietly (no traceback, and
+        # nothing more to flush at exit), with the status of a process ended by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except CRSError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or folder the command reads or writes (permissions, full disk, ...)
+        print(f"error: {_os_error_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; finished work is kept (rerun to resume)", file=sys.stderr)
         return 130
+
+
+def _os_error_line(exc: OSError) -> str:
+    """'Permission denied: /path' for an OSError, in one line."""
+    if exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def print_json(data) -> None:

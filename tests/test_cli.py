@@ -164,3 +164,77 @@ def test_zero_shot_lm_eval_end_to_end_through_a_real_job(tmp_path, eval_workspac
     # a fine-tuned LM that does not exist is a clear error, and no job is started
     out = run_cli("eval", "--model", "lm", "--lm", "train_lm-unknown", workspace=eval_workspace, env=env)
     assert out.returncode == 1 and "no job 'train_lm-unknown'" in out.stderr
+
+
+# ----------------------------------------------------------------------------- issue 13: failures that looked like success
+def _add_selection(path: Path, selection_id: str = "sel-cli") -> str:
+    with Workspace(path) as ws, ws.transaction() as cur:
+        cur.execute("INSERT INTO selections (selection_id, strategy, unit, set_id, budget) "
+                    "VALUES (?, 'RANDOM_UNIFORM', 'review', 'review:minilm', 3)", [selection_id])
+        for rank, (item_id, *_rest) in enumerate(MOVIES[:3], 1):
+            cur.execute("INSERT INTO selection_picks (selection_id, rank, unit_id) VALUES (?, ?, ?)",
+                        [selection_id, rank, f"{item_id}-0"])
+    return selection_id
+
+
+def _synth(path: Path, stub, *extra: str, key: str = "sk-test-cli-KEY-0123456789") -> subprocess.CompletedProcess:
+    return run_cli("synth", "--selection", "sel-cli", "--gt-mode", "llm", "--base-url", stub.base_url,
+                   "--model", "stub-model", *extra, workspace=path,
+                   env={"OPENAI_API_KEY": key, "CRS_TEACHER_BASE_URL": stub.base_url, "HF_HUB_OFFLINE": "1"})
+
+
+def test_synth_that_stops_on_its_budget_exits_non_zero_and_says_the_paid_replies_are_cached(small_workspace):
+    _add_selection(small_workspace)
+    with OpenAIStubServer(reply=lambda m: "I want a clever science-fiction film with great action.") as stub:
+        out = _synth(small_workspace, stub, "--max-calls", "1")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("error: synthesis stopped early (0 of 3 queries stored)")
+        assert "budget" in out.stderr.strip().splitlines()[-1]
+        assert "the 1 replies paid for in this run are cached in the workspace (none became a stored query yet)" \
+            in out.stdout
+        assert stub.chat_requests == 1
+        again = _synth(small_workspace, stub, "--max-calls", "1")  # the cached reply is reused, one more call paid
+        assert again.returncode == 1 and stub.chat_requests == 2
+
+
+def test_synth_with_a_refused_key_stops_at_once_with_the_reason_and_no_key(small_workspace):
+    from openai_stub_server import Fault
+
+    _add_selection(small_workspace)
+    key = "sk-test-cli-KEY-0123456789"
+    with OpenAIStubServer() as stub:
+        stub.behaviour = lambda i, body: Fault("error", 401, message=f"Incorrect API key provided: {key}")
+        out = _synth(small_workspace, stub, key=key)
+    assert out.returncode == 1 and stub.chat_requests <= 3  # the queries already in flight, no retry, no more
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "HTTP 401" in line and "Incorrect API key provided: [redacted]" in line
+    assert key not in out.stdout + out.stderr
+
+
+def test_status_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`python -m crs_core status | head -1` ended with a BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    proc = subprocess.run([sys.executable, "-m", "crs_core", "status"], cwd=ROOT, stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, timeout=300,
+                          env={**os.environ, "CRS_WORKSPACE": str(tmp_path / "w.duckdb")})
+    os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 141
+
+
+def test_an_unwritable_folder_is_one_line_not_a_traceback(tmp_path, small_workspace):
+    out = run_cli("export", "/sys/crs-studio-test/train.jsonl", "--status", "all", workspace=small_workspace)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() in ("error: Operation not permitted: /sys/crs-studio-test",
+                                  "error: Permission denied: /sys/crs-studio-test")
+    out = run_cli("status", workspace=Path("/sys/crs-studio-test/w.duckdb"))
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith("error: cannot create the folder of workspace /sys/crs-studio-test/w.duckdb")
+
+
+def test_a_csv_given_as_workspace_is_refused_and_ingest_writes_nowhere(tmp_path):
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("userId,movieId,rating\n1,2,3.5\n")
+    out = run_cli("status", workspace=reviews)
+    assert out.returncode == 1 and "is not a DuckDB workspace" in out.stderr and str(reviews) in out.stderr
+    assert reviews.read_text() == "userId,movieId,rating\n1,2,3.5\n"
