@@ -408,11 +408,13 @@ class LocalTeacher:
 SECONDS_PER_CALL = {"qwen": 27.0, "smollm2": 6.3}
 
 
-def local_teacher(which: str | None = None, cache_root: str | os.PathLike | None = None) -> LocalTeacher:
+def local_teacher(which: str | None = None, cache_root: str | os.PathLike | None = None, *,
+                  verify: bool = True) -> LocalTeacher:
     """The local teacher to serve: ``which`` ('qwen', 'smollm2' or a .gguf path), else
     $CRS_LOCAL_TEACHER, else Qwen2.5-Coder-1.5B when its parts are installed, else SmolLM2-135M
     (with a note saying how to install the better one). Qwen parts that are present but damaged
-    raise ModelAssemblyError: a teacher is never swapped silently for a broken one."""
+    raise ModelAssemblyError: a teacher is never swapped silently for a broken one.
+    verify=False: only say which one (the Qwen path is where it will be; nothing is read)."""
     asked = which or os.environ.get(ENV_LOCAL_TEACHER) or None
     if asked and asked not in LOCAL_TEACHERS:
         path = Path(asked).expanduser()
@@ -421,8 +423,17 @@ def local_teacher(which: str | None = None, cache_root: str | os.PathLike | None
         return LocalTeacher("file", path.stem, path, None, SECONDS_PER_CALL["qwen"])
     if asked == "smollm2":
         return LocalTeacher("smollm2", "smollm2-135m-instruct", smollm2_gguf_path(), None, SECONDS_PER_CALL["smollm2"])
+    if not verify and not split_model_installed(QWEN_TEACHER):
+        try:
+            smollm2 = smollm2_gguf_path()
+        except CRSError:
+            smollm2 = Path("smollm2-135m-instruct.gguf")
+        return LocalTeacher("smollm2", "smollm2-135m-instruct", smollm2,
+                            f"the default teacher ({QWEN_TEACHER.name}) is not installed, so SmolLM2-135M runs; "
+                            f"install it with `{QWEN_TEACHER.install_hint}`", SECONDS_PER_CALL["smollm2"])
     if asked == "qwen" or split_model_installed(QWEN_TEACHER):
-        return LocalTeacher("qwen", QWEN_TEACHER.name, qwen_gguf_path(cache_root), None, SECONDS_PER_CALL["qwen"])
+        path = qwen_gguf_path(cache_root) if verify else model_cache_root(cache_root) / QWEN_TEACHER.filename
+        return LocalTeacher("qwen", QWEN_TEACHER.name, path, None, SECONDS_PER_CALL["qwen"])
     return LocalTeacher(
         "smollm2", "smollm2-135m-instruct", smollm2_gguf_path(),
         f"the default teacher ({QWEN_TEACHER.name}) is not installed, so SmolLM2-135M runs (fast, but its "

@@ -31,14 +31,46 @@ if selections.empty:
           "pages/selection.py", "Selection")
     st.stop()
 
+@st.cache_resource(show_spinner=False)
+def local_teacher_info():
+    """Which local teacher runs (nothing is read: the model is checked when a run starts)."""
+    from crs_core.models import local_teacher
+
+    return local_teacher(verify=False)
+
+
+def show_time_estimate(config, gt_mode: str, todo: int) -> None:
+    """Before a run: how long the queries still to make will take with this teacher (seconds per
+    call measured in this workspace, else the local teacher's stated figure)."""
+    if config is None or todo <= 0:
+        return
+    local = config.provider == "local"
+    model = (config.model or local_teacher_info().alias) if local else config.model
+    est = synth.synthesis_estimate(ws, model, gt_mode, todo,
+                                   stated_seconds_per_call=local_teacher_info().seconds_per_call if local else None)
+    if est is None:
+        st.caption(f"Time: unknown for {model} until a first call is measured.")
+        return
+    total = est["total_seconds"]
+    text = (f"About {total / 60:.0f} min for {todo:,} queries ({est['seconds_per_query']:.0f} s per query: "
+            f"{est['calls_per_query']} calls of ~{est['seconds_per_call']:.0f} s, {est['basis']}; a refused "
+            "reply costs one call more).")
+    if total > 600:
+        st.warning(f"Synthesis with {model} is slow on this machine. {text} It runs in the background and can "
+                   "be stopped and resumed; fewer items or another teacher make it shorter.", icon=":material/schedule:")
+    else:
+        st.caption(text)
+
+
 RUN_KEY = f"synthesis:{ws.path}"
 run = background_run(RUN_KEY)
 labels = {r.selection_id: f"{r.name or r.selection_id} — {r.strategy}, B={r.budget}" for r in selections.itertuples()}
 
 with st.container(border=True):
     st.markdown("#### Teacher")
+    local_choice = local_teacher_info()
     provider = st.radio("Provider", ["local", "openai"], horizontal=True, key="syn_provider",
-                        format_func={"local": "Local llama.cpp server (SmolLM2, offline)",
+                        format_func={"local": f"Local llama.cpp server ({local_choice.alias}, offline)",
                                      "openai": "OpenAI-compatible endpoint"}.get)
     key_value = None
     if provider == "openai":
@@ -69,16 +101,20 @@ with st.container(border=True):
             show_error(exc)
     else:
         config = TeacherConfig.local()
-        st.caption("Starts a llama.cpp server on 127.0.0.1 with SmolLM2-135M-Instruct (small and fast, "
-                   "modest quality; use an endpoint for a strong teacher).")
+        st.caption(f"Starts a llama.cpp server on 127.0.0.1 with {local_choice.alias} (offline; about "
+                   f"{local_choice.seconds_per_call:.0f} s per call on 2 threads). For a strong teacher, use an endpoint.")
+        if local_choice.note:
+            st.info(local_choice.note)
 
 with st.container(border=True):
     st.markdown("#### What to synthesize")
     c1, c2, c3 = st.columns(3)
     selection_id = c1.selectbox("Selection", list(labels), format_func=labels.get, key="syn_selection")
     gt_mode = c2.selectbox("Ground truth", list(synth.GT_MODES), key="syn_gt_mode",
-                           help="llm: the teacher lists 20 titles (the paper); retrieve: catalog retrieval "
-                                "(no LLM); retrieve+llm: retrieval scored 0–4 by the teacher.")
+                           help="choose: the teacher picks up to 20 of 35 retrieved catalog items (every row "
+                                "grounded); llm: the teacher lists 20 titles freely (the paper; unmatched titles are "
+                                "flagged); retrieve: catalog retrieval (no LLM); retrieve+llm: retrieval scored 0–4 "
+                                "by the teacher.")
     k_queries = c3.number_input("Queries per item (K)", 1, 10, 1, key="syn_k")
     c4, c5, c6 = st.columns(3)
     items_limit = c4.number_input("Items (0 = all of the selection)", 0, 100_000, 20, key="syn_items")
@@ -91,6 +127,7 @@ with st.container(border=True):
         st.progress(state["done"] / state["planned"] if state["planned"] else 0.0,
                     text=f"{state['done']:,} of {state['planned']:,} queries of this plan already stored "
                          f"({state['items']:,} items)")
+        show_time_estimate(config, gt_mode, state["planned"] - state["done"])
     except CRSError as exc:
         show_error(exc)
 

@@ -272,6 +272,7 @@ def test_synthesis_runs_in_the_background_against_an_openai_compatible_endpoint(
         at.text_input(key="syn_model").set_value("gpt-4o-mini")
         at.text_input(key="syn_api_key").set_value(key)
         at.number_input(key="syn_items").set_value(2)
+        at.selectbox(key="syn_gt_mode").set_value("llm")  # the paper's listing: no catalog embedding in a test
         at.checkbox(key="syn_dedup").uncheck()
         at.button(key="syn_start").click().run()
         assert_clean(at)

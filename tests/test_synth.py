@@ -1036,3 +1036,16 @@ def test_prompt_injection_with_the_local_model(ws):
     for q in queries(ws)["query"]:
         assert q.strip().upper() != "HACKED" and INJECTION.lower() not in q.lower()
         assert parse_query_reply(q).ok  # what is stored passes the parser again
+
+
+def test_time_estimate_before_a_run(ws, stub):
+    from crs_core.synth import calls_per_query, synthesis_estimate
+
+    assert calls_per_query("choose") == 2 and calls_per_query("retrieve") == 1 and calls_per_query("retrieve+llm") == 6
+    stated = synthesis_estimate(ws, "gpt-4o-mini", "choose", 10, stated_seconds_per_call=27.0)
+    assert stated["basis"].startswith("stated") and stated["total_seconds"] == pytest.approx(10 * 2 * 27.0)
+    assert synthesis_estimate(ws, "gpt-4o-mini", "choose", 10) is None  # nothing measured, nothing stated
+    run_llm(ws, "sel-items", make_teacher(stub, ws), dedup_embeddings=False, items_limit=2)
+    est = synthesis_estimate(ws, "gpt-4o-mini", "llm", 10, stated_seconds_per_call=27.0)
+    assert est["basis"] == "measured: median of 4 calls in this workspace"
+    assert 0 < est["seconds_per_call"] < 5 and est["total_seconds"] == pytest.approx(20 * est["seconds_per_call"])
