@@ -236,8 +236,11 @@ def ingest_default(ws: Workspace, bundled: Path = BUNDLED, progress: ProgressFn 
 
 
 def _attach_items(frame: pd.DataFrame, items: pd.DataFrame, key_column: str, what: str,
-                  rep: IngestReport, *, skip_unknown: bool, path: str | None = None) -> pd.DataFrame:
-    """Map each row's `item_key` to an item id via items[key_column] (or the item id itself)."""
+                  rep: IngestReport, *, skip_unknown: bool, path: str | None = None,
+                  load_report: datasets.LoadReport | None = None) -> pd.DataFrame:
+    """Map each row's `item_key` to an item id via items[key_column] (or the item id itself).
+    Skipped rows are counted in ``load_report`` when given (one "kept N, skipped M" for the
+    file), else noted in ``rep``."""
     keys = items[key_column].dropna()
     lookup = dict(zip(keys.astype(str), items.loc[keys.index, "item_id"]))
     lookup.update({i: i for i in items["item_id"]})
@@ -249,8 +252,16 @@ def _attach_items(frame: pd.DataFrame, items: pd.DataFrame, key_column: str, wha
             raise InputError(f"{int(unknown.sum())} {what} refer to items not in the catalog, "
                              f"e.g. {examples}; ingest the items first or ask to skip them", path)
         rep.skipped[what] = examples
-        rep.notes.append(f"{what}: skipped {int(unknown.sum()):,} rows of unknown items (e.g. {examples})")
-    return frame.loc[~unknown].assign(item_id=mapped[~unknown])
+        reason = f"{int(unknown.sum()):,} rows refer to items not in the catalog (e.g. {examples})"
+        if load_report is None:
+            rep.notes.append(f"{what}: skipped {reason}")
+        else:
+            load_report.skipped += int(unknown.sum())
+            load_report.problems.append((None, reason))
+    out = frame.loc[~unknown].assign(item_id=mapped[~unknown])
+    if load_report is not None:
+        load_report.kept = len(out)
+    return out
 
 
 # ------------------------------------------------------------------------- a user's own files
@@ -266,15 +277,17 @@ def ingest_file(ws: Workspace, path: str | Path, kind: str | None = None, *, fmt
     loaded = datasets.load(path, fmt=fmt, skip_bad=skip_bad, kind=kind)
     kind = loaded.report.kind
     frame = loaded.data
-    rep = IngestReport(notes=[loaded.report.summary()])
+    rep = IngestReport()
     items = ws.df("SELECT * FROM items")
     if kind == "items":
+        rep.notes.append(loaded.report.summary())
         new = _new_items(frame, items, rep)
         with ws.transaction() as cur:
             insert_frame(cur, "items", new)
         rep.counts["items_added"] = len(new)
         return rep
     if kind == "dialogues":
+        rep.notes.append(loaded.report.summary())
         name = dataset or path.stem
         turns = TurnResolver(items).frame(frame, name)
         with ws.transaction() as cur:
@@ -287,7 +300,9 @@ def ingest_file(ws: Workspace, path: str | Path, kind: str | None = None, *, fmt
     key_column = "imdb_id" if frame["item_key"].astype(str).str.startswith("tt").all() else "source_key"
     if source == "movielens":
         key_column = "movielens_id"
-    frame = _attach_items(frame, items, key_column, kind, rep, skip_unknown=skip_bad, path=str(path))
+    frame = _attach_items(frame, items, key_column, kind, rep, skip_unknown=skip_bad, path=str(path),
+                          load_report=loaded.report)
+    rep.notes.append(loaded.report.summary())  # kept / skipped after every check, in one line
     table = {"reviews": "reviews", "interactions": "interactions", "tags": "tags"}.get(kind)
     if table is None:
         raise InputError(f"cannot ingest {kind} files", str(path))

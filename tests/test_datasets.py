@@ -648,3 +648,34 @@ def test_skip_report_is_capped_but_counts_everything(tmp_path, monkeypatch):
     df, report = load_reviews(path, fmt="amazon_legacy_reviews", skip_bad=True)
     assert len(df) == 1 and report.skipped == 5 and len(report.problems) == 2
     assert not math.isnan(df.rating.iloc[0])
+
+
+# -- issue 13, finding 6: input edges -------------------------------------------------------------
+def test_a_record_whose_text_is_too_long_is_refused_with_its_line(tmp_path, monkeypatch):
+    path = tmp_path / "reviews.jsonl"
+    rows = [{"review_id": f"r{i}", "imdb_id": "tt0133093", "text": "Fine film. " * (3 if i != 2 else 20_000)}
+            for i in range(1, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError) as info:
+        load_reviews(path)
+    assert "line 2" in str(info.value) and "220,000 characters" in str(info.value)
+    assert f"{ds.MAX_TEXT_CHARS:,}" in str(info.value)
+    df, rep = load_reviews(path, skip_bad=True)
+    assert list(df["review_id"]) == ["r1", "r3"] and rep.skipped == 1 and rep.problems[0][0] == 2
+
+
+def test_reviews_whose_first_value_is_an_integer_are_not_an_entity2id_file(tmp_path):
+    """A JSON lines file of records in an unknown shape was taken for entity2id.json."""
+    path = tmp_path / "my_reviews.jsonl"
+    path.write_text('{"stars": 5, "movie": "tt0133093", "text": "Great"}\n'
+                    '{"stars": 2, "movie": "tt0088247", "text": "Meh"}\n')
+    with pytest.raises(InputError) as info:
+        load(path, kind="reviews")
+    message = str(info.value)
+    assert "entity2id" not in message and "unrecognised format" in message
+    assert "known reviews formats: Amazon Reviews 2023 JSONL" in message and "IMDb review JSONL" in message
+    entity2id = tmp_path / "entity2id.json"  # a real one (one line, every value an id) is still recognised
+    entity2id.write_text('{"<http://dbpedia.org/resource/Heat_(1995_film)>": 0, "<http://dbpedia.org/resource/Alien>": 1}')
+    assert detect_format(entity2id) == "entity2id"
+    with pytest.raises(InputError, match="entity2id.json .* not data"):
+        load(entity2id, kind="reviews")

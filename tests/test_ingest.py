@@ -165,3 +165,29 @@ def test_bundled_reviews_archive_is_real_gzip():
     with gzip.open(BUNDLED / "imdb_reviews/imdb_reviews_catalog.jsonl.gz", "rt") as fh:
         first = json.loads(fh.readline())
     assert first["imdb_id"].startswith("tt") and first["text"]
+
+
+def test_kept_and_skipped_counts_agree_after_every_check(tmp_path):
+    """The report said "kept 2 ... skipped 0" and then, in a note, that a row was skipped."""
+    with _fresh(tmp_path) as ws:
+        path = tmp_path / "mine.jsonl"
+        _write_reviews(path, [_review("r1", "tt0133093"), _review("r2", "tt9999999"), _review("r4", "tt0088247")])
+        with path.open("a") as fh:
+            fh.write('{"review_id": "r3", "imdb_id": "tt0133093", "text": \n')  # malformed line 4
+        report = ingest_file(ws, path, skip_bad=True)
+        assert ws.count("reviews") == 2 and report.counts["reviews_added"] == 2
+        summary = [line for line in report.lines() if "kept" in line]
+        assert len(summary) == 1 and "kept 2 reviews rows, skipped 2" in summary[0]
+        assert "line 4" in summary[0] and "1 rows refer to items not in the catalog" in summary[0]
+        assert not any("skipped" in line for line in report.lines() if line not in summary)
+
+
+def test_an_oversized_review_is_refused_with_its_line_and_nothing_is_written(tmp_path):
+    with _fresh(tmp_path) as ws:
+        path = _write_reviews(tmp_path / "big.jsonl", [_review("r1", "tt0133093"),
+                                                        _review("r2", "tt0133093", "x" * 2_000_000)])
+        with pytest.raises(InputError, match=r"big.jsonl, line 2: field 'text' has 2,000,000 characters"):
+            ingest_file(ws, path)
+        assert ws.count("reviews") == 0
+        report = ingest_file(ws, path, skip_bad=True)
+        assert ws.count("reviews") == 1 and "skipped 1" in "\n".join(report.lines())
