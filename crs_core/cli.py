@@ -211,8 +211,13 @@ def _eval(ws: Workspace, args: argparse.Namespace) -> int:
         meta = ref.run_meta(ref.label, recommender="dense", retriever=args.retriever,
                             encoder=recommender.encoder.name)
     else:
-        recommender = make_recommender(args.model, ws)
-        if args.model in ("nbcrs", "popularity-labels"):
+        extra = {}
+        if args.model == "hybrid" and args.retriever:  # the hybrid's dense part: a fine-tuned retriever
+            from .recommenders import load_retriever
+
+            extra["encoder"] = load_retriever(model_eval.resolve_model(ws, args.retriever, "train_retriever").model_dir)
+        recommender = make_recommender(args.model, ws, **extra)
+        if args.model in ("nbcrs", "popularity-labels", "hybrid"):
             train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.train == "synthetic"
                      else training_set_from_turns(ws, args.train))
             recommender.fit(train)
@@ -374,14 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     configure_cli_parser(p)
 
     p = sub.add_parser("eval", help="Recall@k / NDCG@k of a recommender on the ReDial / INSPIRED test sets")
-    p.add_argument("--model", dest="model", choices=["popularity", "popularity-labels", "nbcrs", "dense", "lm"],
+    p.add_argument("--model", dest="model", choices=["popularity", "popularity-labels", "nbcrs", "dense", "hybrid", "lm"],
                    default="dense")
     p.add_argument("--dataset", nargs="+", default=["redial_test", "inspired_test"])
-    p.add_argument("--train", default="synthetic", help="training data of nbcrs / popularity-labels: "
+    p.add_argument("--train", default="synthetic", help="training data of nbcrs / popularity-labels / hybrid: "
                    "'synthetic' (reviewed synthetic dialogues) or a dialogue dataset such as inspired_train")
     p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")
     p.add_argument("--retriever", metavar="JOB_ID|FOLDER",
-                   help="dense: a fine-tuned retriever (finished train_retriever job, or its model folder)")
+                   help="dense / hybrid: a fine-tuned retriever (finished train_retriever job, or its model folder)")
     p.add_argument("--lm", default="zero-shot", metavar="JOB_ID|FOLDER|zero-shot",
                    help="lm: a finished train_lm job (or its model folder), or zero-shot (default)")
     p.add_argument("--turn-sample", type=int,

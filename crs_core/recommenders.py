@@ -61,6 +61,7 @@ __all__ = [
     "Popularity",
     "NBCRS",
     "DenseRetrieval",
+    "Hybrid",
     "RetrieverEncoder",
     "load_retriever",
     "dialogue_query",
@@ -107,6 +108,7 @@ class TrainingExample:
     context: list[str]      # utterances, oldest first (a synthetic query is one utterance)
     labels: list[str]       # ground-truth catalog item ids, best first
     example_id: str = ""    # query_id or turn_id
+    mentioned: tuple[str, ...] = ()  # items mentioned earlier in the dialogue (dialogue turns)
 
 
 @dataclass
@@ -219,7 +221,8 @@ def training_set_from_turns(ws: "Workspace", dataset: str, *,
             dropped += 1
             continue
         ctx = [str(u) if u is not None else "" for u in _json_list(row.context)]
-        examples.append(TrainingExample(ctx, labels, str(row.turn_id)))
+        examples.append(TrainingExample(ctx, labels, str(row.turn_id),
+                                        tuple(str(x) for x in _json_list(row.mentioned_items))))
     return TrainingSet(examples, name=dataset, n_dropped=dropped)
 
 
@@ -845,6 +848,135 @@ class DenseRetrieval(_ScoreRanker):
 
 
 
+# ----------------------------------------------------------------------------- hybrid
+
+
+HYBRID_GRID_POP = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5)
+HYBRID_GRID_CF = (0.0, 0.02, 0.05, 0.1, 0.2)
+
+
+class Hybrid(_ScoreRanker):
+    """Dense score + item-to-item collaborative similarity + popularity prior, weights fitted
+    on TRAINING data only.
+
+    score(i) = cos(query, item i)                      (a `DenseRetrieval`: zero-shot MiniLM, or a
+                                                        trained retriever via `encoder=load_retriever(..)`)
+             + w_cf  * mean over the items m mentioned earlier in the dialogue of cos_CF(i, m)
+                       (cosine of the items' binary user vectors in `interactions`, MovieLens)
+             + w_pop * log(1 + n_i) / log(1 + max n)   (n_i: training examples that list item i)
+
+    The items mentioned earlier are the `exclude` sets `recommend` gets (the evaluation passes
+    exactly those). `fit(train)` holds out whole dialogues of `train` (`val_fraction`), counts
+    popularity on the rest, picks (w_cf, w_pop) on a grid by Recall@10 on the held-out turns
+    (ties: the smaller weights), then recounts popularity on all of `train`. It reads only
+    `train`, the catalog and the interactions: never a dialogue of a test set. A training set
+    named like a test split ("*_test") is refused."""
+
+    batch_size = 256
+
+    def __init__(self, ws: "Workspace | None" = None, *, encoder: Any = None, catalog: Catalog | None = None,
+                 val_fraction: float = 0.2, seed: int = 13, weights: tuple[float, float] | None = None):
+        self.catalog = _resolve_catalog(ws, catalog)
+        self._ws = ws
+        self.dense = DenseRetrieval(ws, encoder=encoder, catalog=self.catalog)
+        self.val_fraction, self.seed = val_fraction, seed
+        self.weights = weights  # (w_cf, w_pop); None until fitted
+        self._pop: np.ndarray | None = None
+        self._cf = None  # (N, U) L2-normalised sparse user vectors of the catalog items
+        self.fit_report: dict[str, Any] = {}
+        self.name = f"hybrid-{self.dense.name}"
+
+    def _interaction_vectors(self):
+        from scipy import sparse
+
+        if self._cf is None:
+            frame = (self._ws.df("SELECT DISTINCT item_id, user_id FROM interactions")
+                     if self._ws is not None else None)
+            rows, cols, users = [], [], {}
+            if frame is not None and not frame.empty:
+                for item, user in zip(frame["item_id"].astype(str), frame["user_id"].astype(str)):
+                    i = self.catalog.index.get(item)
+                    if i is not None:
+                        rows.append(i)
+                        cols.append(users.setdefault(user, len(users)))
+            m = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                                  shape=(len(self.catalog), max(1, len(users))))
+            norms = np.sqrt(np.asarray(m.multiply(m).sum(1)).ravel())
+            self._cf = sparse.diags(1.0 / np.maximum(norms, 1e-12)).astype(np.float32) @ m
+        return self._cf
+
+    def cf_scores(self, mentioned: Sequence[Iterable[str]]) -> np.ndarray:
+        """(B, N): mean CF cosine of each item to the context's mentioned items (0 without any)."""
+        vecs = self._interaction_vectors()
+        out = np.zeros((len(mentioned), len(self.catalog)), np.float32)
+        for r, items in enumerate(mentioned):
+            idx = [self.catalog.index[i] for i in (items or ()) if i in self.catalog.index]
+            if idx:
+                out[r] = np.asarray((vecs[idx] @ vecs.T).mean(0)).ravel()
+        return out
+
+    def _popularity(self, examples: Sequence[TrainingExample]) -> np.ndarray:
+        counts = np.zeros(len(self.catalog))
+        for ex in examples:
+            for item in set(ex.labels):
+                i = self.catalog.index.get(item)
+                if i is not None:
+                    counts[i] += 1
+        return np.log1p(counts) / max(np.log1p(counts.max()), 1e-12)
+
+    def fit(self, train: "TrainingSet", progress: ProgressFn | None = None) -> None:
+        from .train import Example, _validation_split
+
+        train = TrainingSet.coerce(train)
+        if str(train.name).endswith("_test"):
+            raise RecommenderError(f"{train.name} is a test split: the hybrid is fitted on training data only")
+        examples = [e for e in train if any(lab in self.catalog.index for lab in e.labels)]
+        if not examples:
+            raise RecommenderError("the hybrid needs training examples whose labels are catalog items")
+        self.dense.fit(None, progress)
+        if self.weights is None:
+            fit_idx, val_idx = _validation_split([Example(list(e.context) or [""], list(e.labels)) for e in examples],
+                                                 self.val_fraction, self.seed)
+            val = [examples[i] for i in val_idx if examples[i].context]
+            self._pop = self._popularity([examples[i] for i in fit_idx])
+            dense = self.dense.scores([e.context for e in val]).astype(np.float64)
+            cf = self.cf_scores([e.mentioned for e in val])
+            excl = self.catalog.exclude_indices([set(e.mentioned) for e in val], len(val))
+            labels = [{self.catalog.index[x] for x in e.labels if x in self.catalog.index} for e in val]
+            best, table = None, []
+            for w_cf in HYBRID_GRID_CF:
+                for w_pop in HYBRID_GRID_POP:
+                    scores = dense + w_cf * cf + w_pop * self._pop[None, :]
+                    for r, idx in enumerate(excl):
+                        if idx:
+                            scores[r, idx] = -np.inf
+                    top = np.argsort(-scores, axis=1)[:, :10]
+                    r10 = float(np.mean([len(set(t.tolist()) & lab) / len(lab) for t, lab in zip(top, labels)]))
+                    table.append({"w_cf": w_cf, "w_pop": w_pop, "recall@10": round(r10, 4)})
+                    if best is None or r10 > best[0] + 1e-12:
+                        best = (r10, w_cf, w_pop)
+            self.weights = (best[1], best[2])
+            self.fit_report = {"validation_turns": len(val), "fit_turns": len(fit_idx),
+                               "best_recall@10": round(best[0], 4), "grid": table}
+        self._pop = self._popularity(examples)
+        self.name = f"hybrid(cf={self.weights[0]:g},pop={self.weights[1]:g})-{self.dense.name}"
+
+    def recommend(self, contexts: list[list[str]], k: int,
+                  exclude: list[set[str]] | None = None,
+                  candidates: Iterable[str] | None = None) -> list[list[str]]:
+        if not contexts:
+            return []
+        if self._pop is None or self.weights is None:
+            raise RecommenderError(f"{self.name} is not fitted; call fit(train) first")
+        mentioned = exclude if exclude is not None else [set() for _ in contexts]
+        w_cf, w_pop = self.weights
+        scores = self.dense.scores(contexts).astype(np.float64) + w_pop * self._pop[None, :]
+        if w_cf:
+            scores = scores + w_cf * self.cf_scores(mentioned)
+        excl = self.catalog.exclude_indices(exclude, len(contexts))
+        return _top_k(scores, k, excl, self.catalog.item_ids, self.catalog.candidate_mask(candidates))
+
+
 # ----------------------------------------------------------------------------- factory
 
 RECOMMENDER_KINDS = {
@@ -852,6 +984,7 @@ RECOMMENDER_KINDS = {
     "popularity-labels": "Popularity (training-label frequency)",
     "nbcrs": "NBCRS: similarity-weighted votes of the nearest training contexts",
     "dense": "Zero-shot dense retrieval (MiniLM, context vs item text)",
+    "hybrid": "Hybrid: dense score + MovieLens item-item similarity to mentioned items + label popularity",
 }
 
 
@@ -865,4 +998,6 @@ def make_recommender(kind: str, ws: "Workspace | None" = None, **kwargs: Any) ->
         return NBCRS(ws, **kwargs)
     if kind == "dense":
         return DenseRetrieval(ws, **kwargs)
+    if kind == "hybrid":
+        return Hybrid(ws, **kwargs)
     raise RecommenderError(f"unknown recommender {kind!r}; choose from {', '.join(RECOMMENDER_KINDS)}")

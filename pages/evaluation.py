@@ -114,7 +114,7 @@ if go:
                         **{k: job["config"].get(k) for k in ("training_data", "selection_strategy", "budget")}}
             else:
                 rec = recommenders.make_recommender(kind, ws)
-                if kind in ("nbcrs", "popularity-labels"):
+                if kind in ("nbcrs", "popularity-labels", "hybrid"):
                     rec.fit(recommenders.training_set_from_synthetic(ws))
                     meta["training_data"] = "synthetic[approved]"
                 meta["model"] = rec.name

@@ -525,3 +525,61 @@ def test_item_embeddings_go_to_the_workspace_cache(encoder, tmp_path):
     again = item_embeddings(Catalog.from_workspace(ro), counting, ro)
     ro.close()
     assert counting.n == 4 and np.abs(again - first).max() < 1e-6
+
+
+# ----------------------------------------------------------------------------- hybrid
+
+
+class _NoTestTurns:
+    """The workspace as a fit may see it: reads through `df` only, never a dialogue turn."""
+
+    read_only = True
+
+    def __init__(self, ws):
+        self._ws, self.queries = ws, []
+        self.path = ws.path
+
+    def df(self, sql, params=None):
+        self.queries.append(sql)
+        assert "dialogue_turns" not in sql.lower(), f"the fit read dialogue turns: {sql}"
+        return self._ws.df(sql, params)
+
+    def cursor(self):
+        raise AssertionError("the fit must not need a cursor (writes, or SQL around df)")
+
+    transaction = cursor
+
+
+def test_hybrid_fits_on_training_data_only_and_uses_mentioned_items(ws, encoder):
+    from crs_core.recommenders import HYBRID_GRID_CF, HYBRID_GRID_POP, Hybrid
+
+    guard = _NoTestTurns(ws)
+    train = TrainingSet.from_pairs([
+        (["Any good mob movies?"], _ids(["The Godfather", "Goodfellas"])),
+        (["Something about space please"], _ids(["Star Trek"])),
+        (["I want a space movie, and one more"], _ids(["Star Trek", "Interstellar"])),
+        (["Toons for the kids"], _ids(["Toy Story"])),
+        (["Another cartoon for the kids"], _ids(["Toy Story", "Finding Nemo"])),
+    ], name="toy_train")
+    hybrid = Hybrid(guard, encoder=encoder, val_fraction=0.4)
+    hybrid.fit(train)
+    assert guard.queries and all("dialogue_turns" not in q.lower() for q in guard.queries)
+    rep = hybrid.fit_report
+    assert rep["fit_turns"] + rep["validation_turns"] == 5 and rep["validation_turns"] >= 2
+    assert len(rep["grid"]) == len(HYBRID_GRID_CF) * len(HYBRID_GRID_POP)
+    assert hybrid.weights in {(g["w_cf"], g["w_pop"]) for g in rep["grid"]}
+    with pytest.raises(RecommenderError, match="test split"):
+        Hybrid(guard, encoder=encoder).fit(TrainingSet(list(train), name="toy_test"))
+
+    # the parts: popularity counts training labels; CF scores items co-rated with the mentioned ones
+    pop = hybrid._popularity(list(train))
+    assert pop[hybrid.catalog.index[ID["Star Trek"]]] == pop.max() and pop[hybrid.catalog.index[ID["Alien"]]] == 0
+    cf = hybrid.cf_scores([{ID["Titanic"]}, set()])
+    order = [hybrid.catalog.item_ids[i] for i in np.argsort(-cf[0])]
+    assert order[:2] == _ids(["Titanic", "The Dark Knight"]) and not cf[1].any()
+    fixed = Hybrid(guard, encoder=encoder, weights=(10.0, 0.0))  # CF dominates
+    fixed.fit(train)
+    ctx = [["Hello", "My favourite movie is Titanic, what else?"]]
+    with_cf = fixed.recommend(ctx, 3, exclude=[{ID["Titanic"]}])[0]
+    assert ID["Titanic"] not in with_cf and with_cf[0] == ID["The Dark Knight"]  # co-rated by every Titanic fan
+    assert make_recommender("hybrid", ws, encoder=encoder).name.startswith("hybrid-")
