@@ -1049,3 +1049,33 @@ def test_time_estimate_before_a_run(ws, stub):
     est = synthesis_estimate(ws, "gpt-4o-mini", "llm", 10, stated_seconds_per_call=27.0)
     assert est["basis"] == "measured: median of 4 calls in this workspace"
     assert 0 < est["seconds_per_call"] < 5 and est["total_seconds"] == pytest.approx(20 * est["seconds_per_call"])
+
+
+# -- issue 13, finding 3: a failed or partial run says why -----------------------------------------
+def test_report_lines_show_the_errors_and_why_a_run_is_incomplete():
+    from crs_core.synth import MAX_REPORTED_ERRORS, SynthReport
+
+    rep = SynthReport(selection_id="sel", gt_mode="llm", k_queries=1, planned=9, stored=1, failed=7,
+                      errors=[f"tt{i} k=1: the teacher endpoint answered HTTP 500: down ({i})" for i in range(7)])
+    text = "\n".join(rep.lines())
+    assert "errors (7):" in text and "tt0 k=1: the teacher endpoint answered HTTP 500: down (0)" in text
+    assert f"… and {7 - MAX_REPORTED_ERRORS} more" in text
+    assert rep.reason() == "synthesis incomplete (1 of 9 queries stored): 7 failed; last error: " + rep.errors[-1]
+    budget = SynthReport(selection_id="sel", gt_mode="llm", k_queries=1, planned=3, calls=2,
+                         stopped="budget: the call limit (2 calls; 2 made)")
+    assert budget.reason().startswith("synthesis stopped early (0 of 3 queries stored): budget")
+    assert ("the 2 replies paid for in this run are cached in the workspace (none became a stored query yet): "
+            "the next run reuses them without paying again") in budget.lines()
+    assert SynthReport(selection_id="sel", gt_mode="llm", k_queries=1).reason() is None
+
+
+def test_a_refused_key_stops_synthesis_at_once_with_the_endpoint_reason(ws, stub):
+    """A 401 showed "failed: 2" without its reason until three failures in a row."""
+    from crs_core.teacher import TeacherSetupError
+
+    stub.behaviour = lambda i, body: Fault("error", 401, message=f"Incorrect API key provided: {KEY}")
+    with pytest.raises(TeacherSetupError) as info:
+        run_synthesis(ws, "sel-items", make_teacher(stub, ws), gt_mode="llm", dedup_embeddings=False)
+    assert "HTTP 401" in str(info.value) and "Incorrect API key provided: [redacted]" in str(info.value)
+    assert KEY not in str(info.value) and stub.chat_requests == 1
+    assert ws.count("synthetic_queries") == 0
