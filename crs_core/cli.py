@@ -258,7 +258,7 @@ def _train(ws: Workspace, args: argparse.Namespace) -> int:
     from .train import KIND_RETRIEVER, KIND_SFT
 
     config = {}
-    for key in ("max_steps", "epochs", "alpha", "stage1_model"):
+    for key in ("max_steps", "epochs", "alpha", "stage1_model", "checkpoint_every", "checkpoint_seconds"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if args.kind == "sft":
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (per stage with two_stage)")
     p.add_argument("--epochs", type=int, help="training epochs (default: 1 retriever, 3 SFT)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="save a checkpoint every STEPS steps (default 50)")
+    p.add_argument("--checkpoint-seconds", type=float, metavar="S",
+                   help="also save one when S seconds have passed since the last (default 60; 0: off)")
     p.add_argument("--labels", choices=["real", "mixed", "two_stage"], default="real",
                    help="real labels only; real + augmented in one run; or pre-train on real + augmented, "
                         "then fine-tune on real with the KL term (FNSCRS two-stage)")

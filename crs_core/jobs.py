@@ -10,7 +10,9 @@ is written to that folder, so its state survives a restart of the app and a cras
     launch.json        pid (and /proc start time, host) of the last worker started by the app
     status.json        state, pid, step, total_steps, epoch, loss, throughput, eta_seconds, ...
                        (written atomically: temp file + os.replace)
-    progress.jsonl     one line per logged step: step, epoch, loss, lr, time
+    progress.jsonl     one line per logged step: step, epoch, loss, lr, time (a step reported
+                       again, after a resume, first drops the lines from that step on: no step
+                       appears twice)
     log.txt            the worker's stdout/stderr
     cancel             flag file: the worker stops at the next step boundary
     checkpoints/step-<n>/  complete checkpoints (temp dir + rename; manifest with sha256)
@@ -21,6 +23,9 @@ States: queued, running, succeeded, failed, cancelled. A status that still says 
 while its process is gone reads as ``failed`` ("process died"), or ``cancelled`` if a cancel had
 been requested. ``resume_job`` restarts the worker on the same folder; trainers continue from the
 newest checkpoint that verifies (falling back to older ones when the newest is corrupt).
+A trainer saves a checkpoint every ``checkpoint_every`` steps and also once ``checkpoint_seconds``
+(job config, default 60; 0 turns it off) have passed since the last one
+(``JobContext.checkpoint_due``), so a job killed early does not start again from step 0.
 
 What runs in the worker is a *runner* ``module:function`` taking a :class:`JobContext`; what the
 app does with a finished job is an *importer* ``(cursor, JobState) -> None`` run inside the same
@@ -108,6 +113,7 @@ INPUTS_DIR = "inputs"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 MANIFEST_FILE = "manifest.json"
+CHECKPOINT_SECONDS = 60.0  # default time between checkpoints (job config "checkpoint_seconds")
 
 # kind -> "module:function" run inside the worker with a JobContext, returning the result dict
 RUNNERS: dict[str, str] = {
@@ -921,6 +927,11 @@ class JobContext:
         self._status: dict[str, Any] = _read_status_quiet(self.folder) or _initial_status()
         self._step_times: list[tuple[float, int, int]] = []  # (time, step, examples)
         self._last_ckpt_step: int | None = None
+        self._last_ckpt_time = time.monotonic()  # the worker's start counts as one
+        seconds = self.config.get("checkpoint_seconds", CHECKPOINT_SECONDS)
+        self.checkpoint_seconds: float | None = float(seconds) if seconds else None
+        rows = read_progress(self.folder)
+        self._last_progress_step = int(rows[-1]["step"]) if rows else 0
 
     # ----- lifecycle
     def acquire_lock(self, wait: float = LOCK_WAIT_S) -> bool:
@@ -1045,9 +1056,12 @@ class JobContext:
             loss_val: float | None = None
         else:
             loss_val = None if loss is None else float(loss)
+        if step <= self._last_progress_step:  # a resumed run repeats steps: theirs go first
+            self.truncate_progress(step - 1)
         if step % max(1, log_every) == 0 or step == total_steps:
             with open(self.folder / PROGRESS_FILE, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_val, "lr": lr, "time": now}) + "\n")
+            self._last_progress_step = step
         self._status.update(
             state="running",
             step=step,
@@ -1074,6 +1088,16 @@ class JobContext:
             for row in keep:
                 fh.write(json.dumps(row) + "\n")
         os.replace(tmp, path)
+        self._last_progress_step = int(keep[-1]["step"]) if keep else 0
+
+    def checkpoint_due(self, step: int, every_steps: int | None) -> bool:
+        """Whether a trainer should save a checkpoint after ``step``: every ``every_steps``
+        steps, and also when ``checkpoint_seconds`` have passed since the last checkpoint (or
+        the worker's start): a job whose steps are slow, or killed before its first step
+        checkpoint, loses at most that much work."""
+        if every_steps and step % int(every_steps) == 0:
+            return True
+        return self.checkpoint_seconds is not None and time.monotonic() - self._last_ckpt_time >= self.checkpoint_seconds
 
     # ----- checkpoints
     @property
@@ -1124,6 +1148,7 @@ class JobContext:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._last_ckpt_step = step
+        self._last_ckpt_time = time.monotonic()
         for _s, p in list_checkpoints(self.folder)[max(1, keep) :]:
             shutil.rmtree(p, ignore_errors=True)
         self.log(f"checkpoint saved at step {step}")

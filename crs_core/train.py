@@ -156,7 +156,7 @@ DEFAULT_USER_INSTRUCTION = "List {n} movie recommendations:"
 # job-config keys that describe the run (for the runs table) rather than set a hyperparameter
 METADATA_KEYS = frozenset(
     {"name", "notes", "training_data", "selection_strategy", "budget", "model_name", "source",
-     "keep_checkpoints_after_success", "augmentation"}
+     "keep_checkpoints_after_success", "augmentation", "checkpoint_seconds"}  # (the last: jobs.JobContext's)
 )
 
 
@@ -516,6 +516,9 @@ class _NoJob:
     def load_checkpoint(self, read):
         return None
 
+    def checkpoint_due(self, step, every_steps) -> bool:
+        return False
+
     def save_output(self, write, name="model"):
         raise NotImplementedError
 
@@ -833,7 +836,7 @@ def _run_loop(
         if stop and done < total:
             hooks.log(f"early stop at step {done}/{total}")
             break
-        if done % spec.checkpoint_every == 0 and done < total:
+        if done < total and hooks.checkpoint_due(done, spec.checkpoint_every):  # every N steps or 60 s
             save(done)
     else:
         done = total

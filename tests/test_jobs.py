@@ -431,3 +431,60 @@ def test_a_second_worker_waits_for_the_lock_then_gives_up_while_the_first_holds_
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- issue 13, finding 4: short jobs resume, and resumed progress has each step once ----------------
+def _folder(tmp_path, **config) -> Path:
+    folder = tmp_path / "job-x"
+    folder.mkdir(parents=True)
+    jobs._write_json_atomic(folder / jobs.CONFIG_FILE, {"format_version": jobs.FORMAT_VERSION, "job_id": "job-x",
+                                                         "kind": "test", "runner": "m:f", "config": config, "inputs": {}})
+    return folder
+
+
+def test_a_resumed_run_rewrites_the_steps_it_repeats(tmp_path):
+    """Killed at step 4 with no checkpoint, a job starts again from 0: progress.jsonl held steps
+    1-4 twice (the trim ran only after a checkpoint loaded)."""
+    folder = _folder(tmp_path)
+    first = jobs.JobContext(folder)
+    for step in range(1, 5):
+        first.report(step, 10, loss=1.0)
+    again = jobs.JobContext(folder)  # the worker of the resumed attempt; no checkpoint to load
+    for step in range(1, 4):
+        again.report(step, 10, loss=0.5)
+    steps = [json.loads(line)["step"] for line in (folder / jobs.PROGRESS_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert [r["loss"] for r in jobs.read_progress(folder)] == [0.5, 0.5, 0.5]
+    again.truncate_progress(2)  # what a trainer does after loading the checkpoint of step 2
+    again.report(3, 10, loss=0.25)
+    again.report(4, 10, loss=0.25)
+    steps = [json.loads(line)["step"] for line in (folder / jobs.PROGRESS_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoints_are_due_by_steps_and_by_time(tmp_path):
+    ctx = jobs.JobContext(_folder(tmp_path, checkpoint_seconds=0.3))
+    assert ctx.checkpoint_due(50, 50) and not ctx.checkpoint_due(3, 50)
+    time.sleep(0.35)
+    assert ctx.checkpoint_due(4, 50)  # 0.3 s since the worker started, long before step 50
+    ctx.save_checkpoint(4, lambda tmp: (tmp / "w.txt").write_text("4"))
+    assert not ctx.checkpoint_due(5, 50)  # the clock restarts at a checkpoint
+    assert jobs.JobContext(_folder(tmp_path / "b", checkpoint_seconds=0)).checkpoint_due(7, 50) is False
+    assert jobs.JobContext(_folder(tmp_path / "c")).checkpoint_seconds == jobs.CHECKPOINT_SECONDS
+
+
+def test_a_job_killed_before_its_first_step_checkpoint_resumes_from_a_timed_one(ws, tmp_path):
+    """CLI jobs checkpoint every 50 steps: one killed before step 50 started again from 0."""
+    job_id, folder = _launch(ws, tmp_path / "jobs", checkpoint_every=100, checkpoint_seconds=0.01)
+    _wait_until(folder, lambda st: st.step >= 3 and jobs.list_checkpoints(folder))
+    os.kill(jobs.job_state(folder).pid, signal.SIGKILL)
+    _wait_until(folder, lambda st: st.state == "failed")
+    saved = jobs.list_checkpoints(folder)[0][0]
+    assert 1 <= saved < TOTAL_STEPS
+    jobs.resume_job(ws, job_id)
+    st = _wait_until(folder, lambda st: st.state in jobs.FINAL_STATES)
+    _assert_succeeded(st)
+    result = json.loads((folder / jobs.RESULT_FILE).read_text())
+    assert result["resumed_from_step"] >= saved and result["steps"] == TOTAL_STEPS
+    steps = [json.loads(line)["step"] for line in (folder / jobs.PROGRESS_FILE).read_text().splitlines()]
+    assert steps == list(range(1, TOTAL_STEPS + 1))
