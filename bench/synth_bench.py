@@ -8,11 +8,14 @@ the measured %, the CPU-bound ceilings in % of ideal: cores / (client + stub CPU
 1 / (CPU per call of the client's event-loop thread, which runs every call's HTTP work), so that a
 reader sees whether a level is bound by the machine.
 
-Part 2, the synthesis pipeline: see the marked section ``SYNTHESIS BENCH`` below.
+Part 2, the synthesis pipeline with the default offline teacher (quality proxies, ending with one
+JSON line): see the marked section ``SYNTHESIS BENCH`` below.
 
     python bench/synth_bench.py                      # teacher part, workspace (DuckDB) cache
     python bench/synth_bench.py --cache memory       # with the in-memory cache
     python bench/synth_bench.py --levels 1,4 --latency 0.05
+    python bench/synth_bench.py --part synthesis --items 50            # Qwen2.5-Coder-1.5B, 'choose'
+    python bench/synth_bench.py --part synthesis --teacher smollm2 --items 10
 """
 
 from __future__ import annotations
@@ -198,28 +201,31 @@ def print_teacher_table(rows: list[dict[str, Any]], latency: float, cache_kind: 
 
 # ==============================================================================================
 # SYNTHESIS BENCH ----- written by the synthesis author ----------------------------------------
-# On the default (bundled) data with the default local teacher (llama.cpp + SmolLM2-135M):
-#   * seconds per synthesized query (prompt building + teacher calls + parsing + grounding +
-#     store; the teacher's server is started before the clock runs),
-#   * grounding rate: share of the ground-truth titles matched to catalog items,
-#   * duplicate rate: share of stored queries marked as duplicates (normalised text or MiniLM
-#     cosine >= 0.95 against earlier queries of the workspace),
-# then a re-run of the same plan, which must make 0 teacher calls (all cached). A first row uses
-# a zero-latency stub teacher answering with real catalog titles: the pipeline's own cost.
-# Workspace: $SYNTH_BENCH_WORKSPACE, else data/workspaces/default.duckdb, copied to a temporary
-# folder (the original is never written); without one, a fresh one from the bundled data
-# (ingest_default, ~2 min). Size: $SYNTH_BENCH_ITEMS items (10) x $SYNTH_BENCH_K queries (1),
-# ground-truth mode $SYNTH_BENCH_GT_MODE (llm); stub row: $SYNTH_BENCH_STUB_ITEMS items (50);
-# SYNTH_BENCH_SKIP_LOCAL=1 skips the local model. The copy's llm_cache is emptied so every call is
-# really made.
+# On the default (bundled) data with the default offline teacher (llama.cpp serving
+# Qwen2.5-Coder-1.5B-Instruct; --teacher smollm2 for the small one), ground truth 'choose'
+# (--gt-mode), K = 1, the quality proxies of issue 12 per run:
+#   * stored rate: stored queries / (item, k) units that had reviews,
+#   * plausible-query rate: query replies the parser accepts / all query replies (retries
+#     included), with the rejection reasons counted,
+#   * grounding rate: ground-truth rows that are catalog items,
+#   * duplicate rate: stored queries marked as duplicates (normalised text or MiniLM cosine >= 0.95),
+#   * seconds per stored query: the whole run (every call, flagged ones included) / stored,
+#   * self-retrieval: the rank of the seed item among all catalog items when the query is embedded
+#     with MiniLM (cosine to the item texts, no co-occurrence); recall@50 = share ranked <= 50,
+# ending with ONE JSON line of them. A first row (skipped with --no-stub) runs the same plan
+# against a zero-latency stub teacher answering well-formed replies: the pipeline's own cost.
+# Workspace: --workspace, else $SYNTH_BENCH_WORKSPACE, else data/workspaces/default.duckdb, copied
+# to a temporary folder (the original is never written); without one, a fresh one from the
+# bundled data (ingest_default, ~2 min; the catalog's item texts are then embedded once, ~4 min).
+# The copy's llm_cache is emptied so every call is really made; a rerun of the same plan must
+# make 0 calls (all cached).
 # ==============================================================================================
-def _bench_workspace(tmp: Path) -> Path:
-    import os
+def _bench_workspace(tmp: Path, source: str | None) -> Path:
     import shutil
 
     from crs_core.store import DEFAULT_WORKSPACE, Workspace
 
-    source = Path(os.environ.get("SYNTH_BENCH_WORKSPACE") or DEFAULT_WORKSPACE)
+    source = Path(source or os.environ.get("SYNTH_BENCH_WORKSPACE") or DEFAULT_WORKSPACE)
     target = tmp / "bench.duckdb"
     if source.exists():
         try:  # a workspace open in the studio is locked: then build a fresh one
@@ -240,7 +246,7 @@ def _bench_workspace(tmp: Path) -> Path:
     return target
 
 
-def _bench_selection(ws: Any, sel_id: str, n_items: int) -> None:
+def _bench_selection(ws: Any, sel_id: str, n_items: int, seed: int = 0) -> None:
     """A selection of n items with at least 3 reviews (seeded random sample), replacing any old one."""
     import numpy as np
 
@@ -251,64 +257,112 @@ def _bench_selection(ws: Any, sel_id: str, n_items: int) -> None:
         cur.execute("DELETE FROM synthetic_queries WHERE selection_id = ?", [sel_id])
         pool = [r[0] for r in cur.execute(
             "SELECT item_id FROM reviews GROUP BY item_id HAVING count(*) >= 3 ORDER BY item_id").fetchall()]
-        picks = [pool[i] for i in np.random.default_rng(0).choice(len(pool), size=min(n_items, len(pool)), replace=False)]
+        picks = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=min(n_items, len(pool)), replace=False)]
         cur.execute("INSERT INTO selections (selection_id, name, strategy, unit, set_id, budget, params) "
                     "VALUES (?, 'synthesis bench', 'random', 'item', 'item:bench', ?, '{}')", [sel_id, len(picks)])
         cur.executemany("INSERT INTO selection_picks VALUES (?, ?, ?, 0, 1)", [[sel_id, r, iid] for r, iid in enumerate(picks, 1)])
 
 
-def _bench_row(label: str, ws: Any, sel_id: str, rep: Any, again: Any, k: int, gt_mode: str) -> dict[str, Any]:
-    import numpy as np
+class _SeedRanker:
+    """Rank of a seed item among all catalog items for a query (MiniLM, cosine to the item texts)."""
 
-    per_query = [json.loads(p)["seconds"] for p in ws.df(
-        "SELECT provenance FROM synthetic_queries WHERE selection_id = ?", [sel_id])["provenance"]]
+    def __init__(self, ws: Any):
+        import pandas as pd
+
+        from crs_core.synth import CatalogRetriever, _Embedder
+
+        catalog = ws.df("SELECT item_id, title, year, genres, plot, cast_names FROM items")
+        catalog["year"] = [None if pd.isna(y) else int(y) for y in catalog["year"]]
+        self.retriever = CatalogRetriever(ws, catalog, _Embedder(ws, None), cooc_weight=0.0)
+
+    def rank(self, query: str, item_id: str) -> int:
+        import numpy as np
+
+        r = self.retriever
+        sims = r.matrix @ r.embed([query])[0]
+        own = sims[r.pos[item_id]]
+        return int(np.sum(sims > own)) + 1
+
+
+def synthesis_metrics(ws: Any, sel_id: str, rep: Any, k: int, ranker: _SeedRanker | None) -> dict[str, Any]:
+    """The issue-12 quality proxies of one run (see the section comment)."""
+    import collections
+
+    df = ws.df("SELECT q.query_id, q.item_id, q.query, q.provenance, i.title, i.year FROM synthetic_queries q "
+               "JOIN items i USING (item_id) WHERE q.selection_id = ? ORDER BY q.created_at", [sel_id])
+    attempts = []
+    per_query = []
+    for r in df.itertuples():
+        prov = json.loads(r.provenance)
+        attempts += prov.get("query_attempts") or []
+        picks = [int(n.split("candidate ", 1)[1].split(" ", 1)[0]) for n in ws.df(
+            "SELECT note FROM ground_truth WHERE query_id = ? ORDER BY rank", [r.query_id])["note"]
+            if str(n).startswith("chosen: candidate ")]
+        per_query.append({"item_id": r.item_id, "title": r.title, "query": r.query, "picks": picks,
+                          "gt": prov.get("gt", {}), "rank": ranker.rank(r.query, r.item_id) if ranker else None})
+    for f in rep.flagged:
+        attempts += f.get("query_attempts") or []
+    reasons = collections.Counter(a["flag"] for a in attempts if a.get("flag"))
+    refused = [a for a in attempts if a.get("flag")]
+    chose = [q["gt"].get("positional") for q in per_query if "positional" in q["gt"]]
+    runnable = max(0, rep.planned - rep.items_without_reviews * k)
+    ranks = [q["rank"] for q in per_query if q["rank"] is not None]
     nan = float("nan")
     return {
-        "teacher": label, "gt_mode": gt_mode, "items": rep.items, "k": k,
-        "stored": rep.stored, "flagged": rep.flagged_replies, "failed": rep.failed,
-        "s_per_query": float(np.mean(per_query)) if per_query else nan,
-        "wall_s_per_query": rep.seconds_per_query or nan,
-        "teacher_share": rep.teacher_seconds / rep.seconds if rep.seconds else nan,
+        "stored_rate": rep.stored / runnable if runnable else nan,
+        "plausible_rate": sum(1 for a in attempts if not a.get("flag")) / len(attempts) if attempts else nan,
         "grounding_rate": rep.grounding_rate if rep.grounding_rate is not None else nan,
-        "duplicate_rate": rep.duplicate_rate if rep.duplicate_rate is not None else nan,
-        "calls": rep.calls, "tokens": rep.prompt_tokens + rep.completion_tokens,
-        "tok_per_s": rep.completion_tokens / rep.teacher_seconds if rep.teacher_seconds else nan,
-        "rerun_calls": again.calls,
+        "duplicate_rate": rep.duplicate_rate if rep.duplicate_rate is not None else (0.0 if rep.stored == 0 else nan),
+        "s_per_stored_query": rep.seconds / rep.stored if rep.stored else nan,
+        "seed_recall_at_50": sum(1 for x in ranks if x <= 50) / len(ranks) if ranks else nan,
+        "seed_median_rank": float(sorted(ranks)[len(ranks) // 2]) if ranks else nan,
+        "positional_rate": sum(chose) / len(chose) if chose else nan,
+        "query_replies": len(attempts), "reasons": dict(reasons), "per_query": per_query, "refused": refused,
+        "runnable": runnable,
     }
 
 
-def _print_run(title: str, ws: Any, sel_id: str, rep: Any) -> None:
+def _print_run(title: str, rep: Any, m: dict[str, Any], show: int) -> None:
     print(f"\n{title}")
     print("\n".join("  " + line for line in rep.lines()))
-    for f in rep.flagged[:8]:
-        print(f"  flagged {f['item_id']}: {f['reason']}: {f['reply'][:90]!r}")
-    sample = ws.df(
-        "SELECT i.title, q.query, "
-        "  (SELECT count(*) FROM ground_truth g WHERE g.query_id = q.query_id) AS gt, "
-        "  (SELECT count(*) FROM ground_truth g WHERE g.query_id = q.query_id AND g.item_id IS NOT NULL) AS grounded "
-        "FROM synthetic_queries q JOIN items i USING (item_id) WHERE q.selection_id = ? ORDER BY q.created_at LIMIT 10",
-        [sel_id])
-    for r in sample.itertuples():
-        print(f"  {r.title[:28]:<28} {r.grounded:>2}/{r.gt:<2} grounded | {r.query[:100]}")
+    print(f"  query replies: {m['query_replies']}, accepted {m['plausible_rate']:.1%}; refused: "
+          + (", ".join(f"{n} x {why}" for why, n in sorted(m["reasons"].items(), key=lambda x: -x[1])) or "none"))
+    for a in m["refused"][:show]:
+        print(f"  refused ({a['flag']}): {str(a['reply'])[:120]!r}")
+    for f in rep.flagged[:show]:
+        print(f"  flagged {f['item_id']}: {f['reason']}: {f['reply'][:110]!r}")
+    if m["positional_rate"] == m["positional_rate"]:
+        print(f"  choose: picks were the first candidates in list order (no real choice) for "
+              f"{m['positional_rate']:.0%} of the stored queries")
+    for q in m["per_query"][:show]:
+        gt = q["gt"]
+        extra = (f"{gt.get('picked', gt.get('kept', '?'))} picked of {gt.get('candidates', '?')}"
+                 + (", seed in GT" if gt.get("seed_in_gt") else "") + (f" {q['picks']}" if q.get("picks") else ""))
+        rank = f"seed rank {q['rank']:>5}" if q["rank"] is not None else ""
+        print(f"  {str(q['title'])[:26]:<26} {rank} | {extra} | {q['query'][:110]}")
 
 
 def _stub_reply_factory(titles: list[str]) -> Any:
-    """A well-behaved teacher for the pipeline-overhead row: a query made from the reviews' words,
-    then 20 real catalog titles (a seeded sample), as a numbered list with markdown."""
+    """A well-behaved teacher for the pipeline-overhead row: a query made from the reviews' words
+    (as JSON when a schema is sent), then picks among the candidates (choose) or 20 real catalog
+    titles (llm), a seeded sample."""
     import hashlib
     import random as _random
     import re as _re
 
     from crs_core.synth import QUERY_SYSTEM
 
-    def reply(messages: list[dict[str, Any]]) -> str:
+    def reply(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
         user = messages[-1]["content"]
         h = int(hashlib.sha1(user.encode()).hexdigest()[:8], 16)
+        rng = _random.Random(h)
         if messages[0]["content"] == QUERY_SYSTEM:
             words = _re.findall(r"[A-Za-z]{5,}", user.split("<review", 1)[-1])[:40]
-            pick = _random.Random(h).sample(words, min(6, len(words)))
-            return f'Query: "Can you recommend a movie that is {", ".join(w.lower() for w in pick)}?"'
-        rng = _random.Random(h)
+            pick = rng.sample(words, min(6, len(words)))
+            return json.dumps({"query": f"I want a movie that is {', '.join(w.lower() for w in pick)}. Any ideas? #{h % 9973}"})
+        if "\nCandidates:\n" in user:
+            n = len(user.split("\nCandidates:\n", 1)[1].splitlines())
+            return json.dumps({"picks": rng.sample(range(1, n + 1), min(10, n))})
         return "Sure! Here are 20 recommendations:\n\n" + "\n".join(
             f"{n}. **{t}**" for n, t in enumerate(rng.sample(titles, 20), 1))
 
@@ -316,53 +370,59 @@ def _stub_reply_factory(titles: list[str]) -> Any:
 
 
 def bench_synthesis(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import os
-
     from crs_core.catalog import display_title
+    from crs_core.models import local_teacher
     from crs_core.store import Workspace
     from crs_core.synth import run_synthesis
 
-    n_items = int(os.environ.get("SYNTH_BENCH_ITEMS", "10"))
-    n_stub_items = int(os.environ.get("SYNTH_BENCH_STUB_ITEMS", "50"))
-    k = int(os.environ.get("SYNTH_BENCH_K", "1"))
-    gt_mode = os.environ.get("SYNTH_BENCH_GT_MODE", "llm")
-    skip_local = os.environ.get("SYNTH_BENCH_SKIP_LOCAL") == "1"
+    k, gt_mode = args.k, args.gt_mode
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = _bench_workspace(Path(tmp))
+        path = _bench_workspace(Path(tmp), args.workspace)
         ws = Workspace(path)
         try:
             ws.cursor().execute("DELETE FROM llm_cache")
-            # 1. the pipeline's own cost: a zero-latency stub teacher answering with real titles
-            if str(ROOT / "tests") not in sys.path:
-                sys.path.insert(0, str(ROOT / "tests"))
-            from openai_stub_server import OpenAIStubServer
+            ranker = _SeedRanker(ws)  # embeds the catalog's item texts once (cached in the workspace)
+            # 1. the pipeline's own cost: a zero-latency stub teacher answering well-formed replies
+            if not args.no_stub:
+                if str(ROOT / "tests") not in sys.path:
+                    sys.path.insert(0, str(ROOT / "tests"))
+                from openai_stub_server import OpenAIStubServer
 
-            titles = [display_title(t, y) for t, y in ws.cursor().execute(
-                "SELECT title, year FROM items WHERE movielens_id IS NOT NULL AND year IS NOT NULL ORDER BY item_id").fetchall()]
-            _bench_selection(ws, "bench-stub", n_stub_items)
-            with OpenAIStubServer(reply=_stub_reply_factory(titles), record=False) as stub:
-                teacher = Teacher(TeacherConfig.openai(stub.base_url, "stub-model", api_key="sk-bench", concurrency=1), cache=ws)
-                rep = run_synthesis(ws, "bench-stub", teacher, k_queries=k, gt_mode=gt_mode)
-                again = run_synthesis(ws, "bench-stub", teacher, k_queries=k, gt_mode=gt_mode)
-                teacher.close()
-            _print_run("stub teacher (0 ms per call, real catalog titles): the pipeline's own cost", ws, "bench-stub", rep)
-            rows.append(_bench_row("stub (0 ms)", ws, "bench-stub", rep, again, k, gt_mode))
-            # 2. the default local teacher
-            if not skip_local:
-                _bench_selection(ws, "bench-synth", n_items)
-                teacher = Teacher(TeacherConfig.local(), cache=ws)
-                try:
-                    t0 = time.perf_counter()
-                    teacher.start()  # the llama.cpp server start is not part of a query's time
-                    start_s = time.perf_counter() - t0
-                    rep = run_synthesis(ws, "bench-synth", teacher, k_queries=k, gt_mode=gt_mode)
-                    again = run_synthesis(ws, "bench-synth", teacher, k_queries=k, gt_mode=gt_mode)
-                    model = teacher.model
-                finally:
+                titles = [display_title(t, y) for t, y in ws.cursor().execute(
+                    "SELECT title, year FROM items WHERE movielens_id IS NOT NULL AND year IS NOT NULL ORDER BY item_id").fetchall()]
+                _bench_selection(ws, "bench-stub", args.stub_items, args.seed)
+                with OpenAIStubServer(reply=_stub_reply_factory(titles), record=False) as stub:
+                    teacher = Teacher(TeacherConfig.openai(stub.base_url, "stub-model", api_key="sk-bench", concurrency=1), cache=ws)
+                    rep = run_synthesis(ws, "bench-stub", teacher, k_queries=k, gt_mode=gt_mode)
+                    again = run_synthesis(ws, "bench-stub", teacher, k_queries=k, gt_mode=gt_mode)
                     teacher.close()
-                _print_run(f"local teacher {model} (server start {start_s:.1f} s, not counted)", ws, "bench-synth", rep)
-                rows.append(_bench_row(f"local {model}", ws, "bench-synth", rep, again, k, gt_mode))
+                m = synthesis_metrics(ws, "bench-stub", rep, k, ranker)
+                _print_run("stub teacher (0 ms per call, well-formed replies): the pipeline's own cost", rep, m, 3)
+                rows.append({"teacher": "stub (0 ms)", "items": rep.items, "rerun_calls": again.calls, **m})
+            # 2. the local teacher
+            choice = local_teacher(args.teacher)
+            if choice.note:
+                print(f"\nnote: {choice.note}")
+            _bench_selection(ws, "bench-synth", args.items, args.seed)
+            teacher = Teacher(TeacherConfig.local(choice.path, model=choice.alias, local_n_threads=args.threads), cache=ws)
+            try:
+                t0 = time.perf_counter()
+                teacher.start()  # the llama.cpp server start is not part of a query's time
+                start_s = time.perf_counter() - t0
+                rep = run_synthesis(ws, "bench-synth", teacher, k_queries=k, gt_mode=gt_mode,
+                                    progress=_progress_printer(time.perf_counter()))
+                again = run_synthesis(ws, "bench-synth", teacher, k_queries=k, gt_mode=gt_mode)
+                form = teacher.structured_format()
+            finally:
+                teacher.close()
+            m = synthesis_metrics(ws, "bench-synth", rep, k, ranker)
+            per_call = rep.teacher_seconds / rep.calls if rep.calls else float("nan")
+            _print_run(f"local teacher {choice.alias} ({args.threads} threads; server start {start_s:.1f} s, not "
+                       f"counted; response_format: {form}; {per_call:.1f} s per call, "
+                       f"{rep.completion_tokens / rep.teacher_seconds if rep.teacher_seconds else float('nan'):.1f} "
+                       "completion tokens/s)", rep, m, args.show)
+            rows.append({"teacher": choice.alias, "items": rep.items, "rerun_calls": again.calls, **m})
         finally:
             ws.close()
     if hasattr(os, "getloadavg"):
@@ -370,19 +430,36 @@ def bench_synthesis(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def print_synthesis_table(rows: list[dict[str, Any]]) -> None:
+def _progress_printer(t0: float) -> Any:
+    def show(done: int, total: int) -> None:
+        if done:
+            el = time.perf_counter() - t0
+            print(f"  ... {done}/{total} units, {el:.0f} s", flush=True)
+    return show
+
+
+SYNTH_KEYS = ("stored_rate", "plausible_rate", "grounding_rate", "duplicate_rate", "s_per_stored_query",
+              "seed_recall_at_50")
+
+
+def print_synthesis_table(rows: list[dict[str, Any]], gt_mode: str) -> None:
     if not rows:
         print("\nSynthesis bench: no rows.")
         return
-    print("\nSynthesis (Algorithm 2) on the default data. s_per_query: teacher calls + parsing + grounding "
-          "per stored query; wall_s_per_query: the whole run (catalog matcher, MiniLM, flagged replies "
-          "included) / stored queries; teacher_share: share of the run spent inside teacher calls")
-    keys = list(rows[0])
+    print(f"\nSynthesis (Algorithm 2), ground truth '{gt_mode}', targets: stored >= 0.9, plausible >= 0.8, "
+          "grounding >= 0.95, duplicates < 0.02")
+    keys = ["teacher", "items", *SYNTH_KEYS, "seed_median_rank", "positional_rate", "rerun_calls"]
     width = {k: max(len(k), 8) for k in keys}
     width["teacher"] = max(len("teacher"), *(len(str(r["teacher"])) for r in rows))
     print("  ".join(f"{k:>{width[k]}}" for k in keys))
     for r in rows:
         print("  ".join(f"{r[k]:>{width[k]}.3f}" if isinstance(r[k], float) else f"{r[k]!s:>{width[k]}}" for k in keys))
+    last = rows[-1]
+
+    def num(x: Any) -> Any:
+        return None if isinstance(x, float) and x != x else (round(x, 4) if isinstance(x, float) else x)
+
+    print(json.dumps({"teacher": last["teacher"], "items": last["items"], **{k: num(last[k]) for k in SYNTH_KEYS}}))
 # ==============================================================================================
 
 
@@ -399,6 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-calls", type=int, default=40)
     ap.add_argument("--cache", choices=["workspace", "memory"], default="workspace")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a level misses the goal")
+    syn = ap.add_argument_group("synthesis part")
+    syn.add_argument("--items", type=int, default=50, help="items synthesised by the local teacher")
+    syn.add_argument("--teacher", default="qwen", help="local teacher: qwen (the default offline teacher), "
+                     "smollm2, or a .gguf path")
+    syn.add_argument("--gt-mode", default="choose", help="ground-truth mode (crs_core.synth.GT_MODES)")
+    syn.add_argument("--k", type=int, default=1, help="queries per item")
+    syn.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    syn.add_argument("--workspace", default=None, help="workspace to copy (default: $SYNTH_BENCH_WORKSPACE, "
+                     "else data/workspaces/default.duckdb, else a fresh one)")
+    syn.add_argument("--seed", type=int, default=0, help="item sample seed")
+    syn.add_argument("--stub-items", type=int, default=50, help="items of the stub (pipeline-cost) row")
+    syn.add_argument("--no-stub", action="store_true", help="skip the stub row")
+    syn.add_argument("--show", type=int, default=12, help="queries and flagged replies printed")
     args = ap.parse_args(argv)
     ok = True
     if args.part in ("teacher", "all"):
@@ -409,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(machine: {os.cpu_count()} cores, load average {load_before:.1f} before, {_load():.1f} after; "
               "other work on the machine takes its share of the cores)")
     if args.part in ("synthesis", "all"):
-        print_synthesis_table(bench_synthesis(args))
+        print_synthesis_table(bench_synthesis(args), args.gt_mode)
     return 0 if ok or not args.strict else 1
 
 

@@ -392,6 +392,12 @@ def test_parse_query_reply_copies():
     assert parse_query_reply(INJECTION, reviews=[review]).reason == "copies a review"
     assert parse_query_reply("What should I watch tonight with my kids?",
                              templates=["What should I watch tonight with my kids?"]).reason == "copies a style template"
+    # a near copy: six words in a row of a template, with a tail of its own
+    assert parse_query_reply("What is a good movie to watch with my grandparents that isn't boring and has heart?",
+                             templates=["What's a good movie to watch with my grandparents that isn't boring?"]
+                             ).reason == "copies a style template"
+    assert parse_query_reply("I want a quiet family drama set on a farm.",
+                             templates=["I'm craving a quiet, character-driven drama about family."]).ok
 
 
 def test_relevance_scoring_shares_the_augmentation_prompt_and_parser():
