@@ -232,7 +232,7 @@ def test_an_unwritable_folder_is_one_line_not_a_traceback(tmp_path, small_worksp
     assert out.stderr.startswith("error: cannot create the folder of workspace /sys/crs-studio-test/w.duckdb")
 
 
-def test_a_csv_given_as_workspace_is_refused_and_ingest_writes_nowhere(tmp_path):
+def test_a_csv_given_as_workspace_is_refused_untouched(tmp_path):
     reviews = tmp_path / "reviews.csv"
     reviews.write_text("userId,movieId,rating\n1,2,3.5\n")
     out = run_cli("status", workspace=reviews)
