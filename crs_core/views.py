@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -434,3 +434,28 @@ def cluster_palette(n: int) -> list[str]:
 
     return ["#%02x%02x%02x" % tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / n, 0.75, 0.85 - 0.25 * (i % 2)))
             for i in range(n)]
+
+
+def progress_frame(points: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """A job's progress lines (`jobs.read_progress`) as a table for the charts: one row per
+    logged step with the step, epoch, loss and learning rate that were reported (columns that
+    no line carries are left out, so a chart is drawn only for what the job logs)."""
+    frame = pd.DataFrame(list(points))
+    if frame.empty or "step" not in frame:
+        return pd.DataFrame(columns=["step"])
+    keep = ["step"] + [c for c in ("epoch", "loss", "lr") if c in frame and frame[c].notna().any()]
+    frame = frame[keep].drop_duplicates("step", keep="last").sort_values("step")
+    return frame.rename(columns={"lr": "learning_rate"}).reset_index(drop=True)
+
+
+def results_frame(results: Mapping[str, Any], label: str) -> pd.DataFrame:
+    """EvalResults {dataset: result} -> rows (run, dataset, metric, value, stderr, n_turns, k)
+    shaped like `evaluate.metrics_frame`, so an ad-hoc result is charted beside stored runs."""
+    rows = []
+    for ds, res in results.items():
+        for metric, (value, stderr) in res.metrics.items():
+            family, _, k = metric.partition("@")
+            rows.append({"run": label, "dataset": ds, "metric": metric, "family": family,
+                         "k": int(k) if k.isdigit() else None, "value": float(value),
+                         "stderr": None if stderr is None else float(stderr), "n_turns": int(res.n_turns)})
+    return pd.DataFrame(rows, columns=["run", "dataset", "metric", "family", "k", "value", "stderr", "n_turns"])

@@ -1,13 +1,13 @@
 """Training: launch a retriever or SFT job on approved dialogues (a background process), follow
 its progress, loss and log; cancel and resume."""
 
-import pandas as pd
 import streamlit as st
 
-from crs_core import jobs, train, views
+from crs_core import jobs, model_eval, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.evaluate import check_no_test_leakage
-from pages._shared import cached, ensure_navigation, needs, show_error, workspace
+from pages._shared import (background_run, cached, ensure_navigation, needs, show_error, start_background,
+                           workspace)
 
 ensure_navigation()
 
@@ -109,11 +109,13 @@ def follow() -> None:
         st.error(state.error)
     for warning in state.warnings:
         st.warning(warning)
-    points = jobs.read_progress(folder)
-    if points:
-        frame = pd.DataFrame(points)
-        if "loss" in frame:
-            st.line_chart(frame, x="step", y="loss", x_label="step", y_label="training loss", height=260)
+    curve = views.progress_frame(jobs.read_progress(folder))
+    charts = [c for c in ("loss", "learning_rate") if c in curve]
+    for column, name in zip(st.columns(len(charts)) if charts else [], charts):
+        with column:
+            st.markdown(f"**{'Training loss' if name == 'loss' else 'Learning rate'}** per step")
+            st.line_chart(curve, x="step", y=name, x_label="step", y_label=name.replace("_", " "), height=240,
+                          color="#1f77b4" if name == "loss" else "#ff7f0e")
     b1, b2 = st.columns(2)
     if not state.finished and b1.button("Cancel", key="tr_cancel", icon=":material/stop:",
                                         disabled=state.cancel_requested):
@@ -145,3 +147,77 @@ def follow() -> None:
 
 
 follow()
+
+
+# -- the evaluation of a finished job, one click away ------------------------------------------------
+selected = next(s for s in states if s.job_id == job_id)
+tests = [d for d in datasets["dataset"].tolist() if d.endswith("_test")]
+EVAL_KEY = f"train-eval:{ws.path}:{job_id}"
+LM_EVAL_KEY = f"tr_lm_eval:{job_id}"
+
+
+def _lm_eval_state():
+    eval_job = st.session_state.get(LM_EVAL_KEY)
+    return None if eval_job is None else jobs.job_state(jobs.job_folder(ws, eval_job))
+
+
+def evaluate_this_job() -> None:
+    run = background_run(EVAL_KEY)
+    busy = run is not None and run.running
+    st.subheader("Evaluate this model")
+    if not tests:
+        needs("No test dialogues in this workspace: build the default workspace on Home first.",
+              "pages/home.py", "Home")
+        return
+    c1, c2, c3 = st.columns([0.4, 0.3, 0.3], vertical_alignment="bottom")
+    test = c1.selectbox("Test set", tests, key="tr_ev_test")
+    sample = c2.number_input("Turns (sample; 0 = all)", 0, 100_000, 0, key="tr_ev_sample",
+                             help="Recall@k / NDCG@k over the recommendation turns of the test set.")
+    if c3.button("Evaluate", key="tr_evaluate", type="primary", icon=":material/analytics:", disabled=busy):
+        try:
+            if selected.kind == train.KIND_RETRIEVER:
+                def work(progress, stop, job_id=job_id, test=test, sample=int(sample) or None):
+                    return studio_actions.evaluate_trained_retriever(ws, job_id, [test], turn_sample=sample,
+                                                                     progress=progress, stop=stop)
+
+                start_background(EVAL_KEY, f"Evaluating {job_id} on {test}", work)
+            else:  # the LM is evaluated by a generation job, imported when it finishes
+                st.session_state[LM_EVAL_KEY] = model_eval.launch_lm_eval(
+                    ws, job_id, [test], turn_sample=int(sample) or "auto")
+        except CRSError as exc:
+            show_error(exc)
+        else:
+            st.rerun(scope="app")  # the page polls while the evaluation runs
+    lm_state = _lm_eval_state()
+    if run is not None:
+        if run.running:
+            st.progress(min(1.0, run.done / run.total) if run.total else 0.0, text=run.label)
+            if st.button("Stop", key="tr_eval_stop", icon=":material/stop:", disabled=run.stop.is_set()):
+                run.stop.set()
+        elif run.error is not None:
+            show_error(run.error)
+        elif run.result is not None:
+            frame = views.results_frame(run.result["results"], run.result["run_id"])
+            st.success(f"Stored as run {run.result['run_id']}.")
+            st.dataframe(frame[["dataset", "metric", "value", "stderr", "n_turns"]], hide_index=True,
+                         key="tr_eval_table", column_config={"value": st.column_config.NumberColumn(format="%.4f"),
+                                                             "stderr": st.column_config.NumberColumn(format="%.4f")})
+            st.page_link("pages/evaluation.py", label="Compare it with other runs on the Evaluation page",
+                         icon=":material/arrow_forward:")
+    if lm_state is not None:
+        st.progress(lm_state.fraction, text=f"Generation job {lm_state.job_id}: {lm_state.describe()}")
+        if lm_state.state == "succeeded":
+            st.page_link("pages/evaluation.py", label="See the run on the Evaluation page",
+                         icon=":material/arrow_forward:")
+    running = (run is not None and run.running) or (lm_state is not None and not lm_state.finished)
+    if st.session_state.get("tr_eval_was_running") and not running:
+        st.session_state["tr_eval_was_running"] = False
+        st.rerun(scope="app")  # stop polling; the jobs table imports the finished evaluation
+    st.session_state["tr_eval_was_running"] = running
+
+
+if selected.state == "succeeded":
+    _run = background_run(EVAL_KEY)
+    _lm = _lm_eval_state()
+    polling = (_run is not None and _run.running) or (_lm is not None and not _lm.finished)
+    st.fragment(evaluate_this_job, run_every=1.0 if polling else None)()

@@ -76,14 +76,14 @@ def insert_synthetic_queries(ws, n: int = 4, *, selection_id: str | None = None,
 
 def fake_training_runner(ctx) -> dict:
     """A job runner for app tests (`runner="conftest:fake_training_runner"`, with tests/ on the
-    worker's PYTHONPATH): `steps` quick steps with a falling loss, honouring cancel; no model."""
+    worker's PYTHONPATH): `steps` quick steps with a falling loss and learning rate, honouring cancel; no model."""
     total = int(ctx.config.get("steps", 5))
     delay = float(ctx.config.get("delay", 0.0))
     ctx.set_total(total)
     for step in range(1, total + 1):
         ctx.check_cancel()
         time.sleep(delay)
-        ctx.report(step, total, epoch=step / total, loss=1.0 / step, examples=4)
+        ctx.report(step, total, epoch=step / total, loss=1.0 / step, lr=1e-3 * (1 - (step - 1) / total), examples=4)
         ctx.log(f"step {step}: loss {1.0 / step:.3f}")
     return {"model_name": "fake-retriever", "steps": total, "final_loss": 1.0 / total}
 

@@ -338,6 +338,81 @@ def test_training_page_cancels_and_resumes_a_job(monkeypatch, own_workspace):
     assert jobs.job_state(folder).state == "cancelled"
 
 
+def test_training_page_charts_loss_and_learning_rate_from_the_progress_file(monkeypatch, own_workspace):
+    from crs_core import jobs
+
+    job_id, folder = _launch_fake_job(monkeypatch, own_workspace, steps=5)
+    assert jobs.wait_for_job(folder, timeout=60).state == "succeeded"
+    at = open_page(monkeypatch, own_workspace, "pages/training.py")
+    specs = [c.proto.spec for c in at.get("vega_lite_chart")]
+    assert len(specs) == 2 and '"field": "loss"' in specs[0] and '"field": "learning_rate"' in specs[1]
+    markdown = [m.value for m in at.markdown]
+    assert "**Training loss** per step" in markdown and "**Learning rate** per step" in markdown
+
+
+def test_training_page_follows_a_running_job_to_its_end(monkeypatch, own_workspace):
+    """A running job shows Cancel; once progress.jsonl holds every step the page shows the end."""
+    import time
+
+    from crs_core import jobs
+
+    job_id, folder = _launch_fake_job(monkeypatch, own_workspace, steps=30, delay=0.1)
+    deadline = time.monotonic() + 60
+    while jobs.job_state(folder).step < 2:
+        assert time.monotonic() < deadline, "the fake job did not start"
+        time.sleep(0.2)
+    at = open_page(monkeypatch, own_workspace, "pages/training.py")
+    first = jobs.job_state(folder).step
+    assert at.button(key="tr_cancel"), "a running job can be cancelled"
+    assert jobs.wait_for_job(folder, timeout=60).state == "succeeded"
+    at.run()
+    assert_clean(at)
+    assert "tr_cancel" not in [b.key for b in at.button]
+    points = jobs.read_progress(folder)
+    assert len(points) == 30 > first
+
+
+def test_training_page_evaluates_a_finished_retriever_in_one_click(monkeypatch, own_workspace):
+    """A tiny retriever trained by a real job; one click on the Training page evaluates it (the
+    CLI's loader, model_eval.dense_retriever) in the background and stores the run."""
+    from crs_core import jobs, train
+    from crs_core.recommenders import Catalog, training_set_from_turns
+
+    from pages import _shared
+
+    with Workspace(own_workspace) as w:
+        turns = [e for e in training_set_from_turns(w, "inspired_train").examples if e.context][:12]
+        catalog = Catalog.from_workspace(w)
+        items = {i: catalog.texts[catalog.index[i]] for e in turns for i in e.labels if i in catalog.index}
+        cfg = {"batch_size": 4, "max_steps": 2, "query_turns": 2, "query_max_len": 24, "item_max_len": 24}
+        job_id = train.launch_training(w, train.KIND_RETRIEVER, [{"context": e.context, "labels": e.labels}
+                                                                  for e in turns], items, cfg,
+                                       jobs_root=own_workspace.parent / "jobs")
+        state = jobs.wait_for_job(jobs.job_folder(w, job_id), timeout=600, poll=0.5)
+        assert state.state == "succeeded", jobs.read_log(state.folder)
+        runs_before = w.count("runs")
+    at = open_page(monkeypatch, own_workspace, "pages/training.py")
+    assert at.selectbox(key="tr_job").value == job_id
+    at.selectbox(key="tr_ev_test").set_value("inspired_test")
+    at.number_input(key="tr_ev_sample").set_value(20)
+    at.button(key="tr_evaluate").click().run()
+    assert_clean(at)
+    run = _shared.background_run(f"train-eval:{own_workspace.resolve()}:{job_id}")
+    assert run is not None
+    run.thread.join(300)
+    assert run.error is None, run.error
+    at.run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    table = next(d.value for d in at.dataframe if "metric" in d.value)  # AppTest keeps no key of a plain table
+    assert "recall@5" in set(table["metric"]) and set(table["n_turns"]) == {20}
+    assert any(run.result["run_id"] in s.value for s in at.success)
+    with Workspace(own_workspace) as w:
+        assert w.count("runs") == runs_before + 1
+        model = w.scalar("SELECT model FROM runs WHERE run_id = ?", [run.result["run_id"]])
+    assert model.startswith("dense-retriever:")
+
+
 def test_evaluation_budget_curves_empty_state_gives_the_command(monkeypatch, studio_workspace):
     at = open_page(monkeypatch, studio_workspace, "pages/evaluation.py")
     assert any("python -m crs_core budget-curve" in i.value for i in at.info)
