@@ -25,6 +25,16 @@ never written; `--out` keeps the copy, otherwise it lives in a temporary folder)
    number of turns, with the goals (2 CPU cores, offline default teacher): ReDial R@10 >= 0.15
    and R@20 >= 0.20; INSPIRED R@10 >= 0.20 and R@20 >= 0.25.
 
+`--only supervised` runs just the supervised INSPIRED rows (no synthesis, no teacher, no review
+embeddings: the bundled data is ingested into a temporary workspace in seconds): zero-shot MiniLM,
+popularity of the INSPIRED train labels, and the dense retriever fine-tuned on real INSPIRED train
+with the default recipe of `crs_core.train.RetrieverConfig` (validation and early stopping on
+dialogues held out of TRAIN), with its learning curve (test R@10 at every validation point:
+observed only, never used to pick anything), R@1/10/50 and NDCG@10 with standard errors on the
+189 evaluable INSPIRED test turns, and one JSON line per row. About 15-20 min on 2 busy cores:
+
+    nice -n 10 python bench/quality.py --only supervised
+
 Item texts: one text per item everywhere (`crs_core.catalog.item_text`, the text synthesis
 retrieves with and `python -m crs_core train` trains the retriever on), so the MiniLM item
 vectors are computed once and shared by ground-truth retrieval and zero-shot dense retrieval.
@@ -83,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-turns", type=int,
                    help="seeded sample of turns per test set for the non-LM models (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=["supervised"],
+                   help="supervised: just the INSPIRED rows trained on real INSPIRED train (see above)")
+    p.add_argument("--train-config", default="{}", metavar="JSON",
+                   help="--only supervised: RetrieverConfig overrides on top of the default recipe")
+    p.add_argument("--num-threads", type=int, default=2, help="torch threads for --only supervised (default 2)")
     return p.parse_args(argv)
 
 
@@ -134,8 +149,140 @@ def fmt(value: float, se: float | None) -> str:
     return f"{value:.3f}±{se:.3f}"
 
 
+SUPERVISED_METRICS = ("recall@1", "recall@10", "recall@50", "ndcg@10")
+
+
+def json_row(model: str, labels: str, result) -> dict[str, Any]:
+    """The one-line JSON summary of a row (INSPIRED test)."""
+    row: dict[str, Any] = {"model": model, "labels": labels, "dataset": "inspired"}
+    for m in SUPERVISED_METRICS:
+        row[m] = round(result.value(m), 4)
+        row[f"stderr@{m.split('@')[1]}" if m == "recall@10" else f"stderr_{m}"] = round(result.stderr(m), 4)
+    row["turns"] = len(result.turns)
+    return row
+
+
+def supervised(args: argparse.Namespace) -> int:
+    """Zero-shot, train-label popularity and the retriever fine-tuned on real INSPIRED train,
+    on INSPIRED test; learning curve; one JSON line per row."""
+    import json
+
+    from crs_core import model_eval, train
+    from crs_core.evaluate import candidate_items, evaluate
+    from crs_core.ingest import ingest_default
+    from crs_core.recommenders import (Catalog, DenseRetrieval, Hybrid, Popularity, TrainingSet, load_retriever,
+                                       training_set_from_turns)
+    from crs_core.store import Workspace
+
+    t_all = time.monotonic()
+    timings: dict[str, float] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="crs-quality-supervised-"))
+    t = time.monotonic()
+    ws = Workspace(tmp / "bench.duckdb")
+    ingest_default(ws)
+    timings["ingest"] = time.monotonic() - t
+    test = "inspired_test"
+    examples, item_texts = model_eval.supervised_training_data(ws, "inspired_train")  # refuses test turns
+    catalog = Catalog.from_workspace(ws)
+    test_items = catalog.subset(candidate_items(ws, test))
+    print(f"training data: {len(examples):,} INSPIRED train turns with context, {len(item_texts):,} label items; "
+          f"leakage guard passed; test: {test} over its {len(test_items):,} candidate items", flush=True)
+    rows: list[tuple[str, str, Any]] = []
+
+    def run_eval(rec) -> Any:
+        return evaluate(ws, rec, test)
+
+    t = time.monotonic()
+    rows.append(("MiniLM zero-shot", "-", run_eval(DenseRetrieval(None, catalog=test_items))))
+    timings["zero-shot"] = time.monotonic() - t
+    t = time.monotonic()
+    pop = Popularity(None, source="labels", catalog=catalog)
+    pop.fit(TrainingSet.from_pairs([(e["context"], e["labels"]) for e in examples]))
+    rows.append(("popularity (train-label counts)", "real", run_eval(pop)))
+    timings["popularity"] = time.monotonic() - t
+
+    # the fine-tuned retriever: the default recipe; the learning curve observes test R@10
+    class _Probe:  # the model at a validation point, as a recommenders encoder
+        def __init__(self, probe, step: int):
+            self.probe, self.name = probe, f"probe-step-{step}-{time.monotonic()}"
+
+        def encode(self, texts):
+            return self.probe.encode_items(list(texts))
+
+        def encode_queries(self, texts):
+            return self.probe.encode_queries(list(texts))
+
+        def query_text(self, context):
+            return self.probe.query_text(context)
+
+    curve: list[tuple[int, float, float]] = []
+
+    def monitor(step: int, probe) -> None:
+        res = run_eval(DenseRetrieval(None, encoder=_Probe(probe, step), catalog=test_items))
+        curve.append((step, res.value("recall@10"), res.stderr("recall@10")))
+        print(f"  learning curve: step {step}: INSPIRED test R@10 {res.value('recall@10'):.3f}", flush=True)
+
+    cfg = {"num_threads": args.num_threads, "seed": 13, **json.loads(args.train_config)}
+    recipe = train.RetrieverConfig(**{k: v for k, v in cfg.items() if k in train.RetrieverConfig.__dataclass_fields__})
+    t = time.monotonic()
+    res = train.train_retriever(train.load_examples(examples), train.load_items(item_texts), cfg,
+                                out_dir=tmp / "retriever", monitor=monitor)
+    timings["fine-tuning (with validation and curve)"] = time.monotonic() - t
+    t = time.monotonic()
+    encoder = load_retriever(res["model_dir"])  # the loader of the CLI, the pages and the jobs
+    fine = run_eval(DenseRetrieval(None, encoder=encoder, catalog=test_items))
+    timings["fine-tuned eval"] = time.monotonic() - t
+    label = f"dense retriever fine-tuned ({res['steps']} steps, kept step {res.get('best_step')})"
+    rows.append((label, "real", fine))
+
+    # the hybrid (dense + MovieLens item-item + train-label popularity): its weights are picked on
+    # the SAME dialogues the retriever held out for validation (same examples, fraction and seed),
+    # so the fine-tuned dense part is scored on turns it never trained on
+    turns = [e for e in training_set_from_turns(ws, "inspired_train").examples
+             if any(str(u or "").strip() for u in e.context)]
+    assert [e.labels for e in turns] == [e["labels"] for e in examples]
+    hybrid_train = TrainingSet(turns, name="inspired_train")
+    for name, enc in (("hybrid (zero-shot dense)", None), ("hybrid (fine-tuned dense)", encoder)):
+        t = time.monotonic()
+        hybrid = Hybrid(ws, encoder=enc, catalog=test_items, val_fraction=recipe.val_fraction or 0.1,
+                        seed=recipe.seed)
+        hybrid.fit(hybrid_train)
+        w_cf, w_pop = hybrid.weights
+        rows.append((f"{name}, w_cf={w_cf:g} w_pop={w_pop:g}", "real", run_eval(hybrid)))
+        timings[name] = time.monotonic() - t
+    ws.close()
+
+    print()
+    print(f"INSPIRED test, {len(fine.turns)} evaluable turns (He et al. protocol, candidates = INSPIRED item set); "
+          f"mean ± standard error")
+    print("recipe: " + ", ".join(f"{k}={getattr(recipe, k)}" for k in (
+        "lr", "epochs", "batch_size", "temperature", "symmetric", "hard_negatives", "query_turns",
+        "query_speaker", "query_max_len", "item_max_len", "val_fraction", "patience")))
+    head = f"{'model':<58} {'labels':<7} " + " ".join(f"{m:>13}" for m in SUPERVISED_METRICS)
+    print(head)
+    print("-" * len(head))
+    for name, labels, r in rows:
+        print(f"{name:<58} {labels:<7} " + " ".join(f"{fmt(r.value(m), r.stderr(m)):>13}" for m in SUPERVISED_METRICS))
+    print()
+    print("learning curve (test R@10 vs optimizer steps; validation on held-out TRAIN dialogues picks the step):")
+    val = {h["step"]: h for h in res.get("validation") or []}
+    for step, r10, se in curve:
+        v = val.get(step)
+        vtxt = f"   validation R@10 {v['recall@10']:.3f} R@50 {v['recall@50']:.3f}" if v else ""
+        mark = "  <- kept" if step == res.get("best_step") else ""
+        print(f"  step {step:>4}: test R@10 {fmt(r10, se)}{vtxt}{mark}")
+    print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+          + f"; total {(time.monotonic() - t_all) / 60:.1f} min")
+    for name, labels, r in rows:
+        print(json.dumps(json_row(name, labels, r)))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.only == "supervised":
+        return supervised(args)
     from crs_core import model_eval
     from crs_core.evaluate import candidate_items, check_no_test_leakage
     from crs_core.recommenders import NBCRS, Catalog, DenseRetrieval, Popularity, training_set_from_synthetic

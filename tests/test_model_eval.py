@@ -198,3 +198,24 @@ def test_the_page_and_the_cli_rank_identically_with_a_trained_retriever(monkeypa
     assert [t.turn_id for t in page.turns] == [t.turn_id for t in cli.turns] and len(cli.turns) == 25
     assert [t.ranked for t in page.turns] == [t.ranked for t in cli.turns]
     assert page.value("recall@50") == cli.value("recall@50")
+
+
+def test_supervised_training_data_never_holds_a_test_turn(ws):
+    """What the supervised bench rows (and `train --data`) fit on: a train split, checked
+    against every test dialogue; a test split, or a train split with a test dialogue in it, is refused."""
+    from crs_core.evaluate import LeakageError
+
+    examples, items = model_eval.supervised_training_data(ws, "inspired_train")
+    assert len(examples) > 1000 and all(e["context"] for e in examples)
+    assert {i for e in examples for i in e["labels"]} == set(items)
+    test_contexts = {tuple(t.context) for t in load_eval_turns(ws, "inspired_test")[0]}
+    assert not test_contexts & {tuple(e["context"]) for e in examples}
+    with pytest.raises(EvalError, match="test split"):
+        model_eval.supervised_training_data(ws, "inspired_test")
+    turn = next(t for t in load_eval_turns(ws, "inspired_test")[0] if len(t.context) >= 4)
+    with ws.transaction() as cur:  # a test dialogue's turn slipped into the train split
+        cur.execute("INSERT INTO dialogue_turns SELECT 'inspired_train', turn_id || '-copy', dialog_id, context, "
+                    "resp, rec_items, rec_titles, mentioned_items FROM dialogue_turns "
+                    "WHERE dataset = 'inspired_test' AND turn_id = ?", [turn.turn_id])
+    with pytest.raises(LeakageError, match="repeat test dialogues"):
+        model_eval.supervised_training_data(ws, "inspired_train")
