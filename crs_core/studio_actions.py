@@ -47,3 +47,52 @@ def evaluate_trained_retriever(ws: Any, job_id: str, datasets: Sequence[str], *,
     run_id = store_run(ws, meta, results)
     report(progress, 1000, 1000)
     return {"run_id": run_id, "results": results}
+
+
+# -- label augmentation, then training with the chosen labels -------------------------------------
+def augment_then_train(ws: Any, dataset: str, scorer: str, *, teacher_config: Any = None,
+                       threshold: float | None = None, limit_turns: int | None = None,
+                       teacher_pairs: int | None = None, train: Mapping[str, Any] | None = None,
+                       progress: ProgressFn | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+    """FNSCRS label augmentation of `dataset` with `scorer` (as `python -m crs_core augment`),
+    then, when `train` is given, the training job on the chosen labels (as `train --labels`).
+
+    teacher_config: a `teacher.TeacherConfig` for the 'teacher' and 'distilled' scorers (None:
+    the studio's default, $CRS_TEACHER_BASE_URL or the local teacher). Every teacher reply is
+    cached in the workspace, so a stopped run started again pays no call twice (augmentation
+    stores its labels only at the end: a stopped run stores none). `train`: {"kind", "labels"
+    (two_stage / mixed / real), "data" (real training data: a dialogue set or "synthetic..."),
+    "config" (epochs, max_steps, alpha, ...)}. Returns {"report": AugmentReport, "job_id",
+    "info"} (job_id None without `train`)."""
+    from . import augment
+
+    kwargs: dict[str, Any] = {}
+    if threshold is not None:
+        kwargs["threshold"] = float(threshold)
+    if teacher_pairs is not None:
+        kwargs["teacher_pairs"] = int(teacher_pairs)
+    teacher = None
+    if scorer != "similarity":
+        from .teacher import Teacher, TeacherConfig
+
+        teacher = Teacher(teacher_config or TeacherConfig.from_env(), cache=ws)
+    try:
+        rep = augment.augment(ws, dataset, scorer=scorer, teacher=teacher, limit_turns=limit_turns,
+                              progress=scaled(progress, 0.0, 0.95 if train else 1.0), stop=stop, **kwargs)
+    finally:
+        if teacher is not None:
+            teacher.close()
+    out: dict[str, Any] = {"report": rep, "job_id": None, "info": None}
+    if train:
+        if stop is not None and stop.is_set():
+            raise ActionStopped(f"stopped after the augmentation ({rep.labels_kept:,} labels stored); "
+                                "no training job was started")
+        data = str(train.get("data") or dataset)
+        real_data = "synthetic" if data.startswith("synthetic") else data
+        job_id, info = augment.launch_training_job(
+            ws, train["kind"], real_data, labels=train.get("labels", "two_stage"),
+            config=dict(train.get("config") or {}), aug_dataset=dataset, aug_scorer=scorer,
+            statuses=augment.SYNTHETIC_DATASETS.get(data, ("approved",)))
+        out.update(job_id=job_id, info=info)
+    report(progress, 1000, 1000)
+    return out

@@ -1,13 +1,16 @@
 """Augmentation: FNSCRS label augmentation (retrieve the top-50 items per training dialogue,
-score each 0–4, keep those >= 3.5 as extra labels): coverage, score histograms, examples, and
-the two-stage training job that uses them."""
+score each 0–4, keep those >= 3.5 as extra labels), started from here as a background run with
+progress, stop and resume, optionally followed by the training job on the new labels; coverage,
+score histograms, examples, and the two-stage training job that uses stored labels."""
 
 import pandas as pd
 import streamlit as st
 
-from crs_core import augment, train, views
+from crs_core import augment, jobs, studio_actions, train, views
 from crs_core.errors import CRSError
-from pages._shared import cached, ensure_navigation, needs, show_error, workspace
+from crs_core.teacher import TeacherConfig
+from pages._shared import (background_run, cached, ensure_navigation, needs, show_error, start_background,
+                           workspace)
 
 ensure_navigation()
 
@@ -19,17 +22,118 @@ st.write(
     "pre-trains on real + augmented labels and fine-tunes on the real ones with a KL term weighted by α."
 )
 ws = workspace()
+RUN_KEY = f"augment:{ws.path}"
+SCORERS = {"similarity": "Rescaled similarity (no LLM, fast)",
+           "distilled": "Distilled: the teacher scores a sample, a small head the rest",
+           "teacher": "Teacher LLM scores every candidate (slow on the local teacher)"}
+LABEL_MODES = {"two_stage": "Two-stage (real + augmented, then real with α·KL)", "mixed": "Mixed (one run)"}
+KIND_NAMES = {train.KIND_RETRIEVER: "Dense retriever", train.KIND_SFT: "Fine-tuned LM (LoRA)"}
+train_sets = [d for d in cached(views.dialogue_datasets)["dataset"].tolist() if not d.endswith("_test")]
+run = background_run(RUN_KEY)
+busy = run is not None and run.running
+synthetic = views.review_counts(ws)
+if not train_sets and not (synthetic["approved"] + synthetic["pending"]):
+    needs("No dialogues to augment yet: build the default workspace on Home (it ingests INSPIRED's training "
+          "dialogues), or synthesise and review dialogues first.", "pages/home.py", "Home")
+    st.stop()
+
+with st.form("aug_run_form", border=True):
+    st.markdown("#### Run label augmentation")
+    a1, a2, a3 = st.columns(3)
+    sources = train_sets + ["synthetic", "synthetic:all"]
+    new_dataset = a1.selectbox("Dialogues to augment", sources, key="aug_new_dataset",
+                               help="A training dialogue set, or the reviewed synthetic dialogues (synthetic: "
+                                    "approved only; synthetic:all: approved and pending). Test sets never.")
+    new_scorer = a2.selectbox("Scorer", list(SCORERS), format_func=SCORERS.get, key="aug_new_scorer")
+    threshold = a3.number_input("Keep scores ≥", 0.0, 4.0, augment.DEFAULT_THRESHOLD, 0.1, key="aug_new_threshold")
+    a4, a5 = st.columns(2)
+    limit_turns = a4.number_input("Turns (0 = all)", 0, 1_000_000, 0, key="aug_new_limit",
+                                  help="Only the first N usable turns: a quick trial run.")
+    teacher_pairs = a5.number_input("Teacher-scored pairs (distilled)", 10, 100_000, augment.DEFAULT_TEACHER_PAIRS,
+                                    key="aug_new_pairs")
+    then_train = st.checkbox("Then train on the new labels", True, key="aug_new_train")
+    b1, b2, b3, b4 = st.columns(4)
+    new_kind = b1.selectbox("Model", list(KIND_NAMES), format_func=KIND_NAMES.get, key="aug_new_kind")
+    new_mode = b2.selectbox("Labels", list(LABEL_MODES), format_func=LABEL_MODES.get, key="aug_new_mode")
+    new_alpha = b3.number_input("α (two-stage)", 0.0, 10.0, 0.5, 0.1, key="aug_new_alpha")
+    new_max_steps = b4.number_input("Max steps per stage (0 = all)", 0, 1_000_000, 0, key="aug_new_max_steps")
+    started = st.form_submit_button("Resume augmentation" if run is not None and not busy and run.error else
+                                    "Start augmentation", type="primary", icon=":material/play_arrow:",
+                                    key="aug_start", disabled=busy)
+teacher_cfg = TeacherConfig.from_env()
+st.caption("Teacher for the distilled and teacher scorers: "
+           + (f"{teacher_cfg.model} at {teacher_cfg.base_url} ($CRS_TEACHER_BASE_URL)" if teacher_cfg.base_url
+              else "the local llama.cpp teacher (offline)")
+           + ". Every teacher reply is cached in the workspace: a stopped run started again pays no call twice.")
+if started and not busy:
+    train_spec = None
+    if then_train:
+        config = {"epochs": 1 if new_kind == train.KIND_RETRIEVER else 3}
+        if new_max_steps:
+            config["max_steps"] = int(new_max_steps)
+        if new_mode == "two_stage":
+            config["alpha"] = float(new_alpha)
+        if new_kind == train.KIND_SFT:
+            config["method"] = "lora"
+        train_spec = {"kind": new_kind, "labels": new_mode, "data": new_dataset, "config": config}
+
+    def work(progress, stop, dataset=new_dataset, scorer=new_scorer, spec=train_spec,
+             threshold=float(threshold), limit=int(limit_turns) or None, pairs=int(teacher_pairs)):
+        return studio_actions.augment_then_train(ws, dataset, scorer, threshold=threshold, limit_turns=limit,
+                                                 teacher_pairs=pairs, train=spec, progress=progress, stop=stop)
+
+    start_background(RUN_KEY, f"{new_dataset} scored by {new_scorer}"
+                     + (f", then {KIND_NAMES[new_kind]} ({new_mode})" if train_spec else ""), work)
+    st.rerun()
+
+
+def live() -> None:
+    current = background_run(RUN_KEY)
+    if current is None:
+        return
+    job = None
+    if current.result is not None and current.result.get("job_id"):
+        try:
+            job = jobs.job_state(jobs.job_folder(ws, current.result["job_id"]))
+        except CRSError:
+            job = None
+    polling = current.running or (job is not None and not job.finished)
+    with st.container(border=True):
+        st.markdown("#### Augmentation run")
+        st.text(current.label)
+        share = current.done / current.total if current.total else 0.0
+        phase = "retrieving candidates" if share < 0.3 else "scoring" if share < 0.95 else "storing labels"
+        if current.running:
+            st.progress(min(1.0, share), text=f"Augmentation: {phase} — {share:.0%}")
+            if st.button("Stop", key="aug_stop", icon=":material/stop:", disabled=current.stop.is_set()):
+                current.stop.set()
+            if current.stop.is_set():
+                st.caption("Stopping… nothing is stored by a stopped augmentation; teacher replies stay cached.")
+        elif current.error is not None:
+            show_error(current.error)
+            st.caption("Start it again to resume: cached teacher replies are reused.")
+        elif current.result is not None:
+            rep = current.result["report"]
+            st.success(f"Stored {rep.labels_kept:,} augmented labels ({rep.dataset}, {rep.scorer}).")
+            st.code("\n".join(rep.lines()), language=None)
+        if job is not None:
+            st.progress(job.fraction, text=f"Training job {job.job_id}: {job.describe()}")
+            st.page_link("pages/training.py", label="Loss curve, log and evaluation on the Training page",
+                         icon=":material/arrow_forward:")
+    if st.session_state.get("aug_was_polling") and not polling:
+        st.session_state["aug_was_polling"] = False
+        st.rerun(scope="app")  # the labels below changed; polling can stop
+    st.session_state["aug_was_polling"] = polling
+
+
+st.fragment(live, run_every=1.0 if busy or st.session_state.get("aug_was_polling") else None)()
+if run is not None and run.result is not None and run.result.get("job_id"):
+    st.session_state.setdefault("tr_job", run.result["job_id"])  # the Training page opens on it
+
 labels = cached(views.augmented_counts)
 if labels.empty:
-    needs("No augmented labels yet. Run the augmentation step from a terminal, e.g. "
-          "`python -m crs_core augment inspired_train --scorer similarity` (no LLM) or `--scorer distilled` "
-          "(the teacher scores a sample, a small head the rest). It works on training dialogue sets and "
-          "on reviewed synthetic dialogues (`synthetic`).", "pages/review.py", "Review")
-    turns = cached(views.dialogue_datasets)
-    turns = turns[~turns["dataset"].str.endswith("_test")]  # test sets are never augmented
-    if len(turns):
-        st.caption("Training dialogue datasets in this workspace (candidates for augmentation):")
-        st.dataframe(turns, hide_index=True, width="stretch")
+    st.caption("No augmented labels in this workspace yet: run the augmentation above "
+               "(or `python -m crs_core augment` from a terminal).")
     st.stop()
 
 m = st.columns(3)
@@ -86,7 +190,6 @@ st.subheader("Train with these labels")
 st.write("Two-stage (FNSCRS): stage 1 pre-trains on real + augmented labels, stage 2 fine-tunes on the real "
          "labels with cross-entropy + α · KL(model ‖ stage-1 soft labels). Mixed: one run on real + augmented. "
          "The job runs in the background; follow it on the Training page.")
-train_sets = [d for d in cached(views.dialogue_datasets)["dataset"].tolist() if not d.endswith("_test")]
 with st.form("aug_train_form", border=True):
     f1, f2, f3 = st.columns(3)
     kind = f1.selectbox("Model", [train.KIND_RETRIEVER, train.KIND_SFT], key="aug_kind",

@@ -413,6 +413,102 @@ def test_training_page_evaluates_a_finished_retriever_in_one_click(monkeypatch, 
     assert model.startswith("dense-retriever:")
 
 
+def _augment_page(monkeypatch, tmp_path):
+    """The Augmentation page on test_augment's small workspace (40 films with plots, INSPIRED-style
+    training turns): MiniLM retrieval over 41 items instead of the whole catalog."""
+    from test_augment import build_workspace
+
+    path = tmp_path / "aug.duckdb"
+    build_workspace(path).close()
+    return path, open_page(monkeypatch, path, "pages/augmentation.py")
+
+
+def test_augmentation_page_runs_augmentation_then_two_stage_training(monkeypatch, tmp_path):
+    from crs_core import jobs
+
+    from pages import _shared
+
+    path, at = _augment_page(monkeypatch, tmp_path)
+    assert not any("python -m crs_core augment" in i.value for i in at.info), "a button, not a command"
+    at.selectbox(key="aug_new_dataset").set_value("inspired_train")
+    at.selectbox(key="aug_new_scorer").set_value("similarity")
+    at.number_input(key="aug_new_threshold").set_value(3.0)
+    at.selectbox(key="aug_new_kind").set_value("train_retriever")
+    at.selectbox(key="aug_new_mode").set_value("two_stage")
+    at.number_input(key="aug_new_alpha").set_value(0.5)
+    at.number_input(key="aug_new_max_steps").set_value(1)
+    at.button(key="aug_start").click().run()
+    assert_clean(at)
+    run = _shared.background_run(f"augment:{path.resolve()}")
+    assert run is not None
+    run.thread.join(300)
+    assert run.error is None, run.error
+    at.run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    rep, job_id = run.result["report"], run.result["job_id"]
+    assert any(f"Stored {rep.labels_kept:,} augmented labels (inspired_train, similarity)" in s.value
+               for s in at.success)
+    assert {m.label: m.value for m in at.metric}["Labels added"] == f"{rep.labels_kept:,}"  # the stored run's view
+    with Workspace(path) as w:
+        stored = w.scalar("SELECT count(*) FROM augmented_labels WHERE dataset = 'inspired_train' "
+                          "AND scorer = 'similarity'")
+        folder = jobs.job_folder(w, job_id)
+    assert stored == rep.labels_kept > 0
+    try:
+        config = jobs.job_state(folder).config
+        assert (config["labels"], config["alpha"], config["augmentation"]) == \
+            ("two_stage", 0.5, "inspired_train:similarity")
+        assert any(f"Training job {job_id}" in p.proto.text for p in at.get("progress"))
+    finally:
+        jobs.cancel_job(folder, grace_seconds=60, wait=True)
+
+
+def test_augmentation_page_stops_and_resumes_without_paying_a_call_twice(monkeypatch, tmp_path):
+    from openai_stub_server import OpenAIStubServer
+    from test_augment import StubTeacherReply
+
+    import time
+
+    from pages import _shared
+
+    with OpenAIStubServer(reply=StubTeacherReply(), latency=0.3) as stub:
+        monkeypatch.setenv("CRS_TEACHER_BASE_URL", stub.base_url)
+        monkeypatch.setenv("CRS_TEACHER_MODEL", "gpt-4o-mini")
+        path, at = _augment_page(monkeypatch, tmp_path)
+        at.selectbox(key="aug_new_scorer").set_value("teacher")
+        at.checkbox(key="aug_new_train").uncheck()
+        at.button(key="aug_start").click().run()
+        run = _shared.background_run(f"augment:{path.resolve()}")
+        deadline = time.monotonic() + 120
+        while stub.chat_requests < 3:
+            assert time.monotonic() < deadline and run.running, run.error
+            time.sleep(0.1)
+        at.run()
+        assert_clean(at)
+        at.button(key="aug_stop").click().run()
+        assert_clean(at)
+        run.thread.join(120)
+        paid_before = stub.chat_requests
+        at.run()
+        assert_clean(at)
+        assert at.error and "nothing" in at.error[0].value.lower(), "a stopped augmentation says what it kept"
+        with Workspace(path) as w:
+            assert w.count("augmented_labels") == 0
+        assert at.button(key="aug_start").label == "Resume augmentation"
+        at.button(key="aug_start").click().run()
+        run = _shared.background_run(f"augment:{path.resolve()}")
+        run.thread.join(300)
+        assert run.error is None, run.error
+        at.run()
+        assert_clean(at)
+        rep = run.result["report"]
+        assert rep.teacher["cached_hits"] > 0, rep.teacher  # the replies of the stopped run, from the cache
+        assert stub.chat_requests == paid_before + rep.teacher["calls"] - rep.teacher["cached_hits"]
+    with Workspace(path) as w:
+        assert w.count("augmented_labels") == rep.labels_kept > 0
+
+
 def test_evaluation_budget_curves_empty_state_gives_the_command(monkeypatch, studio_workspace):
     at = open_page(monkeypatch, studio_workspace, "pages/evaluation.py")
     assert any("python -m crs_core budget-curve" in i.value for i in at.info)
