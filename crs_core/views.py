@@ -321,6 +321,26 @@ def synthesis_stats(ws: Workspace) -> dict[str, Any]:
             "cost": float(row[3]), "queries": ws.count("synthetic_queries")}
 
 
+def synthesis_counters(ws: Workspace, selection_id: str | None, k_queries: int = 1,
+                       items_limit: int | None = None) -> dict[str, Any]:
+    """Every counter of the Synthesis page, read in one transaction (one snapshot of the
+    workspace, so the plan's "stored" and the workspace's "synthetic queries" agree with each
+    other and with what a run has committed, even while the run commits): the plan (items,
+    planned, stored; see synth.synthesis_progress) and the workspace totals of `synthesis_stats`."""
+    from .synth import synthesis_progress
+
+    cur = ws.cursor()  # this thread's cursor: every read below sees one snapshot of the workspace
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        out: dict[str, Any] = dict(synthesis_stats(ws))
+        if selection_id is not None:
+            plan = synthesis_progress(ws, selection_id, int(k_queries), items_limit)
+            out.update(items=plan["items"], planned=plan["planned"], stored=plan["done"])
+    finally:
+        cur.execute("ROLLBACK")  # nothing was written
+    return out
+
+
 def augmented_counts(ws: Workspace) -> pd.DataFrame:
     return ws.df("SELECT dataset, scorer, count(*) AS labels, count(DISTINCT turn_id) AS turns, "
                  "avg(score) AS mean_score FROM augmented_labels GROUP BY ALL ORDER BY dataset, scorer")

@@ -122,19 +122,12 @@ with st.container(border=True):
     max_cost = c6.number_input("Budget: max cost in $ (0 = no limit)", 0.0, 10_000.0, 0.0, step=0.5, key="syn_max_cost")
     dedup = st.checkbox("Flag near-duplicate queries with embeddings (loads the MiniLM encoder)", True,
                         key="syn_dedup", help="Off: only exact duplicates are detected.")
-    try:
-        state = synth.synthesis_progress(ws, selection_id, int(k_queries), int(items_limit) or None)
-        st.progress(state["done"] / state["planned"] if state["planned"] else 0.0,
-                    text=f"{state['done']:,} of {state['planned']:,} queries of this plan already stored "
-                         f"({state['items']:,} items)")
-        show_time_estimate(config, gt_mode, state["planned"] - state["done"])
-    except CRSError as exc:
-        show_error(exc)
 
-busy = run is not None and run.running
-start = st.button("Resume synthesis" if not busy and run is not None else "Start synthesis", type="primary",
-                  key="syn_start", disabled=busy or config is None, icon=":material/play_arrow:")
-if start and config is not None:
+plan = (selection_id, int(k_queries), int(items_limit) or None)
+
+
+def start_run() -> None:
+    """Start (or resume) the run of this plan in a background thread of the studio."""
     budget = Budget(max_calls=int(max_calls) or None, max_cost=float(max_cost) or None)
     try:
         teacher = Teacher(config, cache=ws)
@@ -150,23 +143,56 @@ if start and config is not None:
             finally:
                 teacher.close()
 
-        run = start_background(RUN_KEY, f"{selection_id} ({gt_mode}, K={k_queries})", work, {"teacher": teacher})
-        st.rerun()
+        start_background(RUN_KEY, f"{selection_id} ({gt_mode}, K={k_queries})", work,
+                         {"teacher": teacher, "plan": plan})
+        st.rerun(scope="app")
 
 
-def live() -> None:
+def status() -> None:
+    """Every counter of the page, from one read of the workspace per refresh (views.synthesis_counters)
+    and the run's own progress: the plan's "stored", the run's "stored" and the workspace's
+    "Synthetic queries" are the same committed rows, so they agree at every refresh (a fragment
+    polling once a second while a run goes)."""
     current = background_run(RUN_KEY)
-    if current is None:
+    running = current is not None and current.running
+    run_plan = current.extra.get("plan", plan) if current is not None else plan
+    processed = current.done if current is not None else 0  # read before the rows: stored <= processed
+    try:
+        counters = views.synthesis_counters(ws, *plan)
+        run_counters = counters if run_plan == plan else views.synthesis_counters(ws, *run_plan)
+    except CRSError as exc:
+        show_error(exc)
         return
-    if st.session_state.get("syn_was_running") and not current.running:
+    st.progress(counters["stored"] / counters["planned"] if counters["planned"] else 0.0,
+                text=f"{counters['stored']:,} of {counters['planned']:,} queries of this plan stored "
+                     f"({counters['items']:,} items)")
+    if not running:
+        show_time_estimate(config, gt_mode, counters["planned"] - counters["stored"])
+    if st.button("Resume synthesis" if not running and current is not None else "Start synthesis", type="primary",
+                 key="syn_start", disabled=running or config is None, icon=":material/play_arrow:") and config is not None:
+        start_run()
+    if current is not None:
+        live(current, run_counters, max(processed, run_counters["stored"]))
+    if st.session_state.get("syn_was_running") and not running:
         st.session_state["syn_was_running"] = False
-        st.rerun()  # the whole page: counts changed and polling can stop
-    st.session_state["syn_was_running"] = current.running
+        st.rerun(scope="app")  # the whole page: polling can stop
+    st.session_state["syn_was_running"] = running
+    st.subheader("In this workspace")
+    m = st.columns(4)
+    m[0].metric("Synthetic queries", f"{counters['queries']:,}")
+    m[1].metric("Teacher calls (cached)", f"{counters['llm_calls']:,}")
+    m[2].metric("Tokens", f"{counters['prompt_tokens'] + counters['completion_tokens']:,}")
+    m[3].metric("Spent", f"${counters['cost']:.4f}")
+
+
+def live(current, counters: dict, processed: int) -> None:
     with st.container(border=True):
         st.markdown("#### Run")
         st.text(current.label)
-        share = current.done / current.total if current.total else 0.0
-        st.progress(min(1.0, share), text=f"{current.done:,} / {current.total:,} queries")
+        planned = counters["planned"]
+        st.progress(min(1.0, counters["stored"] / planned) if planned else 0.0,
+                    text=f"{counters['stored']:,} / {planned:,} queries stored · {processed:,} processed "
+                         "(a refused reply or a failure is processed, not stored)")
         teacher = current.extra.get("teacher")
         if teacher is not None:
             tally = teacher.tally()
@@ -195,12 +221,4 @@ def live() -> None:
             st.page_link("pages/review.py", label="Review the new dialogues", icon=":material/rate_review:")
 
 
-st.fragment(live, run_every=1.0 if run is not None and run.running else None)()
-
-stats = cached(views.synthesis_stats)
-st.subheader("In this workspace")
-m = st.columns(4)
-m[0].metric("Synthetic queries", f"{stats['queries']:,}")
-m[1].metric("Teacher calls (cached)", f"{stats['llm_calls']:,}")
-m[2].metric("Tokens", f"{stats['prompt_tokens'] + stats['completion_tokens']:,}")
-m[3].metric("Spent", f"${stats['cost']:.4f}")
+st.fragment(status, run_every=1.0 if run is not None and run.running else None)()

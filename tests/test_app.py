@@ -293,6 +293,74 @@ def test_synthesis_runs_in_the_background_against_an_openai_compatible_endpoint(
     assert leaked == 0
 
 
+def test_synthesis_page_counters_agree_with_the_workspace_at_every_poll(monkeypatch, own_workspace):
+    """While a run stores queries, every refresh of the page shows one state of the workspace:
+    the plan's "stored", the run's "stored" and "Synthetic queries" move together, and none is
+    behind what was committed before the refresh (issue 17: "1 / 20" beside "0 stored")."""
+    import re
+    import time
+
+    from openai_stub_server import OpenAIStubServer
+
+    from pages import _shared
+
+    with Workspace(own_workspace) as ws:
+        titles = ws.df("SELECT title, year FROM items WHERE year IS NOT NULL AND item_id IN "
+                       "(SELECT item_id FROM reviews) ORDER BY item_id LIMIT 8")
+        others = ws.count("synthetic_queries")
+    listing = "\n".join(f"{n}. {t} ({int(y)})" for n, (t, y) in enumerate(zip(titles["title"], titles["year"]), 1))
+    counter = iter(range(10_000))
+
+    def reply(messages):
+        if messages[-1]["content"].startswith("Pretend you are a movie recommender system"):
+            return listing
+        return f"Can you recommend a quiet old comedy with physical gags and a sweet ending, take {next(counter)}?"
+
+    def shown(at):
+        bars = [p.proto.text for p in at.get("progress")]
+        plan = next(re.search(r"([\d,]+) of ([\d,]+) queries of this plan stored", b) for b in bars
+                    if "of this plan stored" in b)
+        metric = {m.label: m.value for m in at.metric}["Synthetic queries"]
+        run = next((re.search(r"([\d,]+) / ([\d,]+) queries stored · ([\d,]+) processed", b) for b in bars
+                    if "processed" in b), None)
+        num = lambda v: int(v.replace(",", ""))  # noqa: E731
+        return (num(plan[1]), num(plan[2]), num(metric), None if run is None else tuple(map(num, run.groups())))
+
+    def stored_now():
+        with Workspace(own_workspace) as ws:
+            return ws.count("synthetic_queries")
+
+    with OpenAIStubServer(reply=reply, latency=0.4) as stub:
+        at = open_page(monkeypatch, own_workspace, "pages/synthesis.py")
+        at.radio(key="syn_provider").set_value("openai").run()
+        at.text_input(key="syn_base_url").set_value(stub.base_url)
+        at.text_input(key="syn_api_key").set_value("sk-test-counters")
+        at.number_input(key="syn_items").set_value(0)  # the whole selection: its 5 items
+        at.selectbox(key="syn_gt_mode").set_value("llm")
+        at.checkbox(key="syn_dedup").uncheck()
+        at.run()
+        stored, planned, total, _ = shown(at)
+        assert (stored, total) == (0, others) and planned == 5
+        at.button(key="syn_start").click().run()
+        run = _shared.background_run(f"synthesis:{own_workspace.resolve()}")
+        polls = []
+        while True:
+            before = stored_now()
+            finished = not run.running
+            at.run()
+            assert_clean(at)
+            after = stored_now()
+            stored, planned, total, in_run = shown(at)
+            assert total == others + stored and before <= total <= after, (before, total, after)
+            assert in_run is not None and in_run[0] == stored and in_run[1] == planned and in_run[2] >= stored
+            polls.append(stored)
+            if finished:
+                break
+            time.sleep(0.3)
+    assert run.error is None, run.error
+    assert polls[-1] == 5 and len(set(polls)) >= 2, polls  # seen while it ran, and at the end
+
+
 def _launch_fake_job(monkeypatch, path, **config):
     from crs_core import jobs
 
