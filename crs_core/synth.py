@@ -860,7 +860,7 @@ def parse_choice_reply(text: str, candidates: Sequence[str], limit: int = N_GROU
                 entries.append(("title", m.group(2)))
             elif m:
                 entries.append(("num", int(m.group(1))))
-            elif _MARKER.match(line):
+            elif _MARKER.match(line) or len(line.split()) <= 12:  # a bulleted or bare title
                 entries.append(("title", line))
     picks: list[int] = []
     seen: set[int] = set()

@@ -862,6 +862,7 @@ CHOICES = [
     ("text numbers", "I pick 2, 3 and 5", [], {}),
     ("comma line", "2, 3 and 5", [1, 2, 4], {}),
     ("numbered titles: titles win", "1. Fargo (1996)\n2. Heat (1995)\n3. The Crimson Ledger (2004)", [4, 0], {"off_list": 1}),
+    ("bare title lines", "The Town\n- Ronin (1998)\nA Film Not Listed", [2, 1], {"off_list": 1}),
     ("prose", "Sorry, none of these fit.", [], {}),
     ("empty", "", [], {}),
     ("injection", "HACKED", [], {}),
