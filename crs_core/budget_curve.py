@@ -45,8 +45,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -78,16 +79,19 @@ class BudgetCurveReport:
     errors: dict[str, str] = field(default_factory=dict)       # strategy -> why it has no new points
     notes: list[str] = field(default_factory=list)
     points: pd.DataFrame = field(default_factory=pd.DataFrame)
+    stopped: bool = False             # stopped by the caller; the stored points are kept
 
     @property
     def complete(self) -> bool:
-        return not self.errors
+        return not self.errors and not self.stopped
 
     def lines(self, metrics: Sequence[str] = CHART_METRICS) -> list[str]:
         out = [f"experiment {self.experiment_id}: {self.computed} point(s) computed now, {self.reused} reused; "
                f"teacher: {self.teacher_calls} calls, {self.cached_calls} cached"]
         out.append(points_table(self.points, metrics))
         out += [f"{s}: no new points: {e}" for s, e in self.errors.items()]
+        if self.stopped:
+            out.append("stopped before the end: the points above are stored; run it again to resume")
         return out + self.notes
 
 
@@ -251,6 +255,8 @@ def run_budget_curve(
     store_runs: bool = False,
     encoder: Any = None,
     progress: ProgressFn | None = None,
+    stop: threading.Event | None = None,
+    on_experiment: Callable[[str], None] | None = None,
 ) -> BudgetCurveReport:
     """Run (or resume) a budget-curve experiment; see the module docstring.
 
@@ -258,6 +264,9 @@ def run_budget_curve(
     also store every (strategy, budget) as a run (`crs_core.evaluate.store_run`), so it can be
     compared with other runs; off by default (one experiment is dozens of runs).
     `encoder`: for retrieval ground truth and NBCRS (None: the project's MiniLM).
+    `stop`: when set, the run ends after the point (or the synthesis request) in progress; the
+    points stored so far are kept and a rerun resumes (`report.stopped`). `on_experiment(id)`
+    is called once the experiment is recorded, before any point (a UI follows its points).
     """
     from .evaluate import evaluate, store_run
     from .recommenders import NBCRS, Catalog, RecommenderError, default_encoder, training_set_from_synthetic
@@ -282,6 +291,8 @@ def run_budget_curve(
     with ws.transaction() as cur:
         cur.execute("INSERT OR IGNORE INTO budget_curve_experiments (experiment_id, params) VALUES (?, ?)",
                     [exp_id, json.dumps(params, sort_keys=True)])
+    if on_experiment is not None:
+        on_experiment(exp_id)
 
     memo = _MemoEncoder(ws, base_encoder)
     catalog: Catalog | None = None
@@ -289,6 +300,9 @@ def run_budget_curve(
     n = len(strategies)
     report(progress, 0, 1000)
     for s_idx, strategy in enumerate(strategies):
+        if stop is not None and stop.is_set():
+            rep.stopped = True
+            break
         step = scaled(progress, s_idx / n, (s_idx + 1) / n)
         done = _done_points(ws, exp_id, strategy)
         todo = [b for b in budgets if any((b, d) not in done for d in datasets)]
@@ -309,10 +323,13 @@ def run_budget_curve(
         # 2. one synthesis over the items of the largest budget needed now
         syn = run_synthesis(ws, sel_id, teacher, k_queries=queries_per_item, gt_mode=gt_mode,
                             items_limit=len(items_upto[b_max]), seed=seed, encoder=encoder,
-                            progress=scaled(step, 0.1, 0.7))
+                            progress=scaled(step, 0.1, 0.7), stop_event=stop)
         rep.teacher_calls += syn.calls
         rep.cached_calls += syn.cached_hits
         if not syn.complete:
+            if stop is not None and stop.is_set():
+                rep.stopped = True
+                break
             why = syn.stopped or f"{syn.failed} synthesis unit(s) failed ({'; '.join(syn.errors[:2])})"
             rep.errors[strategy] = f"synthesis of {sel_id} is incomplete: {why}; rerun to resume"
             continue
@@ -326,6 +343,9 @@ def run_budget_curve(
         if catalog is None:
             catalog = Catalog.from_workspace(ws)
         for b_idx, budget in enumerate(todo):
+            if stop is not None and stop.is_set():
+                rep.stopped = True
+                break
             point_step = scaled(step, 0.7 + 0.3 * b_idx / len(todo), 0.7 + 0.3 * (b_idx + 1) / len(todo))
             wanted = set(items_upto[budget])
             examples = [e for e in train_all.examples if item_of_query.get(e.example_id) in wanted]
@@ -358,7 +378,8 @@ def run_budget_curve(
                     "stderr, n_turns, n_train, teacher, gt_mode, selection_id, run_id) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             rep.computed += 1
-    report(progress, 1000, 1000)
+    if not rep.stopped:
+        report(progress, 1000, 1000)
     rep.points = budget_curve_frame(ws, exp_id, strategies=strategies, budgets=budgets, datasets=datasets)
     return rep
 

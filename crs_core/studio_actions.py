@@ -96,3 +96,57 @@ def augment_then_train(ws: Any, dataset: str, scorer: str, *, teacher_config: An
         out.update(job_id=job_id, info=info)
     report(progress, 1000, 1000)
     return out
+
+
+# -- budget curves ---------------------------------------------------------------------------------
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'10, 25 50' -> [10, 25, 50] (distinct, in order); a clear error for anything else."""
+    import re
+
+    values: list[int] = []
+    for token in re.split(r"[\s,;]+", str(text or "").strip()):
+        if not token:
+            continue
+        if not re.fullmatch(r"\d+", token):
+            raise CRSError(f"{what}: {token!r} is not a whole number (give e.g. 10, 25, 50)")
+        if int(token) not in values:
+            values.append(int(token))
+    if not values:
+        raise CRSError(f"{what}: give at least one number")
+    return values
+
+
+def run_budget_curves(ws: Any, *, strategies: Sequence[str], budgets: Sequence[int], seeds: Sequence[int] = (0,),
+                      datasets: Sequence[str], turn_sample: int | None = None, gt_mode: str = "retrieve",
+                      teacher_config: Any = None, progress: ProgressFn | None = None,
+                      stop: threading.Event | None = None, follow: dict | None = None) -> list[Any]:
+    """One budget-curve experiment per seed (`budget_curve.run_budget_curve`, as `python -m crs_core
+    budget-curve`), one after the other; every point is stored when it is evaluated, so a chart
+    that reads the experiment shows it at once. `follow` (a dict) gets "experiment" set to the
+    experiment that is running (and "experiments", all of them so far). teacher_config: the
+    synthesis teacher (None: $CRS_TEACHER_BASE_URL or the local teacher). A stopped run keeps its
+    points; started again with the same settings it resumes. Returns the reports."""
+    from .budget_curve import run_budget_curve
+    from .teacher import Teacher, TeacherConfig
+
+    follow = follow if follow is not None else {}
+    follow.setdefault("experiments", [])
+
+    def started(exp_id: str) -> None:
+        follow["experiment"] = exp_id
+        if exp_id not in follow["experiments"]:
+            follow["experiments"].append(exp_id)
+
+    reports = []
+    n = len(seeds)
+    with Teacher(teacher_config or TeacherConfig.from_env(), cache=ws) as teacher:
+        for i, seed in enumerate(seeds):
+            if stop is not None and stop.is_set():
+                break
+            rep = run_budget_curve(ws, teacher, strategies=list(strategies), budgets=list(budgets),
+                                   datasets=list(datasets), turn_sample=turn_sample, seed=int(seed), gt_mode=gt_mode,
+                                   progress=scaled(progress, i / n, (i + 1) / n), stop=stop, on_experiment=started)
+            reports.append(rep)
+            if rep.stopped:
+                break
+    return reports

@@ -1,12 +1,16 @@
 """Evaluation: Recall@k / NDCG@k of runs side by side (error bars = standard errors), budget
 curves per selection strategy, and a per-turn drill-down of a fresh evaluation."""
 
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from crs_core import budget_curve, evaluate, model_eval, recommenders, train, views
+from crs_core import budget_curve, evaluate, model_eval, recommenders, studio_actions, train, views
 from crs_core.errors import CRSError
-from pages._shared import StreamlitProgress, cached, ensure_navigation, needs, show_error, workspace
+from crs_core.select import STRATEGIES
+from crs_core.teacher import TeacherConfig
+from pages._shared import (StreamlitProgress, background_run, cached, ensure_navigation, needs, show_error,
+                           start_background, workspace)
 
 ensure_navigation()
 
@@ -56,12 +60,108 @@ else:
         st.plotly_chart(fig, key="ev_curves")
 
 st.subheader("Budget curves")
+BC_KEY = f"budget-curve:{ws.path}"
+bc_run = background_run(BC_KEY)
+bc_busy = bc_run is not None and bc_run.running
+
+
+def budget_curve_figure(points, dataset: str, title: str):
+    shown = points[points["dataset"] == dataset]
+    fig = px.line(shown, x="budget", y="value", color="strategy", facet_col="metric", error_y="stderr",
+                  markers=True, hover_data=["n_train", "n_turns", "selection_id"],
+                  labels={"budget": "budget B (picks)", "value": ""}, title=title)
+    fig.update_yaxes(matches=None, showticklabels=True)
+    fig.update_layout(height=420, legend_title_text="", margin={"t": 60, "b": 10})
+    return fig, shown
+
+
+with st.form("ev_bc_form", border=True):
+    st.markdown("#### Run a budget curve")
+    st.caption("Per strategy: select once with the largest budget, synthesise queries for the picks, then for "
+               "each budget B train NBCRS on the queries of the first B picks and evaluate it. Each point is "
+               "stored when it is done and appears on the chart; a stopped run resumes where it stopped.")
+    f1, f2 = st.columns(2)
+    bc_strategies = f1.multiselect("Strategies", list(STRATEGIES), ["RANDOM_UNIFORM", "JS"], key="ev_bc_strategies")
+    bc_tests = f2.multiselect("Test sets", tests, [t for t in tests if t == "inspired_test"] or tests[:1],
+                              key="ev_bc_tests")
+    f3, f4, f5, f6 = st.columns(4)
+    bc_budgets = f3.text_input("Budgets B", "10, 25, 50", key="ev_bc_budgets", help="Picks per point, e.g. 10, 25, 50.")
+    bc_seeds = f4.text_input("Seeds", "0", key="ev_bc_seeds", help="One experiment per seed, e.g. 0, 1, 2.")
+    bc_sample = f5.number_input("Turns per test set (0 = all)", 0, 100_000, 200, key="ev_bc_sample")
+    bc_gt = f6.selectbox("Ground truth", ["retrieve", "choose", "llm", "retrieve+llm"], key="ev_bc_gt",
+                         help="retrieve: catalog retrieval (the teacher only writes the queries).")
+    bc_start = st.form_submit_button("Resume budget curve" if bc_run is not None and not bc_busy
+                                     and bc_run.result and not bc_run.result[-1].complete else "Run budget curve",
+                                     type="primary", icon=":material/show_chart:", key="ev_bc_start",
+                                     disabled=bc_busy or not tests)
+teacher_cfg = TeacherConfig.from_env()
+st.caption("Teacher for the queries: " + (f"{teacher_cfg.model} at {teacher_cfg.base_url} ($CRS_TEACHER_BASE_URL)"
+                                            if teacher_cfg.base_url else "the local llama.cpp teacher (offline)")
+           + ". Same as `python -m crs_core budget-curve`; teacher replies are cached in the workspace.")
+if bc_start and not bc_busy:
+    try:
+        budgets_list = studio_actions.parse_int_list(bc_budgets, "Budgets")
+        seeds_list = studio_actions.parse_int_list(bc_seeds, "Seeds")
+        if not bc_strategies or not bc_tests:
+            raise CRSError("Pick at least one strategy and one test set.")
+    except CRSError as exc:
+        show_error(exc)
+    else:
+        follow = {"experiments": []}  # filled by the run (a non-empty dict: BackgroundRun keeps it as extra)
+
+        def bc_work(progress, stop, follow=follow, strategies=tuple(bc_strategies), budgets=tuple(budgets_list),
+                    seeds=tuple(seeds_list), datasets=tuple(bc_tests), sample=int(bc_sample) or None, gt=bc_gt):
+            return studio_actions.run_budget_curves(ws, strategies=strategies, budgets=budgets, seeds=seeds,
+                                                    datasets=datasets, turn_sample=sample, gt_mode=gt,
+                                                    progress=progress, stop=stop, follow=follow)
+
+        start_background(BC_KEY, f"{', '.join(bc_strategies)} · B = {', '.join(map(str, budgets_list))} · seeds "
+                         f"{', '.join(map(str, seeds_list))} · {', '.join(bc_tests)}", bc_work, follow)
+        st.rerun()
+
+
+def budget_curve_run() -> None:
+    """The running (or last) budget-curve run: progress, stop, and its points as they are stored."""
+    current = background_run(BC_KEY)
+    if current is None:
+        return
+    with st.container(border=True):
+        st.markdown("#### Budget-curve run")
+        st.text(current.label)
+        exp_id = current.extra.get("experiment")
+        points = budget_curve.budget_curve_frame(ws, exp_id, metrics=budget_curve.CHART_METRICS) if exp_id else None
+        n_points = 0 if points is None else points[["strategy", "budget"]].drop_duplicates().shape[0]
+        if current.running:
+            share = current.done / current.total if current.total else 0.0
+            st.progress(min(1.0, share), text=f"{share:.0%} · {n_points} point(s) stored in {exp_id or '…'}")
+            if st.button("Stop", key="ev_bc_stop", icon=":material/stop:", disabled=current.stop.is_set()):
+                current.stop.set()
+            if current.stop.is_set():
+                st.caption("Stopping after the point in progress; stored points are kept.")
+        elif current.error is not None:
+            show_error(current.error)
+        elif current.result is not None:
+            done = all(r.complete for r in current.result)
+            (st.success if done else st.warning)("Finished." if done else "Stopped or incomplete: run it again "
+                                                 "with the same settings to resume.")
+            st.code("\n\n".join("\n".join(r.lines()) for r in current.result), language=None)
+        if points is not None and not points.empty:
+            for ds in sorted(points["dataset"].unique()):
+                fig, _ = budget_curve_figure(points, ds, f"{exp_id} on {ds} (points as they are stored)")
+                st.plotly_chart(fig, key=f"ev_bc_live_{ds}")
+    if st.session_state.get("ev_bc_was_running") and not current.running:
+        st.session_state["ev_bc_was_running"] = False
+        st.rerun(scope="app")  # the stored experiments below include it now
+    st.session_state["ev_bc_was_running"] = current.running
+
+
+st.fragment(budget_curve_run, run_every=1.0 if bc_busy else None)()
+
 experiments = cached(budget_curve.list_experiments)
 experiments = experiments[experiments["n_points"] > 0]
 if experiments.empty:
-    needs("No budget-curve experiment yet. It selects with each strategy, synthesises queries for the picks, "
-          "trains NBCRS on the first B picks and evaluates every budget B. Run it from the command line, e.g. "
-          "`python -m crs_core budget-curve --budgets 10 25 50 100 --turn-sample 500`.")
+    st.caption("No budget-curve experiment stored yet: run one above "
+               "(or `python -m crs_core budget-curve --budgets 10 25 50 100 --turn-sample 500` from a terminal).")
 else:
     c1, c2 = st.columns([0.5, 0.5])
     params = dict(zip(experiments["experiment_id"], experiments["params"]))
@@ -69,13 +169,8 @@ else:
                               format_func=lambda e: f"{e} — {budget_curve.describe_params(params[e])}")
     points = cached(budget_curve.budget_curve_frame, experiment, metrics=budget_curve.CHART_METRICS)
     bc_dataset = c2.selectbox("Test set", sorted(points["dataset"].unique()), key="ev_bc_dataset")
-    shown = points[points["dataset"] == bc_dataset]
-    fig = px.line(shown, x="budget", y="value", color="strategy", facet_col="metric", error_y="stderr",
-                  markers=True, hover_data=["n_train", "n_turns", "selection_id"],
-                  labels={"budget": "budget B (picks)", "value": ""},
-                  title=f"Recall@5 and NDCG@5 vs budget on {bc_dataset} (NBCRS trained on the first B picks)")
-    fig.update_yaxes(matches=None, showticklabels=True)
-    fig.update_layout(height=420, legend_title_text="", margin={"t": 60, "b": 10})
+    fig, shown = budget_curve_figure(points, bc_dataset, f"Recall@5 and NDCG@5 vs budget on {bc_dataset} "
+                                                         "(NBCRS trained on the first B picks)")
     st.plotly_chart(fig, key="ev_budget_curves")
     st.caption(f"{budget_curve.describe_params(params[experiment])}. Error bars: standard errors over "
                f"{int(shown['n_turns'].max())} test turns.")
@@ -119,10 +214,12 @@ if go:
                     meta["training_data"] = "synthetic[approved]"
                 meta["model"] = rec.name
         result = evaluate.evaluate(ws, rec, test, turn_sample=int(sample) or None, progress=bar)
+        run_id = None
         if store:
             run_id = evaluate.store_run(ws, meta, {test: result})
             st.success(f"Stored run {run_id}.")
         st.session_state["ev_result"] = result
+        st.session_state["ev_result_run"] = run_id  # charted once, as "this evaluation"
     except CRSError as exc:
         show_error(exc)
     finally:
@@ -133,6 +230,24 @@ if result is None:
     st.caption("Run an evaluation to browse its turns.")
     st.stop()
 st.dataframe(result.to_frame(), hide_index=True, width="stretch", key="ev_result_table")
+# this evaluation beside the stored runs on the same test set (Recall@k, standard errors)
+adhoc = views.results_frame({result.dataset: result}, f"{result.recommender} (this evaluation)")
+stored_runs = metrics[(metrics["dataset"] == result.dataset) & metrics["metric"].str.startswith("recall@")].copy() \
+    if not metrics.empty else metrics
+if not stored_runs.empty:
+    stored_runs = stored_runs[stored_runs["run_id"] != st.session_state.get("ev_result_run")]
+    picked = [r for r in st.session_state.get("ev_runs") or [] if r in set(stored_runs["run_id"])]
+    picked = picked or list(dict.fromkeys(stored_runs["run_id"]))[-3:]
+    stored_runs = stored_runs[stored_runs["run_id"].isin(picked)].assign(run=lambda f: f["run_id"])
+    stored_runs["k"] = stored_runs["metric"].str.split("@").str[1].astype(int)
+compare = pd.concat([adhoc[adhoc["family"] == "recall"][["run", "k", "value", "stderr", "n_turns"]],
+                     stored_runs[["run", "k", "value", "stderr", "n_turns"]] if not stored_runs.empty else None])
+fig = px.bar(compare.sort_values("k"), x="k", y="value", color="run", barmode="group", error_y="stderr",
+             hover_data=["n_turns"], labels={"value": "recall@k"},
+             title=f"Recall@k on {result.dataset}: this evaluation and stored runs")
+fig.update_xaxes(type="category")
+fig.update_layout(height=400, legend_title_text="", margin={"t": 50, "b": 10})
+st.plotly_chart(fig, key="ev_adhoc_bars")
 turns = result.turns_frame()
 hits_only = st.toggle("Only turns with a hit in the top 10", key="ev_hits_only")
 if hits_only:

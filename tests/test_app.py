@@ -245,6 +245,11 @@ def test_evaluation_drill_down(monkeypatch, own_workspace):
     assert not at.error, [e.value for e in at.error]
     turn = at.selectbox(key="ev_turn")
     assert turn.value is not None and len(turn.options) == 25
+    bars = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "this evaluation and stored runs" in c.proto.spec)
+    names = {t["name"] for t in bars["data"]}
+    assert names == {"popularity-interactions (this evaluation)", "test-popularity"}, names  # side by side
+    for trace in bars["data"]:
+        assert len(_plotly_array(trace["error_y"]["array"])) == 5  # Recall@1..50 with standard errors
 
 
 def test_synthesis_runs_in_the_background_against_an_openai_compatible_endpoint(monkeypatch, own_workspace):
@@ -577,10 +582,61 @@ def test_augmentation_page_stops_and_resumes_without_paying_a_call_twice(monkeyp
         assert w.count("augmented_labels") == rep.labels_kept > 0
 
 
-def test_evaluation_budget_curves_empty_state_gives_the_command(monkeypatch, studio_workspace):
+def test_evaluation_budget_curves_empty_state_offers_the_run(monkeypatch, studio_workspace):
     at = open_page(monkeypatch, studio_workspace, "pages/evaluation.py")
-    assert any("python -m crs_core budget-curve" in i.value for i in at.info)
-    assert "ev_budget_curves" not in [c.key for c in at.get("plotly_chart") if hasattr(c, "key")]
+    assert at.button(key="ev_bc_start").label == "Run budget curve"  # a button first, the command as a hint
+    assert any("python -m crs_core budget-curve" in c.value for c in at.caption)
+    assert not any("budget" in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_evaluation_page_runs_a_budget_curve_and_its_points_appear_as_they_finish(monkeypatch, own_workspace):
+    import time
+
+    from openai_stub_server import OpenAIStubServer
+
+    from pages import _shared
+
+    counter = iter(range(10_000))
+
+    def reply(messages):
+        if messages[-1]["content"].startswith("Pretend you are a movie recommender system"):
+            return "1. Toy Story (1995)\n2. Heat (1995)\n3. Alien (1979)"
+        return f"Any suggestion for a tense thriller with a clever plot twist, number {next(counter)}?"
+
+    def live_points(at):
+        charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart") if "points as they are stored" in c.proto.spec]
+        return {(t["name"], int(x)) for spec in charts for t in spec["data"] if t["xaxis"] == "x"
+                for x in _plotly_array(t["x"]).tolist()}
+
+    with OpenAIStubServer(reply=reply, latency=0.8) as stub:
+        monkeypatch.setenv("CRS_TEACHER_BASE_URL", stub.base_url)
+        at = open_page(monkeypatch, own_workspace, "pages/evaluation.py")
+        at.multiselect(key="ev_bc_strategies").set_value(["RANDOM_UNIFORM", "FISHER"])
+        at.multiselect(key="ev_bc_tests").set_value(["inspired_test"])
+        at.text_input(key="ev_bc_budgets").set_value("2, 3")
+        at.text_input(key="ev_bc_seeds").set_value("0")
+        at.number_input(key="ev_bc_sample").set_value(20)
+        at.selectbox(key="ev_bc_gt").set_value("llm")
+        at.button(key="ev_bc_start").click().run()
+        assert_clean(at)
+        run = _shared.background_run(f"budget-curve:{own_workspace.resolve()}")
+        assert run is not None
+        seen = []
+        while run.running:
+            at.run()
+            assert_clean(at)
+            seen.append(live_points(at))
+            time.sleep(0.2)
+        run.thread.join(5)
+    assert run.error is None, run.error
+    (rep,) = run.result
+    assert rep.complete and rep.computed == 4
+    assert any(0 < len(points) < 4 for points in seen), f"no point was seen before the end: {seen}"
+    at.run()
+    assert_clean(at)
+    assert live_points(at) == {(s, b) for s in ("RANDOM_UNIFORM", "FISHER") for b in (2, 3)}
+    assert at.selectbox(key="ev_bc_experiment").value == rep.experiment_id  # and among the stored ones
+    assert any("Finished." in s.value for s in at.success)
 
 
 def test_evaluation_draws_budget_curves_per_strategy(monkeypatch, own_workspace):

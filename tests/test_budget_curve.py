@@ -152,6 +152,38 @@ def test_a_teacher_budget_that_runs_out_stores_no_point_then_a_rerun_completes(w
     assert stub.chat_requests == 8  # 4 items x (query + list); the first run's 3 calls were cached
 
 
+def test_a_stopped_run_keeps_its_points_and_a_rerun_resumes(ws, stub):
+    """The studio's Stop: checked before every strategy and point and passed to the synthesis;
+    points stored before it are kept, and the same settings resume without paying a call twice."""
+    import threading
+
+    stop = threading.Event()
+    seen = []
+    with teacher_for(stub, ws) as teacher:
+        rep = run(ws, teacher, strategies=["RANDOM_UNIFORM"], budgets=[2], stop=stop,
+                  on_experiment=lambda exp: (seen.append(exp), stop.set()))
+    assert seen == [rep.experiment_id] and rep.stopped and not rep.complete
+    assert rep.computed == 0 and ws.count("budget_curve_points") == 0 and stub.chat_requests == 0
+    assert "run it again to resume" in "\n".join(rep.lines())
+
+    stop.clear()
+    with teacher_for(stub, ws) as teacher:  # stops during the second strategy's synthesis
+        def progress(done, total):
+            if ws.count("budget_curve_points") and stub.chat_requests > 4:
+                stop.set()
+        rep = run(ws, teacher, strategies=["RANDOM_UNIFORM", "FISHER"], budgets=[2], stop=stop, progress=progress)
+    assert rep.stopped and rep.computed == 1
+    kept = budget_curve_frame(ws, rep.experiment_id)[["strategy", "budget"]].drop_duplicates()
+    assert kept.values.tolist() == [["RANDOM_UNIFORM", 2]]
+    paid = stub.chat_requests
+    with teacher_for(stub, ws) as teacher:
+        again = run(ws, teacher, strategies=["RANDOM_UNIFORM", "FISHER"], budgets=[2])
+    assert again.complete and again.experiment_id == rep.experiment_id
+    assert again.reused == 1 and again.computed == 1
+    # only FISHER's second item is left (query + list): its first was stored before the stop
+    assert again.teacher_calls == stub.chat_requests - paid == 2
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"budgets": [0, 5]}, "positive whole numbers"),
     ({"budgets": [-3]}, "positive whole numbers"),
