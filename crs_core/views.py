@@ -187,6 +187,30 @@ def cluster_top_terms(ws: Workspace, clustering_id: str, n_terms: int = 8,
     return pd.DataFrame({"cluster": list(terms), "top_terms": [", ".join(t) for t in terms.values()]})
 
 
+def cluster_hover_lines(terms: pd.DataFrame | None) -> dict[Any, str]:
+    """cluster -> 'cluster N: word, word, …' for the map's hover labels (HTML-escaped, and '%'
+    doubled away from Plotly's hovertemplate syntax); {} without top terms."""
+    if terms is None or terms.empty:
+        return {}
+    out = {}
+    for cluster, words in zip(terms["cluster"], terms["top_terms"]):
+        text = (str(words).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                .replace("%", "&#37;").replace("{", "&#123;").replace("}", "&#125;"))
+        out[cluster] = f"<b>cluster {cluster}</b>: {text}"
+    return out
+
+
+def cluster_table(sizes: pd.DataFrame, terms: pd.DataFrame | None) -> pd.DataFrame:
+    """The Map's cluster table for a static, wrapping st.table: cluster, reviews, share as a
+    percentage, top terms in full (they were cut off in a narrow st.dataframe column)."""
+    table = sizes if terms is None else sizes.merge(terms, on="cluster", how="left")
+    table = table.rename(columns={"n": "reviews"}).copy()
+    table["share"] = [f"{v:.1%}" for v in table["share"]]
+    if "top_terms" in table:
+        table["top_terms"] = table["top_terms"].fillna("")
+    return table.set_index("cluster")
+
+
 def hover_texts(titles: Sequence[Any], years: Sequence[Any], snippets: Sequence[Any]) -> np.ndarray:
     """'Title (year)<br>snippet…' per point, the data HTML-escaped (Plotly renders a few tags in
     hover labels; data must show as text). Vectorised: the map has tens of thousands of points."""

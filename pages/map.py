@@ -42,17 +42,25 @@ n_mapped = int(mapped.set_index("set_id").loc[set_id, "n_projected"])
 points = cached(views.map_points, set_id, clustering, 160 if n_mapped <= 20_000 else 80)
 st.caption(f"{len(points):,} points. Hover for the review and its film; drag a box or lasso to inspect a region.")
 
+# a seeded sample of 3,000 texts: all 16.7k default reviews take ~15 s (the cold page's largest
+# cost) for words that a sample of ~150 texts per cluster finds as well
+terms = cached(views.cluster_top_terms, clustering, 8, 3000) if clustering else None
+cluster_lines = views.cluster_hover_lines(terms)
+
 fig = go.Figure()
 groups = [(None, points)] if clustering is None else list(points.groupby("cluster", dropna=False, sort=True))
 palette = cluster_palette(len(groups))
 for (cluster, frame), colour in zip(groups, palette):
-    # numpy arrays, not lists: Plotly validates a list element by element (seconds at 50k points)
+    # numpy arrays, not lists: Plotly validates a list element by element (seconds at 50k points);
+    # the cluster's top terms are one string per trace (its hovertemplate), not one per point
+    line = cluster_lines.get(cluster)
     fig.add_trace(go.Scattergl(
         x=frame["x"].to_numpy(), y=frame["y"].to_numpy(), mode="markers",
         customdata=frame["unit_id"].to_numpy(dtype=object),
         name="reviews" if cluster is None else f"cluster {cluster}",
         marker={"size": 4 if len(points) > 5000 else 6, "opacity": 0.6, "color": colour},
         hovertext=frame["hover"].to_numpy(dtype=object), hoverinfo="text",
+        hovertemplate=None if line is None else "%{hovertext}<br>" + line + "<extra></extra>",
     ))
 picks = cached(views.selection_picks, overlay, clustering).dropna(subset=["x"]) if overlay else None
 if picks is not None and picks.empty:
@@ -87,20 +95,23 @@ if chosen:
         if clustering:
             st.bar_chart(region["cluster"].value_counts().sort_index(), x_label="cluster", y_label="reviews",
                          height=200)
-        st.dataframe(region, hide_index=True, width="stretch", key="map_region_table",
-                     column_config={"text": st.column_config.TextColumn(width="large")})
+        st.caption("Select a row to read the review in full.")
+        region_event = st.dataframe(region, hide_index=True, width="stretch", key="map_region_table",
+                                    on_select="rerun", selection_mode="single-row",
+                                    column_config={"text": st.column_config.TextColumn(width="large")})
+        rows = region_event.selection.rows if region_event is not None else []
+        if rows:
+            row = region.iloc[rows[0]]
+            with st.container(border=True):
+                st.text(f"{row['title']} ({row['year']}) — review {row['review_id']}")
+                st.text(cached(views.review_text, row["review_id"]) or row["text"])
     else:
         st.dataframe(points[points["unit_id"].isin(chosen)], hide_index=True, width="stretch")
 
 if clustering:
     st.subheader("Clusters")
     sizes = cached(views.cluster_sizes, clustering)
-    # a seeded sample of 3,000 texts: all 16.7k default reviews take ~15 s (the cold page's
-    # largest cost) for words that a sample of ~150 texts per cluster finds as well
-    terms = cached(views.cluster_top_terms, clustering, 8, 3000)
-    left, right = st.columns([0.5, 0.5])
+    left, right = st.columns([0.35, 0.65])
     left.bar_chart(sizes, x="cluster", y="n", x_label="cluster", y_label="reviews")
-    table = sizes if terms is None else sizes.merge(terms, on="cluster", how="left")
-    right.dataframe(table, hide_index=True, width="stretch",
-                    column_config={"share": st.column_config.ProgressColumn(format="percent", min_value=0,
-                                                                             max_value=1)})
+    with right:  # a static table: as tall as its rows, the top terms wrapped instead of cut off
+        st.table(views.cluster_table(sizes, terms))

@@ -181,6 +181,26 @@ def test_map_overlays_an_item_selection_made_from_review_embeddings(monkeypatch,
     assert traces[-1]["name"] == "selection (pick order)" and len(base64.b64decode(xs["bdata"])) == 3 * 8
 
 
+def test_map_hover_shows_each_clusters_top_terms_and_the_cluster_table_is_whole(monkeypatch, studio_workspace):
+    from crs_core import views
+
+    at = open_page(monkeypatch, studio_workspace, "pages/map.py")
+    clustering = at.selectbox(key="map_clustering").value
+    with Workspace(studio_workspace) as ws:
+        terms = views.cluster_top_terms(ws, clustering, 8, 3000)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    clusters = [t for t in spec["data"] if t["name"].startswith("cluster ")]
+    assert len(clusters) == len(terms) == 8  # the small workspace's K
+    expected = dict(zip(terms["cluster"], terms["top_terms"]))
+    for trace in clusters:
+        n = int(trace["name"].split()[1])
+        assert trace["hovertemplate"].startswith("%{hovertext}<br>")
+        assert f"<b>cluster {n}</b>: {expected[n]}" in trace["hovertemplate"]
+    table = at.table[0].value  # st.table: as tall as its rows, text wrapped
+    assert len(table) == 8 and list(table["top_terms"]) == [expected[n] for n in table.index]
+    assert table["share"].str.endswith("%").all()
+
+
 def test_seeds_reviews_tab_lists_snippets_as_text(monkeypatch, studio_workspace):
     at = open_page(monkeypatch, studio_workspace, "pages/seeds.py")
     assert at.get("arrow_data_frame") or at.dataframe, "the Items tab shows its table"
