@@ -81,6 +81,16 @@ def items_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (
     return ws.df(sql, params + [int(limit)])
 
 
+def item_detail(ws: Workspace, item_id: str) -> dict[str, Any] | None:
+    """Every stored field of one catalog item (the Seeds page's detail panel: the table
+    shows short columns only, long text such as the plot is read here)."""
+    frame = ws.df("SELECT * FROM items WHERE item_id = ?", [item_id])
+    if frame.empty:
+        return None
+    row = frame.iloc[0].to_dict()
+    return {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+
+
 def rating_range(ws: Workspace) -> tuple[float, float]:
     lo, hi = ws.cursor().execute("SELECT min(rating), max(rating) FROM reviews").fetchone()
     return (float(lo), float(hi)) if lo is not None else (0.0, 10.0)

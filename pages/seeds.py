@@ -34,10 +34,21 @@ def items_tab() -> None:
         genre = f2.multiselect("Genres (all of)", cached(views.genres), key="seeds_item_genres")
         reviewed = f3.checkbox("Only reviewed", key="seeds_item_reviewed")
         items = cached(views.items_table, search, tuple(genre), reviewed, 500)
-        st.caption(f"{len(items):,} items shown (first 500 matches, most reviewed first)")
-        st.dataframe(items, hide_index=True, width="stretch", key="seeds_items_table",
-                     column_config={"avg_rating": st.column_config.NumberColumn(format="%.1f"),
-                                    "year": st.column_config.NumberColumn(format="%d")})
+        st.caption(f"{len(items):,} items shown (first 500 matches, most reviewed first). "
+                   "Select a row to see the whole item.")
+        event = st.dataframe(items, hide_index=True, width="stretch", key="seeds_items_table",
+                             on_select="rerun", selection_mode="single-row",
+                             column_config={"avg_rating": st.column_config.NumberColumn(format="%.1f"),
+                                            "year": st.column_config.NumberColumn(format="%d"),
+                                            "title": st.column_config.TextColumn(width="medium"),
+                                            "genres": st.column_config.TextColumn(width="medium"),
+                                            "directors": st.column_config.TextColumn(width="medium")})
+        rows = event.selection.rows if event is not None else []
+        if rows:
+            detail = cached(views.item_detail, str(items.iloc[rows[0]]["item_id"])) or {}
+            with st.container(border=True):  # long fields in full, as text
+                for field, value in detail.items():
+                    st.text(f"{field}: {value}")
 
 
 def reviews_tab() -> None:

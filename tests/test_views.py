@@ -63,3 +63,34 @@ def test_cluster_palette_gives_every_cluster_its_own_colour(n):
 
     colours = cluster_palette(n)
     assert len(colours) == n and len(set(colours)) == n
+
+
+# -- issue 17: what the pages chart and show in full ----------------------------------------------
+def test_item_detail_has_every_stored_field_of_the_item(ws):
+    item = ws.scalar("SELECT item_id FROM items WHERE plot IS NOT NULL ORDER BY item_id LIMIT 1")
+    detail = views.item_detail(ws, item)
+    assert detail["item_id"] == item and detail["plot"] == ws.scalar("SELECT plot FROM items WHERE item_id = ?", [item])
+    assert all(v is not None for v in detail.values())
+    assert views.item_detail(ws, "no-such-item") is None
+
+
+def test_progress_frame_keeps_what_a_job_logs_one_row_per_step():
+    lines = [{"step": 1, "epoch": 0.5, "loss": 2.0, "lr": None, "time": 1.0},
+             {"step": 2, "epoch": 1.0, "loss": 1.0, "lr": None, "time": 2.0},
+             {"step": 2, "epoch": 1.0, "loss": 0.9, "lr": None, "time": 3.0}]
+    frame = views.progress_frame(lines)
+    assert list(frame.columns) == ["step", "epoch", "loss"]  # no learning rate logged: no column, no chart
+    assert frame["step"].tolist() == [1, 2] and frame["loss"].tolist() == [2.0, 0.9]  # the later line wins
+    with_lr = views.progress_frame([{"step": 1, "loss": 1.0, "lr": 1e-3}])
+    assert with_lr["learning_rate"].tolist() == [1e-3]
+    assert list(views.progress_frame([]).columns) == ["step"]
+
+
+def test_cluster_hover_lines_escape_the_terms():
+    import pandas as pd
+
+    terms = pd.DataFrame({"cluster": [0, 1], "top_terms": ["love, story", "<b>x</b>, 50%, %{y}"]})
+    lines = views.cluster_hover_lines(terms)
+    assert lines[0] == "<b>cluster 0</b>: love, story"
+    assert "<b>x" not in lines[1] and "%{" not in lines[1] and "&lt;b&gt;x&lt;/b&gt;" in lines[1]
+    assert views.cluster_hover_lines(None) == {}
