@@ -53,20 +53,29 @@ with st.form("selection_form", border=True):
     run = st.form_submit_button("Run selection", type="primary", icon=":material/play_arrow:", key="sel_run")
 
 if run:
-    bar = StreamlitProgress(f"Selecting with {LABELS[strategy]}")
-    try:
-        from crs_core.selections import run_selection
+    # a status box with a spinner, the bar inside it and a toast at the end: the run takes seconds
+    # (12 s for B = 500 on the default workspace) and the page must show that it is working
+    with st.status(f"Selecting B = {int(budget):,} with {LABELS[strategy]}…", expanded=True) as box:
+        bar = StreamlitProgress(f"Selecting with {LABELS[strategy]}")
+        try:
+            from crs_core.selections import run_selection
 
-        new_id = run_selection(ws, strategy, int(budget), unit=unit, set_id=set_id, k=int(k), lam=float(lam),
-                               seed=int(seed), weights=weights, name=name.strip() or None, parent_id=parent,
-                               progress=bar)
-    except (CRSError, ImportError) as exc:
-        show_error(exc)
-    else:
-        st.session_state["sel_compare_a"] = new_id
-        st.success(f"Stored selection {new_id}.")
-    finally:
-        bar.done()
+            new_id = run_selection(ws, strategy, int(budget), unit=unit, set_id=set_id, k=int(k), lam=float(lam),
+                                   seed=int(seed), weights=weights, name=name.strip() or None, parent_id=parent,
+                                   progress=bar)
+        except (CRSError, ImportError) as exc:
+            box.update(label="Selection failed", state="error")
+            show_error(exc)
+        else:
+            previous = st.session_state.get("sel_compare_a")
+            st.session_state["sel_compare_a"] = new_id
+            if previous and previous != new_id:
+                st.session_state["sel_compare_b"] = previous  # the new one against the one shown before
+            box.update(label=f"Stored selection {new_id}", state="complete", expanded=False)
+            st.toast(f"Stored selection {new_id}", icon=":material/check_circle:")
+            st.success(f"Stored selection {new_id}.")
+        finally:
+            bar.done()
 
 existing = cached(views.selections)
 if existing.empty:
@@ -87,12 +96,24 @@ clustering = st.selectbox("Measure coverage with clustering", [None] + clus["clu
                           format_func=lambda c: "(none)" if c is None else c,
                           help="The same stored K-means clusters for both selections, so they compare fairly.")
 ids = existing["selection_id"].tolist()
-for key, default in (("sel_compare_a", 0), ("sel_compare_b", min(1, len(ids) - 1))):
-    if st.session_state.get(key) not in ids:
-        st.session_state[key] = ids[default]
+# two different selections by default (the newest and the one before), never A = B unasked
+if st.session_state.get("sel_compare_a") not in ids:
+    st.session_state["sel_compare_a"] = ids[0]
+others = [i for i in ids if i != st.session_state["sel_compare_a"]]
+if st.session_state.get("sel_compare_b") not in ids or (
+        st.session_state.get("sel_compare_b") == st.session_state["sel_compare_a"] and others
+        and not st.session_state.get("sel_compare_b_chosen")):
+    st.session_state["sel_compare_b"] = others[0] if others else ids[0]
 a_col, b_col = st.columns(2)
-chosen = [a_col.selectbox("Selection A", ids, key="sel_compare_a"),
-          b_col.selectbox("Selection B", ids, key="sel_compare_b")]
+chosen = [a_col.selectbox("Selection A", ids, key="sel_compare_a")]
+if others:
+    chosen.append(b_col.selectbox("Selection B", ids, key="sel_compare_b",
+                                  on_change=lambda: st.session_state.update(sel_compare_b_chosen=True)))
+    if chosen[0] == chosen[1]:
+        st.caption("A and B are the same selection.")
+else:
+    b_col.info("Only one selection so far: run another (another strategy or budget) to compare them.",
+               icon=":material/compare_arrows:")
 for n, (col, sid) in enumerate(zip((a_col, b_col), chosen)):
     cov = cached(views.selection_coverage, sid, clustering)
     row = existing.set_index("selection_id").loc[sid]
@@ -116,7 +137,7 @@ for n, (col, sid) in enumerate(zip((a_col, b_col), chosen)):
                   column_config={"score": st.column_config.NumberColumn(
                       "score", format="%.4f", help=SCORE_HELP)})
 
-if chosen[0] != chosen[1]:
+if len(chosen) == 2 and chosen[0] != chosen[1]:
     pa = set(cached(views.selection_picks, chosen[0])["unit_id"])
     pb = set(cached(views.selection_picks, chosen[1])["unit_id"])
     st.caption(f"{len(pa & pb):,} picks in common; {len(pa - pb):,} only in A; {len(pb - pa):,} only in B.")

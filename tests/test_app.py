@@ -232,6 +232,27 @@ def test_a_selection_run_stores_a_selection(monkeypatch, own_workspace, strategy
     assert at.selectbox(key="sel_compare_a").value == sel["selection_id"].iloc[0]
 
 
+def test_selection_compare_starts_with_two_different_selections_and_a_run_shows_it_is_busy(monkeypatch,
+                                                                                            own_workspace):
+    with Workspace(own_workspace) as ws:
+        (first,) = ws.df("SELECT selection_id FROM selections")["selection_id"].tolist()
+    at = open_page(monkeypatch, own_workspace, "pages/selection.py")
+    assert at.selectbox(key="sel_compare_a").value == first
+    assert "sel_compare_b" not in [s.key for s in at.selectbox]  # one selection: nothing to compare it with
+    assert any("Only one selection so far" in i.value for i in at.info)
+    at.selectbox(key="sel_strategy").set_value("FISHER")
+    at.number_input(key="sel_budget").set_value(5)
+    at.button(key="sel_run").click().run()
+    assert_clean(at)
+    new = at.selectbox(key="sel_compare_a").value
+    assert new != first and at.selectbox(key="sel_compare_b").value == first  # the new one against the old
+    assert [t.proto.body for t in at.get("toast")] == [f"Stored selection {new}"]
+    box = next(e for e in at.main if type(e).__name__ == "Status")  # st.status: a spinner while it runs
+    assert box.label == f"Stored selection {new}" and box.state == "complete"
+    at.run()  # a later rerun keeps them apart
+    assert (at.selectbox(key="sel_compare_a").value, at.selectbox(key="sel_compare_b").value) == (new, first)
+
+
 def test_seeds_upload_validates_first_and_writes_nothing_on_error(monkeypatch, own_workspace):
     with Workspace(own_workspace) as ws:
         before = ws.count("reviews")
