@@ -82,21 +82,27 @@ if not states:
     st.caption("No training jobs yet.")
     st.stop()
 st.subheader("Jobs")
-st.dataframe(views.job_frame(states), hide_index=True, width="stretch", key="tr_jobs_table")
 ids = [s.job_id for s in states]
 if st.session_state.get("tr_job") not in ids:
     st.session_state["tr_job"] = ids[0]
-job_id = st.selectbox("Job", ids, key="tr_job")
+job_id = st.selectbox("Job to follow", ids, key="tr_job")
 folder = next(s.folder for s in states if s.job_id == job_id)
-active = not next(s for s in states if s.job_id == job_id).finished
+active = any(not s.finished for s in states)
 
 
 @st.fragment(run_every=2.0 if active else None)
 def follow() -> None:
+    # the table and the followed job's panel come from one read of the job folders, so their
+    # step, loss and state agree at every refresh (the table used to wait for a page rerun)
     try:
-        state = jobs.job_state(folder)
+        fresh = [s for s in jobs.list_jobs(ws) if s.kind in KINDS]
     except CRSError as exc:
         show_error(exc)
+        return
+    st.dataframe(views.job_frame(fresh), hide_index=True, width="stretch", key="tr_jobs_table")
+    state = next((s for s in fresh if s.job_id == job_id), None)
+    if state is None:
+        st.caption(f"Job {job_id} is no longer in this workspace.")
         return
     st.progress(state.fraction, text=f"{state.describe()}" + (f" · epoch {state.epoch:.2f}" if state.epoch else "")
                 + (f" · ETA {state.eta_seconds / 60:.1f} min" if state.eta_seconds else ""))
@@ -140,10 +146,15 @@ def follow() -> None:
         st.json(state.result, expanded=False)
     with st.expander("Log"):
         st.code(jobs.read_log(folder, 8_000) or "(empty)", language=None)
-    if st.session_state.get("tr_was_active") and state.finished:
+    any_active = any(not s.finished for s in fresh)
+    if st.session_state.get("tr_was_active") and not any_active:
         st.session_state["tr_was_active"] = False
+        st.rerun(scope="app")  # polling can stop; the evaluation below appears for a finished job
+    if st.session_state.get("tr_followed_active") and state.finished:
+        st.session_state["tr_followed_active"] = False
         st.rerun(scope="app")
-    st.session_state["tr_was_active"] = not state.finished
+    st.session_state["tr_was_active"] = any_active
+    st.session_state["tr_followed_active"] = not state.finished
 
 
 follow()

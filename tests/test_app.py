@@ -478,6 +478,9 @@ def test_training_page_follows_a_running_job_to_its_end(monkeypatch, own_workspa
     at = open_page(monkeypatch, own_workspace, "pages/training.py")
     first = jobs.job_state(folder).step
     assert at.button(key="tr_cancel"), "a running job can be cancelled"
+    # the jobs table and the job's panel are one read of the folder: the same step
+    table_step = int(next(d.value for d in at.dataframe if "job_id" in d.value)["step"].iloc[0])
+    assert at.metric[0].label == "Step" and at.metric[0].value.startswith(f"{table_step:,} / ")
     assert jobs.wait_for_job(folder, timeout=60).state == "succeeded"
     at.run()
     assert_clean(at)
