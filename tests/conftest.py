@@ -76,7 +76,8 @@ def insert_synthetic_queries(ws, n: int = 4, *, selection_id: str | None = None,
 
 def fake_training_runner(ctx) -> dict:
     """A job runner for app tests (`runner="conftest:fake_training_runner"`, with tests/ on the
-    worker's PYTHONPATH): `steps` quick steps with a falling loss and learning rate, honouring cancel; no model."""
+    worker's PYTHONPATH): `steps` quick steps with a falling loss and learning rate, honouring
+    cancel; no model (config "result": fields added to the result, e.g. an existing model_dir)."""
     total = int(ctx.config.get("steps", 5))
     delay = float(ctx.config.get("delay", 0.0))
     ctx.set_total(total)
@@ -85,7 +86,7 @@ def fake_training_runner(ctx) -> dict:
         time.sleep(delay)
         ctx.report(step, total, epoch=step / total, loss=1.0 / step, lr=1e-3 * (1 - (step - 1) / total), examples=4)
         ctx.log(f"step {step}: loss {1.0 / step:.3f}")
-    return {"model_name": "fake-retriever", "steps": total, "final_loss": 1.0 / total}
+    return {"model_name": "fake-retriever", "steps": total, "final_loss": 1.0 / total, **ctx.config.get("result", {})}
 
 
 def _fingerprint() -> str:

@@ -530,6 +530,42 @@ def test_training_page_evaluates_a_finished_retriever_in_one_click(monkeypatch, 
     assert model.startswith("dense-retriever:")
 
 
+def test_training_page_evaluates_a_finished_lm_through_its_generation_job(monkeypatch, own_workspace):
+    """An SFT job (its model: the real SmolLM2 student folder) is evaluated with one click: the
+    page launches the generation job of `eval --model lm --lm <job>`, follows it, and the run is
+    stored when it is imported."""
+    from crs_core import jobs, model_eval, models, train
+
+    student = models.student_model_dir()
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    with Workspace(own_workspace) as ws:
+        job_id = jobs.launch_job(ws, train.KIND_SFT, {"steps": 2, "method": "lora", "result": {"model_dir": str(student)}},
+                                 {"train": [{"context": ["hi"], "labels": ["x"]}]}, own_workspace.parent / "jobs",
+                                 runner="conftest:fake_training_runner")
+        folder = jobs.job_folder(ws, job_id)
+    assert jobs.wait_for_job(folder, timeout=60).state == "succeeded"
+    at = open_page(monkeypatch, own_workspace, "pages/training.py")
+    assert at.selectbox(key="tr_job").value == job_id
+    at.selectbox(key="tr_ev_test").set_value("inspired_test")
+    at.number_input(key="tr_ev_sample").set_value(2)
+    at.button(key="tr_evaluate").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    eval_job = at.session_state[f"tr_lm_eval:{job_id}"]
+    assert any(f"Generation job {eval_job}" in p.proto.text for p in at.get("progress"))
+    with Workspace(own_workspace) as ws:
+        eval_folder = jobs.job_folder(ws, eval_job)
+    state = jobs.wait_for_job(eval_folder, timeout=600)
+    assert state.state == "succeeded", jobs.read_log(eval_folder)
+    at.run()  # the page imports the finished evaluation
+    assert_clean(at)
+    with Workspace(own_workspace) as ws:
+        run = ws.df("SELECT run_id, model FROM runs WHERE run_id = ?", [model_eval.lm_run_id(eval_job)])
+        turns = ws.scalar("SELECT max(n_turns) FROM metrics WHERE run_id = ?", [model_eval.lm_run_id(eval_job)])
+    assert len(run) == 1 and run["model"].iloc[0] == f"lm-lora:{job_id}" and turns == 2
+    assert any("See the run on the Evaluation page" in str(p.proto) for p in at.get("page_link"))
+
+
 def _augment_page(monkeypatch, tmp_path):
     """The Augmentation page on test_augment's small workspace (40 films with plots, INSPIRED-style
     training turns): MiniLM retrieval over 41 items instead of the whole catalog."""
