@@ -23,7 +23,7 @@ st.write(
 )
 ws = workspace()
 RUN_KEY = f"augment:{ws.path}"
-SCORERS = {"similarity": "Rescaled similarity (no LLM, fast)",
+SCORERS = {"similarity": "Rescaled similarity (no LLM)",
            "distilled": "Distilled: the teacher scores a sample, a small head the rest",
            "teacher": "Teacher LLM scores every candidate (slow on the local teacher)"}
 LABEL_MODES = {"two_stage": "Two-stage (real + augmented, then real with α·KL)", "mixed": "Mixed (one run)"}
@@ -64,7 +64,9 @@ teacher_cfg = TeacherConfig.from_env()
 st.caption("Teacher for the distilled and teacher scorers: "
            + (f"{teacher_cfg.model} at {teacher_cfg.base_url} ($CRS_TEACHER_BASE_URL)" if teacher_cfg.base_url
               else "the local llama.cpp teacher (offline)")
-           + ". Every teacher reply is cached in the workspace: a stopped run started again pays no call twice.")
+           + ". Every teacher reply is cached in the workspace: a stopped run started again pays no call twice. "
+           "The first run encodes the catalog's item texts with MiniLM once (minutes on a CPU for the default "
+           "catalog); later runs read them from the workspace.")
 if started and not busy:
     train_spec = None
     if then_train:

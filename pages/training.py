@@ -1,5 +1,5 @@
 """Training: launch a retriever or SFT job on approved dialogues (a background process), follow
-its progress, loss and log; cancel and resume."""
+its progress, loss / learning-rate charts and log; cancel and resume; evaluate a finished job."""
 
 import streamlit as st
 
@@ -17,7 +17,7 @@ KINDS = {train.KIND_RETRIEVER: "Dense retriever (MiniLM bi-encoder, InfoNCE)",
 st.title("Training")
 st.write("Train a recommender on the reviewed dialogues: a dense retriever or the paper's student LM "
          "(SFT, LoRA or full). A job runs as its own process with progress, log, checkpoints, cancel and "
-         "resume; a finished retriever can be evaluated on the Evaluation page.")
+         "resume; a finished job is evaluated from here with one click.")
 ws = workspace()
 try:
     jobs.import_finished_jobs(ws)  # syncs the jobs table with the job folders
