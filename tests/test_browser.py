@@ -47,7 +47,11 @@ def _free_port() -> int:
 def studio(studio_workspace_file, tmp_path_factory):
     """(base url, workspace path, server process) of a running studio."""
     tmp = tmp_path_factory.mktemp("browser")
-    ws_path = copy_workspace(studio_workspace_file, tmp / "browser.duckdb")
+    yield from _run_studio(copy_workspace(studio_workspace_file, tmp / "browser.duckdb"), tmp)
+
+
+def _run_studio(ws_path: Path, tmp: Path):
+    """Start `streamlit run app.py` on `ws_path`; yields (base url, workspace path, process)."""
     port = _free_port()
     env = {**os.environ, "CRS_WORKSPACE": str(ws_path), "CRS_JOBS_ROOT": str(tmp / "jobs"),
            "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
@@ -210,3 +214,110 @@ def test_every_page_renders_and_an_approval_reaches_the_workspace(studio, browse
             "SELECT action FROM query_history WHERE query_id = 'q000' ORDER BY version").fetchall()
     assert row == ("approved", 2)
     assert [a for (a,) in actions] == ["created", "approve"]
+
+
+# -- issue 17: the Synthesis page's counters agree while a run stores queries -----------------------
+@pytest.fixture()
+def own_studio(studio_workspace_file, tmp_path):
+    """A studio of its own (the test writes queries that the module's other test does not expect)."""
+    yield from _run_studio(copy_workspace(studio_workspace_file, tmp_path / "own.duckdb"), tmp_path)
+
+
+def _counters(driver) -> dict:
+    """The numbers the Synthesis page shows now, read in one script."""
+    import re
+
+    bars, metrics, body, stale = driver.execute_script(
+        "return [[...document.querySelectorAll('[data-testid=\"stProgress\"]')].map(e => e.innerText),"
+        " [...document.querySelectorAll('[data-testid=\"stMetric\"]')].map(e => e.innerText),"
+        " document.body.innerText,"
+        " document.querySelector('[data-testid=\"stMain\"] [data-stale=\"true\"]') !== null];")
+    num = lambda v: int(v.replace(",", ""))  # noqa: E731
+    # stale: a rerun of the page (or of its polling fragment) is being drawn, element by element;
+    # a reader then sees some elements of the new run beside some of the previous one
+    out = {"finished": "Finished." in body, "stale": stale}
+    for bar in bars:
+        if m := re.search(r"([\d,]+) of ([\d,]+) queries of this plan stored", bar):
+            out["plan"] = (num(m[1]), num(m[2]))
+        if m := re.search(r"([\d,]+) / ([\d,]+) queries stored · ([\d,]+) processed", bar):
+            out["run"] = (num(m[1]), num(m[2]), num(m[3]))
+    for metric in metrics:
+        label, _, value = metric.partition("\n")
+        if label.strip() == "Synthetic queries":
+            out["total"] = num(value.strip())
+    return out
+
+
+def test_synthesis_counters_agree_at_every_poll_while_a_run_stores(own_studio, browser):
+    """Synthesise the 5 items of a selection with the loopback stub teacher from the page and
+    read the page every 0.3 s while the run goes (its fragment refreshes once a second): whenever
+    the page is drawn (no element marked stale by a rerun in progress), the plan's stored, the
+    run's stored and "Synthetic queries" say the same, never go back, and end at what the
+    workspace holds after the server stopped."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from crs_core.store import Workspace
+    from openai_stub_server import OpenAIStubServer
+
+    url, ws_path, proc = own_studio
+    with Workspace(ws_path, read_only=True) as ws:
+        titles = ws.df("SELECT title, year FROM items WHERE year IS NOT NULL AND item_id IN "
+                       "(SELECT item_id FROM reviews) ORDER BY item_id LIMIT 8")
+    listing = "\n".join(f"{n}. {t} ({int(y)})" for n, (t, y) in enumerate(zip(titles["title"], titles["year"]), 1))
+    counter = iter(range(10_000))
+
+    def reply(messages):  # runs on the stub's event loop: the sleep serialises requests, so
+        time.sleep(0.6)   # the queries are stored one by one, about a second apart
+        if messages[-1]["content"].startswith("Pretend you are a movie recommender system"):
+            return listing
+        return f"Can you recommend a quiet old comedy with physical gags and a sweet ending, take {next(counter)}?"
+
+    shots = SCREENSHOTS / "synthesis-counters"
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
+    with OpenAIStubServer(reply=reply) as stub:
+        browser.get(f"{url}/synthesis")
+        _wait_idle(browser, "Synthesis")
+        browser.find_element(By.XPATH, "//label[.//p[normalize-space(.)='OpenAI-compatible endpoint']]").click()
+        _wait_idle(browser, "Synthesis")
+        base = browser.find_element(By.XPATH, "//input[@aria-label='Base URL']")
+        base.send_keys(Keys.CONTROL, "a")
+        base.send_keys(stub.base_url, Keys.ENTER)
+        _wait_idle(browser, "Synthesis")
+        browser.find_element(By.CSS_SELECTOR, "input[type='password']").send_keys("sk-test-browser", Keys.ENTER)
+        _wait_idle(browser, "Synthesis")
+        gt = browser.find_element(By.XPATH, "//div[@data-testid='stSelectbox'][.//p[normalize-space(.)='Ground truth']]"
+                                            "//input")
+        gt.click()
+        gt.send_keys("llm", Keys.ENTER)  # the paper's listing: no catalog embedding
+        _wait_idle(browser, "Synthesis")
+        browser.find_element(By.XPATH, "//label[.//p[starts-with(normalize-space(.), 'Flag near-duplicate')]]").click()
+        _wait_idle(browser, "Synthesis")
+        before = _counters(browser)
+        assert before["plan"] == (0, 5) and "run" not in before, before
+        others = before["total"]
+        _click_button(browser, "Start synthesis")
+        polls, deadline = [], time.monotonic() + 180
+        while True:
+            now = _counters(browser)
+            assert _exceptions(browser) == []
+            if "run" in now and "plan" in now and "total" in now and not now["stale"]:
+                polls.append(now)
+                stored = now["plan"][0]
+                assert now["run"][0] == stored and now["total"] == others + stored, now
+                assert now["run"][2] >= stored and now["plan"][1] == now["run"][1] == 5, now
+                if len(polls) == 1 or stored != polls[-2]["plan"][0]:
+                    browser.save_screenshot(str(shots / f"{len(polls):03d}-stored-{stored}.png"))
+                if now["finished"]:
+                    break
+            assert time.monotonic() < deadline, f"the run did not finish: {polls[-3:]}"
+            time.sleep(0.3)
+        assert stub.chat_requests >= 10
+    seen = [p["plan"][0] for p in polls]
+    assert seen == sorted(seen), f"a counter went back: {seen}"
+    assert len(set(seen)) >= 3, f"the counters did not move while the run went: {seen}"
+    proc.terminate()
+    proc.wait(20)
+    with Workspace(ws_path, read_only=True) as ws:
+        assert ws.count("synthetic_queries") == others + seen[-1] == others + 5
