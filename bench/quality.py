@@ -31,7 +31,9 @@ popularity of the INSPIRED train labels, and the dense retriever fine-tuned on r
 with the default recipe of `crs_core.train.RetrieverConfig` (validation and early stopping on
 dialogues held out of TRAIN), with its learning curve (test R@10 at every validation point:
 observed only, never used to pick anything), R@1/10/50 and NDCG@10 with standard errors on the
-189 evaluable INSPIRED test turns, and one JSON line per row. About 15-20 min on 2 busy cores:
+189 evaluable INSPIRED test turns, then the hybrid (dense + MovieLens item-item + popularity) over
+the zero-shot and over the fine-tuned retriever, and one JSON line per row. Measured: 31.5 min on
+2 cores at load average 5-6 on 2026-12-04 (29 of them fine-tuning; not yet timed on idle cores):
 
     nice -n 10 python bench/quality.py --only supervised
 
