@@ -146,8 +146,16 @@ def budget_curve_run() -> None:
                                                  "with the same settings to resume.")
             st.code("\n\n".join("\n".join(r.lines()) for r in current.result), language=None)
         if points is not None and not points.empty:
-            for ds in sorted(points["dataset"].unique()):
-                fig, _ = budget_curve_figure(points, ds, f"{exp_id} on {ds} (points as they are stored)")
+            # figures are rebuilt only when a point arrives: building them (Plotly Express) costs
+            # more than a poll on a loaded CPU and would take the run's time away from it
+            signature = (exp_id, len(points), str(points["created_at"].max()))
+            cached_figs = st.session_state.get("ev_bc_live_figs")
+            if cached_figs is None or cached_figs[0] != signature:
+                cached_figs = (signature, {ds: budget_curve_figure(points, ds, f"{exp_id} on {ds} (points as they "
+                                                                               "are stored)")[0]
+                                           for ds in sorted(points["dataset"].unique())})
+                st.session_state["ev_bc_live_figs"] = cached_figs
+            for ds, fig in cached_figs[1].items():
                 st.plotly_chart(fig, key=f"ev_bc_live_{ds}")
     if st.session_state.get("ev_bc_was_running") and not current.running:
         st.session_state["ev_bc_was_running"] = False
@@ -155,7 +163,7 @@ def budget_curve_run() -> None:
     st.session_state["ev_bc_was_running"] = current.running
 
 
-st.fragment(budget_curve_run, run_every=1.0 if bc_busy else None)()
+st.fragment(budget_curve_run, run_every=2.0 if bc_busy else None)()
 
 experiments = cached(budget_curve.list_experiments)
 experiments = experiments[experiments["n_points"] > 0]
