@@ -295,6 +295,7 @@ def _jobs(ws: Workspace, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .synth import DEFAULT_GT_MODE, GT_MODES
     parser = argparse.ArgumentParser(
         prog="python -m crs_core", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -361,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="Algorithm 2: queries and 20-item ground truth for a selection (resumable)")
     p.add_argument("--selection", required=True, help="selection id (see `select --list`)")
     p.add_argument("--k-queries", type=int, default=1, help="queries per item (default 1)")
-    p.add_argument("--gt-mode", choices=["llm", "retrieve", "retrieve+llm"], default="llm",
-                   help="ground truth: teacher titles grounded in the catalog (paper), dense retrieval, or both")
+    p.add_argument("--gt-mode", choices=GT_MODES, default=DEFAULT_GT_MODE,
+                   help=f"ground truth (default {DEFAULT_GT_MODE}): choose = the teacher picks among the top "
+                        "retrieved catalog items (grounded by construction); llm = the paper's free list of titles, "
+                        "grounded afterwards; retrieve = dense retrieval, no LLM call; retrieve+llm = both")
     p.add_argument("--items", type=int, help="only the first N items of the selection")
     p.add_argument("--seed", type=int, default=0)
     teacher_options(p)
@@ -403,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+", type=int, default=[10, 25, 50, 100], metavar="B",
                    help="selection budgets (default 10 25 50 100)")
     p.add_argument("--queries-per-item", type=int, default=1, help="K queries per selected item (default 1)")
-    p.add_argument("--gt-mode", choices=["llm", "retrieve", "retrieve+llm"], default="retrieve",
+    p.add_argument("--gt-mode", choices=GT_MODES, default="retrieve",
                    help="ground truth of the synthetic queries (default retrieve: no LLM call)")
     p.add_argument("--datasets", nargs="+", default=["redial_test", "inspired_test"])
     p.add_argument("--turn-sample", type=int, help="evaluate a fixed, seeded subsample of each test set's turns")
