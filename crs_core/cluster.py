@@ -163,19 +163,24 @@ def run_projection(ws: Workspace, set_id: str, seed: int = 0, progress: Progress
     if len(unit_ids) < 4:
         raise CRSError(f"a map needs at least 4 points; {set_id!r} has {len(unit_ids)}")
     xy = umap_2d(X, seed=seed, progress=progress)
+    store_projection(ws, set_id, unit_ids, xy)
+    return len(unit_ids)
+
+
+def store_projection(ws: Workspace, set_id: str, unit_ids: list[str], xy: np.ndarray) -> None:
+    """Replace the set's 2-D map with ``xy`` (float (n, 2), one row per unit) in one transaction."""
     rows = pa.table(
         {
             "set_id": pa.array([set_id] * len(unit_ids), pa.string()),
-            "unit_id": pa.array(unit_ids, pa.string()),
-            "x": pa.array(xy[:, 0], pa.float32()),
-            "y": pa.array(xy[:, 1], pa.float32()),
+            "unit_id": pa.array(list(unit_ids), pa.string()),
+            "x": pa.array(np.asarray(xy[:, 0], np.float32), pa.float32()),
+            "y": pa.array(np.asarray(xy[:, 1], np.float32), pa.float32()),
         }
     )
     with ws.transaction() as cur:
         write(cur, "DELETE FROM projections WHERE set_id = ?", [set_id])
         with registered(cur, rows) as view:
             write(cur, f"INSERT INTO projections (set_id, unit_id, x, y) SELECT set_id, unit_id, x, y FROM {view}")
-    return len(unit_ids)
 
 
 def load_projection(ws: Workspace, set_id: str) -> pd.DataFrame:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from .errors import CRSError
 from .store import Workspace
@@ -177,7 +176,7 @@ def seed_embedding_cache(
 def store_shipped_projection(ws: Workspace, set_id: str, folder: Path = BUNDLED_VECTORS) -> bool:
     """Store the shipped 2-D map for ``set_id`` if it was computed from exactly this set's rows
     and this workspace's vectors came from the same shipped file; True when stored."""
-    from .embed import registered, write
+    from .cluster import store_projection
 
     try:
         manifest = _read_manifest(folder)
@@ -198,16 +197,7 @@ def store_shipped_projection(ws: Workspace, set_id: str, folder: Path = BUNDLED_
     xy = arrays["map_xy"].astype(np.float32)
     if len(unit_ids) != len(rows) or xy.shape != (len(rows), 2):
         return False
-    table = pa.table({
-        "set_id": pa.array([set_id] * len(unit_ids), pa.string()),
-        "unit_id": pa.array(unit_ids.tolist(), pa.string()),
-        "x": pa.array(xy[:, 0], pa.float32()),
-        "y": pa.array(xy[:, 1], pa.float32()),
-    })
-    with ws.transaction() as cur:
-        write(cur, "DELETE FROM projections WHERE set_id = ?", [set_id])
-        with registered(cur, table) as view:
-            write(cur, f"INSERT INTO projections (set_id, unit_id, x, y) SELECT set_id, unit_id, x, y FROM {view}")
+    store_projection(ws, set_id, unit_ids.tolist(), xy)
     return True
 
 
