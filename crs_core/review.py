@@ -44,6 +44,8 @@ __all__ = [
     "history",
     "undo",
     "normalize_gt_rows",
+    "write_decision",
+    "current_state",
 ]
 
 STATUSES: tuple[str, ...] = ("pending", "approved", "rejected")
@@ -558,6 +560,32 @@ def bulk_set_status(ws: Workspace, filters: QueueFilter | Mapping[str, Any] | No
     queue = review_queue(ws, filters)
     expected = dict(zip(queue["query_id"], queue["version"].astype(int)))
     return set_status(ws, list(expected), status, annotator, expected_versions=expected, note=note)
+
+
+def current_state(cur, query_id: str) -> dict[str, Any]:
+    """Inside the caller's transaction: {"version", "query", "status", "ground_truth": [rows]}."""
+    return _snapshots(cur, [query_id])[query_id]
+
+
+def write_decision(cur, query_id: str, status: str, *, annotator: str, note: str,
+                   query: str | None = None, ground_truth: list[dict[str, Any]] | None = None) -> int:
+    """Inside the caller's transaction, give a dialogue the status a group of judgements decided
+    (and, with `query` / `ground_truth` from `normalize_gt_rows`, the content they agreed on)."""
+    (status,) = _check_statuses([status])
+    current = _snapshots(cur, [query_id])
+    old = current[query_id]
+    new = {**_state(old), "status": status}
+    if query is not None:
+        new["query"] = query
+    if ground_truth is not None:
+        new["ground_truth"] = ground_truth
+    if new == _state(old):
+        return old["version"]
+    _ensure_base(cur, current)
+    edited = {**new, "status": old["status"]} != _state(old)
+    action = (f"edit+{_ACTION_OF_STATUS[status]}" if edited else _ACTION_OF_STATUS[status])
+    return _write_versions(cur, [{"query_id": query_id, "old": old, "new": new, "action": action,
+                                  "annotator": annotator, "note": note}])[query_id]
 
 
 # -------------------------------------------------------------------------- history / undo

@@ -226,6 +226,42 @@ MIGRATIONS: list[str] = [
         started_at TIMESTAMP DEFAULT current_timestamp
     );
     """,
+    # 4: review work shared by a team (crs_core.judging): assignments with an overlap, each
+    # annotator's independent judgement, and the disputes a curator settles.
+    """
+    CREATE TABLE review_assignments (
+        assignment_id VARCHAR PRIMARY KEY,
+        name       VARCHAR NOT NULL,
+        filters    JSON NOT NULL,          -- the review-queue filter the items were drawn with
+        annotators JSON NOT NULL,          -- account names
+        overlap    INTEGER NOT NULL,       -- independent judgements each dialogue needs
+        rule       VARCHAR NOT NULL,       -- how the judgements decide: unanimous | majority
+        created_by VARCHAR NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE assignment_items (
+        assignment_id VARCHAR NOT NULL,
+        query_id   VARCHAR NOT NULL,
+        position   INTEGER NOT NULL,
+        outcome    VARCHAR,                -- approved | rejected | disputed, once decided
+        reason     VARCHAR,                -- why it is disputed
+        decided_at TIMESTAMP,
+        settled_by VARCHAR,                -- the curator who settled a dispute
+        PRIMARY KEY (assignment_id, query_id)
+    );
+    CREATE TABLE judgements (
+        assignment_id VARCHAR NOT NULL,
+        query_id   VARCHAR NOT NULL,
+        annotator  VARCHAR NOT NULL,
+        verdict    VARCHAR NOT NULL,       -- approved | rejected
+        query      VARCHAR,                -- the query as this annotator left it
+        ground_truth JSON,                 -- the list as this annotator left it
+        note       VARCHAR,
+        based_on_version INTEGER NOT NULL, -- the dialogue version the annotator saw
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (assignment_id, query_id, annotator)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
