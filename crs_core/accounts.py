@@ -5,7 +5,7 @@ Roles, from most to least trusted:
 - **owner**: users, workspaces, settings, API keys — and everything below;
 - **curator**: actions that spend compute or money (selection, synthesis, augmentation,
   training, evaluation, budget curves), assigning review work, bulk review, settling disputes;
-- **annotator**: judging the dialogues assigned to them;
+- **annotator**: judging the dialogues assigned to them (crs_core.judging);
 - **viewer**: read-only (map, charts, results).
 
 `require(user, action)` is the check: crs_core entry points call it, so a hidden button is never
@@ -48,7 +48,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "api_keys": frozenset({"owner"}),
     **{action: frozenset({"owner", "curator"}) for action in (
         "ingest", "embed", "cluster", "select", "synthesize", "augment", "train", "evaluate",
-        "budget_curve", "assign_review", "bulk_review", "settle_dispute", "export")},
+        "budget_curve", "assign_review", "review_directly", "bulk_review", "settle_dispute",
+        "export")},
     "judge": frozenset({"owner", "curator", "annotator"}),
     "view": frozenset(ROLES),
 }
@@ -59,6 +60,7 @@ ACTION_LABELS = {
     "select": "run a selection", "synthesize": "start synthesis", "augment": "start label augmentation",
     "train": "launch training", "evaluate": "run an evaluation", "budget_curve": "run budget curves",
     "assign_review": "assign review work", "bulk_review": "change many dialogues at once",
+    "review_directly": "approve, reject or edit dialogues outside an assignment",
     "settle_dispute": "settle a disputed dialogue", "export": "export data",
     "judge": "judge dialogues", "view": "view the studio",
 }

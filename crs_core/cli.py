@@ -437,6 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aug-scorer", help="scorer of those labels (default: the only one stored)")
     p.add_argument("--stage1-model", help="two_stage: reuse a finished stage-1 / mixed model folder, skip stage 1")
 
+    p = sub.add_parser("users", help="studio accounts for team mode (CRS_STUDIO_MODE=team): add, list, role, remove",
+                       description="Accounts live in data/accounts.json (or $CRS_ACCOUNTS). The CLI acts as the "
+                                   "local owner: whoever runs it can read the workspace and accounts files anyway.")
+    p.add_argument("action", choices=["add", "list", "set-role", "password", "remove"])
+    p.add_argument("name", nargs="?", help="account name (add, set-role, password, remove)")
+    p.add_argument("--role", choices=["owner", "curator", "annotator", "viewer"],
+                   help="add / set-role: owner (users, settings, keys), curator (selection, synthesis, training, "
+                        "assigning review), annotator (judging assigned dialogues), viewer (read-only)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of stdin instead of prompting")
+
     p = sub.add_parser("jobs", help="background jobs: state, cancel, resume; imports finished results")
     p.add_argument("--cancel", metavar="JOB_ID")
     p.add_argument("--resume", metavar="JOB_ID")
@@ -444,10 +455,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _users(args: argparse.Namespace) -> int:
+    from .accounts import LOCAL_OWNER, AccountError, Accounts
+
+    book = Accounts()
+    if args.action == "list":
+        for user in book.users():
+            print(f"{user.name}\t{user.role}")
+        return 0
+    if not args.name:
+        raise AccountError(f"users {args.action} needs a NAME")
+    if args.action in ("add", "set-role") and not args.role:
+        raise AccountError(f"users {args.action} needs --role")
+    if args.action == "remove":
+        book.remove(args.name, actor=LOCAL_OWNER)
+    elif args.action == "set-role":
+        book.set_role(args.name, args.role, actor=LOCAL_OWNER)
+    else:
+        password = _read_password(args.password_stdin)
+        if args.action == "add":
+            book.add(args.name, args.role, password, actor=LOCAL_OWNER)
+        else:
+            book.set_password(args.name, password, actor=LOCAL_OWNER)
+    print(f"{args.action}: {args.name}" + (f" ({args.role})" if args.role else "") + f" in {book.path}")
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise CRSError("the two passwords differ; nothing was changed")
+    return first
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "users":  # accounts are not in a workspace
+            return _users(args)
         with Workspace(workspace_path(args.workspace)) as ws:
             code = _COMMANDS[args.command](ws, args)
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit

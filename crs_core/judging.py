@@ -38,7 +38,7 @@ from .errors import CRSError
 from .store import Workspace
 
 __all__ = ["RULES", "VERDICTS", "JudgingError", "Assignment", "assign", "assignments", "next_dialogue",
-           "judge", "judgements_for", "disputes", "settle", "progress", "agreement_report", "judgement_table"]
+           "judge", "withdraw", "judgements_for", "disputes", "settle", "progress", "agreement_report", "judgement_table"]
 
 RULES = ("unanimous", "majority")
 VERDICTS = ("approved", "rejected")
@@ -170,6 +170,22 @@ def judge(ws: Workspace, user: User, assignment_id: str, query_id: str, verdict:
         if len(done) + 1 < task.overlap:
             return None
         return _decide(cur, task, query_id)
+
+
+def withdraw(ws: Workspace, user: User, assignment_id: str, query_id: str) -> None:
+    """Take back one's own judgement (the review loop's undo) while the dialogue is undecided."""
+    require(user, "judge")
+    with ws.transaction() as cur:
+        item = cur.execute("SELECT outcome FROM assignment_items WHERE assignment_id = ? AND query_id = ?",
+                           [assignment_id, query_id]).fetchone()
+        if item is None:
+            raise JudgingError(f"{query_id} is not part of this assignment")
+        if item[0] is not None:
+            raise JudgingError(f"{query_id} is already decided ({item[0]}); ask a curator to change it")
+        gone = cur.execute("DELETE FROM judgements WHERE assignment_id = ? AND query_id = ? AND annotator = ? "
+                           "RETURNING query_id", [assignment_id, query_id, user.name]).fetchall()
+        if not gone:
+            raise JudgingError(f"{user.name} has no judgement of {query_id} to take back")
 
 
 def _decide(cur, task: Assignment, query_id: str) -> str:

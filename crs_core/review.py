@@ -15,6 +15,11 @@ pass the check.
 
 Undo restores the state before the last change as a new version (history is append-only).
 Undoing repeatedly walks further back: an undo that restored version r counts as being at r.
+
+Who: `annotator` is a signed-in `accounts.User` (the studio's pages: the role is checked here,
+"review_directly" for one dialogue, "bulk_review" for a filter) or a plain name from a local
+caller that already owns the workspace file (the CLI, scripts, tests). In a team, annotators
+judge through assignments (crs_core.judging), not here.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from .accounts import User, require
 from .errors import CRSError
 from .store import Workspace, contains_clause, insert_frame
 
@@ -428,6 +434,12 @@ def _write_versions(cur, changes: list[dict[str, Any]]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------- edits
+def _who(annotator: "User | str | None", action: str) -> str | None:
+    if isinstance(annotator, User):
+        return require(annotator, action).name
+    return annotator
+
+
 def _is_blank(value: Any) -> bool:
     if value is None:
         return True
@@ -493,7 +505,7 @@ def normalize_gt_rows(ws: Workspace, gt_rows: pd.DataFrame | Iterable[Mapping[st
 
 def save_edit(ws: Workspace, query_id: str, expected_version: int, query_text: str,
               gt_rows: pd.DataFrame | Iterable[Mapping[str, Any]], note: str | None = None,
-              annotator: str | None = None, *, status: str | None = None) -> int:
+              annotator: User | str | None = None, *, status: str | None = None) -> int:
     """Save an edited query and ground-truth list as a new version; returns it.
 
     Refused with `ConflictError` (nothing written) when the dialogue is no longer at
@@ -501,6 +513,7 @@ def save_edit(ws: Workspace, query_id: str, expected_version: int, query_text: s
     ("approve with my edits"; action "approve" when nothing else changed). Saving an unchanged
     dialogue without a note writes nothing and returns the current version.
     """
+    annotator = _who(annotator, "review_directly")
     text = (query_text or "").strip()
     if not text:
         raise ReviewError("the query is empty; write the user's request or reject the dialogue")
@@ -526,12 +539,13 @@ def save_edit(ws: Workspace, query_id: str, expected_version: int, query_text: s
                                       "annotator": annotator, "note": note}])[query_id]
 
 
-def set_status(ws: Workspace, query_ids: Sequence[str] | str, status: str, annotator: str | None = None,
+def set_status(ws: Workspace, query_ids: Sequence[str] | str, status: str, annotator: User | str | None = None,
                expected_versions: Mapping[str, int] | None = None, note: str | None = None) -> dict[str, int]:
     """Approve / reject / reset dialogues, all or nothing; returns {query_id: version}.
 
     With `expected_versions`, any dialogue that moved on refuses the whole call
     (`ConflictError`). Dialogues already in `status` keep their version (no new history)."""
+    annotator = _who(annotator, "review_directly")
     (status,) = _check_statuses([status])
     ids = [query_ids] if isinstance(query_ids, str) else list(dict.fromkeys(str(q) for q in query_ids))
     if not ids:
@@ -555,8 +569,9 @@ def set_status(ws: Workspace, query_ids: Sequence[str] | str, status: str, annot
 
 
 def bulk_set_status(ws: Workspace, filters: QueueFilter | Mapping[str, Any] | None, status: str,
-                    annotator: str | None = None, note: str | None = None) -> dict[str, int]:
+                    annotator: User | str | None = None, note: str | None = None) -> dict[str, int]:
     """Set `status` on every dialogue the filter matches (as listed now), all or nothing."""
+    annotator = _who(annotator, "bulk_review")
     queue = review_queue(ws, filters)
     expected = dict(zip(queue["query_id"], queue["version"].astype(int)))
     return set_status(ws, list(expected), status, annotator, expected_versions=expected, note=note)
@@ -606,9 +621,10 @@ def history(ws: Workspace, query_id: str) -> pd.DataFrame:
     return frame
 
 
-def undo(ws: Workspace, query_id: str, annotator: str | None = None,
+def undo(ws: Workspace, query_id: str, annotator: User | str | None = None,
          expected_version: int | None = None) -> int:
     """Restore the state before the dialogue's last change as a new version; returns it."""
+    annotator = _who(annotator, "review_directly")
     with ws.transaction() as cur:
         current = _snapshots(cur, [query_id])
         if expected_version is not None:

@@ -238,3 +238,27 @@ def test_a_csv_given_as_workspace_is_refused_untouched(tmp_path):
     out = run_cli("status", workspace=reviews)
     assert out.returncode == 1 and "is not a DuckDB workspace" in out.stderr and str(reviews) in out.stderr
     assert reviews.read_text() == "userId,movieId,rating\n1,2,3.5\n"
+
+
+def test_users_are_managed_from_the_cli_and_passwords_never_stored_in_clear(tmp_path):
+    env = {"CRS_ACCOUNTS": str(tmp_path / "accounts.json")}
+    ws = tmp_path / "w.duckdb"
+
+    def users(*args, password=None):
+        full_env = {**os.environ, "CRS_WORKSPACE": str(ws), **env}
+        return subprocess.run([sys.executable, "-m", "crs_core", "users", *args], cwd=ROOT, env=full_env,
+                              input=password, capture_output=True, text=True, timeout=120)
+
+    out = users("add", "ann", "--role", "annotator", "--password-stdin", password="annotator-secret\n")
+    assert out.returncode == 1 and "first account must be an owner" in out.stderr
+    assert users("add", "olga", "--role", "owner", "--password-stdin", password="owner-secret-1\n").returncode == 0
+    assert users("add", "ann", "--role", "annotator", "--password-stdin", password="annotator-secret\n").returncode == 0
+    out = users("add", "bob", "--role", "annotator", "--password-stdin", password="short\n")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "at least 8" in out.stderr
+    assert users("set-role", "ann", "--role", "curator").returncode == 0
+    out = users("list")
+    assert out.stdout.split("\n")[:2] == ["ann\tcurator", "olga\towner"]
+    out = users("remove", "olga")
+    assert out.returncode == 1 and "last owner" in out.stderr
+    text = (tmp_path / "accounts.json").read_text()
+    assert "owner-secret-1" not in text and "annotator-secret" not in text and "scrypt$" in text

@@ -151,3 +151,29 @@ def test_agreement_report_and_progress(ws):
     assert list(stats["annotators"]["judged"]) == [4, 4]
     with pytest.raises(PermissionDenied):
         judging.agreement_report(ws, ANN)
+
+
+def test_withdraw_a_judgement_until_the_dialogue_is_decided(ws):
+    task = judging.assign(ws, CURATOR, {"search": "film 1"}, ["ann", "bob"], overlap=2)
+    qid, _ = _judge(ws, ANN, "rejected", task)
+    judging.withdraw(ws, ANN, task.assignment_id, qid)
+    assert judging.next_dialogue(ws, ANN) == (task.assignment_id, qid)  # hers to judge again
+    with pytest.raises(JudgingError, match="no judgement"):
+        judging.withdraw(ws, BOB, task.assignment_id, qid)
+    _judge(ws, ANN, "approved", task)
+    _judge(ws, BOB, "approved", task)
+    with pytest.raises(JudgingError, match="already decided"):
+        judging.withdraw(ws, ANN, task.assignment_id, qid)
+
+
+def test_direct_review_checks_the_signed_in_role(ws):
+    for who in (ANN, VIEWER):
+        with pytest.raises(PermissionDenied):
+            review.set_status(ws, ["q000"], "approved", who)
+        with pytest.raises(PermissionDenied):
+            review.bulk_set_status(ws, None, "rejected", who)
+        with pytest.raises(PermissionDenied):
+            review.undo(ws, "q000", who)
+    assert review.get_dialogue(ws, "q000").status == "pending"
+    assert review.set_status(ws, ["q000"], "approved", CURATOR) == {"q000": 2}
+    assert review.history(ws, "q000").iloc[0]["annotator"] == "cura"
