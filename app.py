@@ -6,7 +6,7 @@ over crs_core; nothing here computes anything.
 
 import streamlit as st
 
-from pages._shared import auto_build_default, sidebar_workspace_picker
+from pages._shared import auto_build_default, sidebar_workspace_picker, sign_in_gate
 
 st.set_page_config(page_title="CRS data studio", page_icon=":material/movie:", layout="wide")
 
@@ -31,6 +31,7 @@ PAGES = {
 }
 
 navigation = st.navigation(PAGES)
+sign_in_gate()
 sidebar_workspace_picker()
 auto_build_default()
 navigation.run()

@@ -49,7 +49,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     **{action: frozenset({"owner", "curator"}) for action in (
         "ingest", "embed", "cluster", "select", "synthesize", "augment", "train", "evaluate",
         "budget_curve", "assign_review", "review_directly", "bulk_review", "settle_dispute",
-        "export")},
+        "export", "background_work")},
     "judge": frozenset({"owner", "curator", "annotator"}),
     "view": frozenset(ROLES),
 }
@@ -61,6 +61,7 @@ ACTION_LABELS = {
     "train": "launch training", "evaluate": "run an evaluation", "budget_curve": "run budget curves",
     "assign_review": "assign review work", "bulk_review": "change many dialogues at once",
     "review_directly": "approve, reject or edit dialogues outside an assignment",
+    "background_work": "start work that spends compute or money",
     "settle_dispute": "settle a disputed dialogue", "export": "export data",
     "judge": "judge dialogues", "view": "view the studio",
 }

@@ -131,19 +131,79 @@ def show_error(exc: BaseException) -> None:
     st.error(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc), icon=":material/error:")
 
 
-def annotator_name() -> str:
-    """Who is acting (kept for the whole session; recorded in the review history)."""
-    if "annotator_input" not in st.session_state:
-        st.session_state["annotator_input"] = st.session_state.get("annotator", "")
+def current_user():
+    """The person acting in this session (a crs_core.accounts.User): the local owner in
+    single-user mode, else the signed-in account (app.py's `sign_in_gate` runs first)."""
+    from crs_core import accounts
 
-    def keep() -> None:
-        st.session_state["annotator"] = st.session_state["annotator_input"].strip()
+    if accounts.studio_mode() == "single":
+        return accounts.LOCAL_OWNER
+    user = st.session_state.get("signed_in")
+    if user is None:
+        st.stop()  # not signed in: the gate in app.py is showing the sign-in form
+    return user
 
-    with st.sidebar:
-        st.text_input("Your name (annotator)", key="annotator_input", on_change=keep,
-                      help="Recorded with every approve, reject, edit and undo.")
-    keep()
-    return st.session_state["annotator"] or "anonymous"
+
+def sign_in_gate() -> None:
+    """Team mode: a sign-in form instead of any page until the visitor signs in; the sidebar
+    names who is signed in. Single-user mode: the sidebar says there is no sign-in."""
+    from crs_core import accounts
+    from crs_core.errors import CRSError
+
+    ss = st.session_state
+    try:
+        mode = accounts.studio_mode()
+    except CRSError as exc:
+        show_error(exc)
+        st.stop()
+    if mode == "single":
+        st.sidebar.caption("Single-user mode: no sign-in, you act as the local owner. "
+                           f"For a team, start with {accounts.MODE_ENV}=team (see README).")
+        return
+    user = ss.get("signed_in")
+    if user is not None:
+        st.sidebar.caption(f"Signed in as **{user.name}** ({user.role})")
+        if st.sidebar.button("Sign out", key="sign_out", icon=":material/logout:"):
+            for key in list(ss):
+                del ss[key]
+            st.rerun()
+        return
+    book = accounts.Accounts()
+    st.title("Sign in")
+    try:
+        empty = not book.users()
+    except CRSError as exc:
+        show_error(exc)
+        st.stop()
+    if empty:
+        st.info("This studio runs in team mode but has no accounts yet. Create the first owner on the "
+                "studio's machine: `python -m crs_core users add NAME --role owner`.")
+        st.stop()
+    with st.form("sign_in_form"):
+        name = st.text_input("Name", key="sign_in_name")
+        password = st.text_input("Password", type="password", key="sign_in_password")
+        submitted = st.form_submit_button("Sign in", type="primary")
+    if submitted:
+        try:
+            ss["signed_in"] = book.sign_in(name, password)
+        except CRSError as exc:
+            show_error(exc)
+        else:
+            ss.pop("sign_in_password", None)
+            st.rerun()
+    st.stop()
+
+
+def authorized(action: str) -> bool:
+    """Whether the current user may do `action`; if not, say why on the page (crs_core decides)."""
+    from crs_core.accounts import PermissionDenied, require
+
+    try:
+        require(current_user(), action)
+    except PermissionDenied as exc:
+        show_error(exc)
+        return False
+    return True
 
 
 class BackgroundRun:
@@ -190,11 +250,15 @@ def forget_background(key: str) -> None:
         _background_runs().pop(key, None)
 
 
-def start_background(key: str, label: str, target, extra: dict | None = None) -> BackgroundRun:
-    """Run `target(progress, stop_event)` in a daemon thread, one at a time per key."""
+def start_background(key: str, label: str, target, extra: dict | None = None, *,
+                     action: str = "background_work") -> BackgroundRun:
+    """Run `target(progress, stop_event)` in a daemon thread, one at a time per key, if the
+    current user's role allows `action` (crs_core.accounts decides); else say why and stop."""
     import threading
     import time
 
+    if not authorized(action):
+        st.stop()
     runs = _background_runs()
     current = runs.get(key)
     if current is not None and current.running:
@@ -245,7 +309,7 @@ def auto_build_default() -> None:
     only for the workspace the studio was started on; a failed build waits for the button)."""
     import os
 
-    if os.environ.get(ENV_BUILD_DEFAULT) != "1":
+    if os.environ.get(ENV_BUILD_DEFAULT) != "1" or not current_user().may("background_work"):
         return
     ws = workspace()
     if str(ws.path) != str(workspace_path(_cli_workspace())) or background_run(default_build_key(ws)):

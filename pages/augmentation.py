@@ -9,7 +9,7 @@ import streamlit as st
 from crs_core import augment, jobs, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.teacher import TeacherConfig
-from pages._shared import (background_run, cached, ensure_navigation, needs, show_error, start_background,
+from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
                            workspace)
 
 ensure_navigation()
@@ -207,7 +207,7 @@ with st.form("aug_train_form", border=True):
     max_steps = g3.number_input("Max steps per stage (0 = all)", 0, 1_000_000, 0, key="aug_max_steps")
     launch = st.form_submit_button("Launch training job", type="primary", icon=":material/rocket_launch:",
                                    key="aug_launch")
-if launch:
+if launch and authorized("train"):
     config = {"epochs": int(epochs)}
     if max_steps:
         config["max_steps"] = int(max_steps)

@@ -4,20 +4,27 @@ its ground-truth list; bulk actions over a filter; history with undo. All logic:
 import pandas as pd
 import streamlit as st
 
-from crs_core import review, views
+from crs_core import accounts, review, views
 from crs_core.errors import CRSError
-from pages._shared import annotator_name, cached, ensure_navigation, needs, show_error, workspace
+from pages._shared import cached, current_user, ensure_navigation, needs, show_error, workspace
+from pages._team_review import annotator_loop, curator_panel
 
 ensure_navigation()
 
 ss = st.session_state
 st.title("Review")
 ws = workspace()
-who = annotator_name()
+who = current_user()  # every write below records (and crs_core checks) this account
 counts = views.review_counts(ws)
 if sum(counts.values()) == 0:
     needs("No synthetic dialogues to review yet: run Synthesis on a selection first.",
           "pages/synthesis.py", "Synthesis")
+    st.stop()
+if not who.may("review_directly"):  # team mode: annotators judge their assignments, viewers read
+    if who.may("judge"):
+        annotator_loop(ws, who)
+    else:
+        st.info(f"Your role ({who.role}) can look at the studio's data and results but not review dialogues.")
     st.stop()
 m = st.columns(3)
 for col, status in zip(m, review.STATUSES):
@@ -35,6 +42,8 @@ with st.expander("Filters", expanded=True):
 filters = review.QueueFilter(statuses=statuses, teachers=teachers, strategies=strategies,
                              min_grounding=grounding[0], max_grounding=grounding[1], search=search)
 queue = review.review_queue(ws, filters)
+if accounts.studio_mode() == "team":
+    curator_panel(ws, who, filters, len(queue))
 
 with st.expander(f"Bulk action over this filter ({len(queue):,} dialogues)"):
     sure = st.checkbox(f"Yes, change all {len(queue):,} dialogues matching the filter", key="rv_bulk_sure")
@@ -160,7 +169,7 @@ with st.container(border=True):
     if a3.button("Add", key=f"rv_add_{tag}", disabled=to_add is None):
         row = found[found["item_id"] == to_add].iloc[0]
         new = {"rank": (pd.to_numeric(edited["rank"]).max() if len(edited) else 0) + 1, "item_id": to_add,
-               "title_raw": titles[to_add].rsplit(" — ", 1)[0], "match_score": 1.0, "note": f"added by {who}",
+               "title_raw": titles[to_add].rsplit(" — ", 1)[0], "match_score": 1.0, "note": f"added by {who.name}",
                "title": row["title"], "year": row["year"], "genres": row["genres"], "flagged": False}
         ss[bk] = ss[lk] = pd.concat([edited, pd.DataFrame([new])], ignore_index=True)
         ss[f"rv_gen_{tag}"] = gen + 1

@@ -5,7 +5,7 @@ import streamlit as st
 
 from crs_core import select, views
 from crs_core.errors import CRSError
-from pages._shared import StreamlitProgress, cached, ensure_navigation, needs, show_error, workspace
+from pages._shared import StreamlitProgress, authorized, cached, ensure_navigation, needs, show_error, workspace
 
 ensure_navigation()
 
@@ -52,7 +52,7 @@ with st.form("selection_form", border=True):
                           key="sel_parent", format_func=lambda s: "(start fresh)" if s is None else s)
     run = st.form_submit_button("Run selection", type="primary", icon=":material/play_arrow:", key="sel_run")
 
-if run:
+if run and authorized("select"):
     # a status box with a spinner, the bar inside it and a toast at the end: the run takes seconds
     # (12 s for B = 500 on the default workspace) and the page must show that it is working
     with st.status(f"Selecting B = {int(budget):,} with {LABELS[strategy]}…", expanded=True) as box:

@@ -6,7 +6,7 @@ import streamlit as st
 from crs_core import views
 from crs_core.errors import CRSError
 from crs_core.teacher import ENV_API_KEY, Budget, Teacher, TeacherConfig, endpoint_of, env_key_endpoint
-from pages._shared import (background_run, cached, ensure_navigation, needs, show_error, start_background,
+from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
                            workspace)
 
 ensure_navigation()
@@ -128,6 +128,8 @@ plan = (selection_id, int(k_queries), int(items_limit) or None)
 
 def start_run() -> None:
     """Start (or resume) the run of this plan in a background thread of the studio."""
+    if not authorized("synthesize"):
+        return
     budget = Budget(max_calls=int(max_calls) or None, max_cost=float(max_cost) or None)
     try:
         teacher = Teacher(config, cache=ws)

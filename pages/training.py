@@ -6,7 +6,7 @@ import streamlit as st
 from crs_core import jobs, model_eval, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.evaluate import check_no_test_leakage
-from pages._shared import (background_run, cached, ensure_navigation, needs, show_error, start_background,
+from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
                            workspace)
 
 ensure_navigation()
@@ -54,7 +54,7 @@ else:
         name = st.text_input("Run name (optional)", key="tr_name")
         launch = st.form_submit_button("Launch training job", type="primary", icon=":material/rocket_launch:",
                                        key="tr_launch")
-    if launch:
+    if launch and authorized("train"):
         try:
             with st.spinner("Exporting the training data…"):
                 examples, items, info = views.training_inputs(ws, tuple(statuses), from_selection, extra)
