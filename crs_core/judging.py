@@ -173,19 +173,33 @@ def judge(ws: Workspace, user: User, assignment_id: str, query_id: str, verdict:
 
 
 def withdraw(ws: Workspace, user: User, assignment_id: str, query_id: str) -> None:
-    """Take back one's own judgement (the review loop's undo) while the dialogue is undecided."""
+    """Take back one's own judgement (the review loop's undo). A decision it completed is undone
+    too (a new version restoring the state before it), unless the dialogue changed since or a
+    curator settled it; the dialogue is then open for judging again."""
     require(user, "judge")
     with ws.transaction() as cur:
-        item = cur.execute("SELECT outcome FROM assignment_items WHERE assignment_id = ? AND query_id = ?",
-                           [assignment_id, query_id]).fetchone()
+        item = cur.execute("SELECT outcome, decided_version, settled_by FROM assignment_items "
+                           "WHERE assignment_id = ? AND query_id = ?", [assignment_id, query_id]).fetchone()
         if item is None:
             raise JudgingError(f"{query_id} is not part of this assignment")
-        if item[0] is not None:
-            raise JudgingError(f"{query_id} is already decided ({item[0]}); ask a curator to change it")
+        outcome, decided_version, settled_by = item
+        if settled_by is not None:
+            raise JudgingError(f"{query_id} was settled by {settled_by}; ask a curator to change it")
         gone = cur.execute("DELETE FROM judgements WHERE assignment_id = ? AND query_id = ? AND annotator = ? "
                            "RETURNING query_id", [assignment_id, query_id, user.name]).fetchall()
         if not gone:
             raise JudgingError(f"{user.name} has no judgement of {query_id} to take back")
+        if outcome in VERDICTS:
+            version = review.current_state(cur, query_id)["version"]
+            if version != decided_version:
+                raise JudgingError(f"{query_id} changed after it was decided ({outcome}); ask a curator")
+            restored = review.undo_in(cur, query_id, user.name, expected_version=version)
+            # the others judged the state the undo restored: their judgements still stand
+            cur.execute("UPDATE judgements SET based_on_version = ? WHERE assignment_id = ? AND query_id = ? "
+                        "AND based_on_version = ?", [restored, assignment_id, query_id, decided_version - 1])
+        if outcome is not None:
+            cur.execute("UPDATE assignment_items SET outcome = NULL, reason = NULL, decided_at = NULL, "
+                        "decided_version = NULL WHERE assignment_id = ? AND query_id = ?", [assignment_id, query_id])
 
 
 def _decide(cur, task: Assignment, query_id: str) -> str:
@@ -215,10 +229,10 @@ def _decide(cur, task: Assignment, query_id: str) -> str:
         return "disputed"
     names = ", ".join(m[0] for m in marks)
     query, gt = content if content else (None, None)
-    review.write_decision(cur, query_id, top, annotator=names,
-                          note=f"{task.rule}: {_tally(votes)} ({task.name})", query=query, ground_truth=gt)
-    cur.execute("UPDATE assignment_items SET outcome = ?, decided_at = current_timestamp "
-                "WHERE assignment_id = ? AND query_id = ?", [top, task.assignment_id, query_id])
+    version = review.write_decision(cur, query_id, top, annotator=names,
+                                    note=f"{task.rule}: {_tally(votes)} ({task.name})", query=query, ground_truth=gt)
+    cur.execute("UPDATE assignment_items SET outcome = ?, decided_at = current_timestamp, decided_version = ? "
+                "WHERE assignment_id = ? AND query_id = ?", [top, version, task.assignment_id, query_id])
     return top
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "normalize_gt_rows",
     "write_decision",
     "current_state",
+    "undo_in",
 ]
 
 STATUSES: tuple[str, ...] = ("pending", "approved", "rejected")
@@ -626,23 +627,28 @@ def undo(ws: Workspace, query_id: str, annotator: User | str | None = None,
     """Restore the state before the dialogue's last change as a new version; returns it."""
     annotator = _who(annotator, "review_directly")
     with ws.transaction() as cur:
-        current = _snapshots(cur, [query_id])
-        if expected_version is not None:
-            _check_versions(cur, current, {query_id: expected_version})
-        rows = cur.execute(
-            "SELECT version, action, snapshot FROM query_history WHERE query_id = ?", [query_id]
-        ).fetchall()
-        snaps = {int(v): (a, json.loads(s)) for v, a, s in rows}
-        effective = current[query_id]["version"]
-        seen = set()
-        while effective in snaps and snaps[effective][1].get("restored_from") is not None and effective not in seen:
-            seen.add(effective)
-            effective = int(snaps[effective][1]["restored_from"])
-        target = effective - 1
-        if effective not in snaps or target not in snaps:
-            raise ReviewError(f"nothing to undo for {query_id}: it is at its first recorded version")
-        old = current[query_id]
-        new = _state(snaps[target][1])
-        return _write_versions(cur, [{"query_id": query_id, "old": old, "new": new, "action": "undo",
-                                      "annotator": annotator, "note": f"restored version {target}",
-                                      "restored_from": target}])[query_id]
+        return undo_in(cur, query_id, annotator, expected_version)
+
+
+def undo_in(cur, query_id: str, annotator: str | None, expected_version: int | None = None) -> int:
+    """`undo` inside the caller's transaction (for crs_core.judging taking back a decision)."""
+    current = _snapshots(cur, [query_id])
+    if expected_version is not None:
+        _check_versions(cur, current, {query_id: expected_version})
+    rows = cur.execute(
+        "SELECT version, action, snapshot FROM query_history WHERE query_id = ?", [query_id]
+    ).fetchall()
+    snaps = {int(v): (a, json.loads(s)) for v, a, s in rows}
+    effective = current[query_id]["version"]
+    seen = set()
+    while effective in snaps and snaps[effective][1].get("restored_from") is not None and effective not in seen:
+        seen.add(effective)
+        effective = int(snaps[effective][1]["restored_from"])
+    target = effective - 1
+    if effective not in snaps or target not in snaps:
+        raise ReviewError(f"nothing to undo for {query_id}: it is at its first recorded version")
+    old = current[query_id]
+    new = _state(snaps[target][1])
+    return _write_versions(cur, [{"query_id": query_id, "old": old, "new": new, "action": "undo",
+                                  "annotator": annotator, "note": f"restored version {target}",
+                                  "restored_from": target}])[query_id]

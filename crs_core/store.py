@@ -246,6 +246,7 @@ MIGRATIONS: list[str] = [
         outcome    VARCHAR,                -- approved | rejected | disputed, once decided
         reason     VARCHAR,                -- why it is disputed
         decided_at TIMESTAMP,
+        decided_version INTEGER,           -- the dialogue version the decision wrote
         settled_by VARCHAR,                -- the curator who settled a dispute
         PRIMARY KEY (assignment_id, query_id)
     );

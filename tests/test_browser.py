@@ -50,11 +50,11 @@ def studio(studio_workspace_file, tmp_path_factory):
     yield from _run_studio(copy_workspace(studio_workspace_file, tmp / "browser.duckdb"), tmp)
 
 
-def _run_studio(ws_path: Path, tmp: Path):
+def _run_studio(ws_path: Path, tmp: Path, extra_env: dict | None = None):
     """Start `streamlit run app.py` on `ws_path`; yields (base url, workspace path, process)."""
     port = _free_port()
     env = {**os.environ, "CRS_WORKSPACE": str(ws_path), "CRS_JOBS_ROOT": str(tmp / "jobs"),
-           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", **(extra_env or {})}
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -321,3 +321,78 @@ def test_synthesis_counters_agree_at_every_poll_while_a_run_stores(own_studio, b
     proc.wait(20)
     with Workspace(ws_path, read_only=True) as ws:
         assert ws.count("synthetic_queries") == others + seen[-1] == others + 5
+
+
+# -- issue 15: team mode: sign in, then judge assigned dialogues with single keys -------------------
+@pytest.fixture()
+def team_studio(studio_workspace_file, tmp_path):
+    from crs_core import judging
+    from crs_core.accounts import Accounts, User
+    from crs_core.store import Workspace
+
+    ws_path = copy_workspace(studio_workspace_file, tmp_path / "team.duckdb")
+    book = Accounts(tmp_path / "accounts.json")
+    owner = book.add("olga", "owner", "owner-password-1")
+    book.add("ann", "annotator", "annotator-password-1", actor=owner)
+    with Workspace(ws_path) as ws:
+        judging.assign(ws, User("olga", "owner"), None, ["ann"])
+    yield from _run_studio(ws_path, tmp_path, {"CRS_STUDIO_MODE": "team", "CRS_ACCOUNTS": str(book.path)})
+
+
+def _judged_in_session(driver) -> int | None:
+    import re
+
+    body = driver.execute_script("return document.body.innerText;")
+    m = re.search(r"Judged in this session: (\d+)", body)
+    return int(m[1]) if m else None
+
+
+def test_team_sign_in_and_keyboard_judging(team_studio, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from crs_core.store import Workspace
+
+    url, ws_path, proc = team_studio
+    browser.delete_all_cookies()
+    browser.get(f"{url}/review")
+    _wait_idle(browser, "Sign in")
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a[href$="/evaluation"]') or \
+        "Workspace" not in browser.find_element(By.TAG_NAME, "body").text
+
+    def sign_in(password: str) -> None:
+        name = browser.find_element(By.XPATH, "//input[@aria-label='Name']")
+        name.send_keys(Keys.CONTROL, "a")
+        name.send_keys("ann")
+        field = browser.find_element(By.XPATH, "//input[@aria-label='Password']")
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(password)
+        _click_button(browser, "Sign in")
+
+    sign_in("wrong-password")
+    deadline = time.monotonic() + 30
+    while "wrong name or password" not in browser.find_element(By.TAG_NAME, "body").text:
+        assert time.monotonic() < deadline, "no message for a wrong password"
+        time.sleep(0.2)
+    browser.save_screenshot(str(SCREENSHOTS / "team-01-wrong-password.png"))
+    sign_in("annotator-password-1")
+    _wait_idle(browser, "Review")
+    assert _judged_in_session(browser) == 0 and _exceptions(browser) == []
+    browser.save_screenshot(str(SCREENSHOTS / "team-02-loop.png"))
+    for key, done in (("a", 1), ("x", 2), ("s", 2), ("u", 1)):
+        ActionChains(browser).send_keys(key).perform()
+        deadline = time.monotonic() + 30
+        while _judged_in_session(browser) != done:
+            assert time.monotonic() < deadline, f"key {key!r}: the loop did not move on"
+            time.sleep(0.1)
+        _wait_idle(browser, "Review")
+        assert _exceptions(browser) == []
+    browser.save_screenshot(str(SCREENSHOTS / "team-03-after-keys.png"))
+    proc.terminate()
+    proc.wait(20)
+    with Workspace(ws_path, read_only=True) as ws:
+        rows = ws.cursor().execute("SELECT annotator, verdict FROM judgements").fetchall()
+        statuses = dict(ws.cursor().execute("SELECT status, count(*) FROM synthetic_queries GROUP BY 1").fetchall())
+    assert rows == [("ann", "approved")]  # the reject was taken back with U
+    assert statuses.get("approved") == 1 and ws_path.exists()

@@ -153,7 +153,7 @@ def test_agreement_report_and_progress(ws):
         judging.agreement_report(ws, ANN)
 
 
-def test_withdraw_a_judgement_until_the_dialogue_is_decided(ws):
+def test_withdraw_a_judgement_and_the_decision_it_completed(ws):
     task = judging.assign(ws, CURATOR, {"search": "film 1"}, ["ann", "bob"], overlap=2)
     qid, _ = _judge(ws, ANN, "rejected", task)
     judging.withdraw(ws, ANN, task.assignment_id, qid)
@@ -161,8 +161,27 @@ def test_withdraw_a_judgement_until_the_dialogue_is_decided(ws):
     with pytest.raises(JudgingError, match="no judgement"):
         judging.withdraw(ws, BOB, task.assignment_id, qid)
     _judge(ws, ANN, "approved", task)
-    _judge(ws, BOB, "approved", task)
-    with pytest.raises(JudgingError, match="already decided"):
+    _, outcome = _judge(ws, BOB, "approved", task)
+    assert outcome == "approved"
+    judging.withdraw(ws, BOB, task.assignment_id, qid)  # bob's undo takes the approval back
+    d = review.get_dialogue(ws, qid)
+    assert d.status == "pending" and review.history(ws, qid).iloc[0]["action"] == "undo"
+    assert judging.next_dialogue(ws, BOB) == (task.assignment_id, qid)
+    _, outcome = _judge(ws, BOB, "approved", task)
+    assert outcome == "approved"
+    d = review.get_dialogue(ws, qid)
+    review.save_edit(ws, qid, d.version, "changed by a curator", d.ground_truth, annotator="cura")
+    with pytest.raises(JudgingError, match="changed after it was decided"):
+        judging.withdraw(ws, ANN, task.assignment_id, qid)
+    assert len(judging.judgements_for(ws, ANN, task.assignment_id, qid)) == 2  # nothing was taken back
+
+
+def test_a_settled_dispute_cannot_be_withdrawn(ws):
+    task = judging.assign(ws, CURATOR, {"search": "film 1"}, ["ann", "bob"], overlap=2)
+    qid, _ = _judge(ws, ANN, "approved", task)
+    _judge(ws, BOB, "rejected", task)
+    judging.settle(ws, CURATOR, task.assignment_id, qid, "rejected")
+    with pytest.raises(JudgingError, match="settled by cura"):
         judging.withdraw(ws, ANN, task.assignment_id, qid)
 
 
