@@ -27,6 +27,8 @@ def annotator_loop(ws, user: accounts.User) -> None:
         show_error(ss.pop("jl_error"))
     if "jl_flash" in ss:
         st.success(ss.pop("jl_flash"))
+    st.caption(f"Judged in this session: {len(done)} · keys: {KEYS['approved']} approve · {KEYS['rejected']} reject · "
+               f"{KEYS['skip']} skip · {KEYS['undo']} undo your last judgement")
     nxt = judging.next_dialogue(ws, user, skip=skipped)
     if nxt is None:
         if skipped:
@@ -38,8 +40,6 @@ def annotator_loop(ws, user: accounts.User) -> None:
         return
     aid, qid = nxt
     d = review.get_dialogue(ws, qid)
-    st.caption(f"Judged in this session: {len(done)} · keys: {KEYS['approved']} approve · {KEYS['rejected']} reject · "
-               f"{KEYS['skip']} skip · {KEYS['undo']} undo your last judgement")
     with st.container(border=True):
         if d.item:
             st.text(f"Written from reviews of: {d.item.get('title')} ({d.item.get('year') or '?'})")
