@@ -107,7 +107,8 @@ def live() -> None:
         phase = "retrieving candidates" if share < 0.3 else "scoring" if share < 0.95 else "storing labels"
         if current.running:
             st.progress(min(1.0, share), text=f"Augmentation: {phase} — {share:.0%}")
-            if st.button("Stop", key="aug_stop", icon=":material/stop:", disabled=current.stop.is_set()):
+            if st.button("Stop", key="aug_stop", icon=":material/stop:",
+                         disabled=current.stop.is_set()) and authorized("background_work"):
                 current.stop.set()
             if current.stop.is_set():
                 st.caption("Stopping… nothing is stored by a stopped augmentation; teacher replies stay cached.")

@@ -9,7 +9,7 @@ from crs_core import budget_curve, evaluate, model_eval, recommenders, studio_ac
 from crs_core.errors import CRSError
 from crs_core.select import STRATEGIES
 from crs_core.teacher import TeacherConfig
-from pages._shared import (StreamlitProgress, background_run, cached, ensure_navigation, needs, show_error,
+from pages._shared import (StreamlitProgress, authorized, background_run, cached, ensure_navigation, needs, show_error,
                            start_background, workspace)
 
 ensure_navigation()
@@ -134,7 +134,8 @@ def budget_curve_run() -> None:
         if current.running:
             share = current.done / current.total if current.total else 0.0
             st.progress(min(1.0, share), text=f"{share:.0%} · {n_points} point(s) stored in {exp_id or '…'}")
-            if st.button("Stop", key="ev_bc_stop", icon=":material/stop:", disabled=current.stop.is_set()):
+            if st.button("Stop", key="ev_bc_stop", icon=":material/stop:",
+                         disabled=current.stop.is_set()) and authorized("background_work"):
                 current.stop.set()
             if current.stop.is_set():
                 st.caption("Stopping after the point in progress; stored points are kept.")
@@ -201,7 +202,7 @@ with st.form("ev_form", border=True):
     sample = c3.number_input("Turns (sample; 0 = all)", 0, 100_000, 200, key="ev_sample")
     store = st.checkbox("Store as a run (appears in the charts above)", key="ev_store")
     go = st.form_submit_button("Evaluate", type="primary", icon=":material/analytics:", key="ev_go")
-if go:
+if go and authorized("evaluate"):
     bar = StreamlitProgress(f"Evaluating {kind} on {test}")
     try:
         with st.spinner("Preparing the recommender…"):

@@ -8,7 +8,7 @@ import streamlit as st
 from crs_core import datasets, views
 from crs_core.errors import CRSError
 from crs_core.ingest import ingest_file
-from pages._shared import cached, ensure_navigation, needs, show_error, workspace
+from pages._shared import authorized, cached, ensure_navigation, needs, show_error, workspace
 
 ensure_navigation()
 
@@ -107,7 +107,7 @@ def add_file_tab() -> None:
     check = b1.button("Check file", key="seeds_check", disabled=upload is None, icon=":material/rule:")
     add = b2.button("Add to workspace", key="seeds_add", type="primary", disabled=upload is None,
                     icon=":material/upload:")
-    if upload is not None and (check or add):
+    if upload is not None and (check or (add and authorized("ingest"))):
         suffix = "".join(Path(upload.name).suffixes[-2:]) or ".jsonl"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / (Path(upload.name).name or f"upload{suffix}")

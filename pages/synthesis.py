@@ -204,7 +204,7 @@ def live(current, counters: dict, processed: int) -> None:
             m[2].metric("Cost", f"${tally.cost:.4f}")
             m[3].metric("Failures", f"{tally.failures:,}")
         if current.running:
-            if st.button("Stop", key="syn_stop", icon=":material/stop:"):
+            if st.button("Stop", key="syn_stop", icon=":material/stop:") and authorized("background_work"):
                 current.stop.set()
             if current.stop.is_set():
                 st.caption("Stopping after the queries in flight…")

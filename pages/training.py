@@ -124,11 +124,11 @@ def follow() -> None:
                           color="#1f77b4" if name == "loss" else "#ff7f0e")
     b1, b2 = st.columns(2)
     if not state.finished and b1.button("Cancel", key="tr_cancel", icon=":material/stop:",
-                                        disabled=state.cancel_requested):
+                                        disabled=state.cancel_requested) and authorized("train"):
         jobs.cancel_job(folder)
         st.rerun()
     if state.state in ("failed", "cancelled") and b2.button("Resume from the last checkpoint", key="tr_resume",
-                                                           icon=":material/replay:"):
+                                                           icon=":material/replay:") and authorized("train"):
         try:
             jobs.resume_job(ws, job_id)
         except CRSError as exc:
@@ -203,7 +203,8 @@ def evaluate_this_job() -> None:
     if run is not None:
         if run.running:
             st.progress(min(1.0, run.done / run.total) if run.total else 0.0, text=run.label)
-            if st.button("Stop", key="tr_eval_stop", icon=":material/stop:", disabled=run.stop.is_set()):
+            if st.button("Stop", key="tr_eval_stop", icon=":material/stop:",
+                         disabled=run.stop.is_set()) and authorized("background_work"):
                 run.stop.set()
         elif run.error is not None:
             show_error(run.error)

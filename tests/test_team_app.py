@@ -117,3 +117,19 @@ def test_a_curator_assigns_from_the_review_page_and_sees_agreement(team):
     assert disputes["reason"].iloc[0].startswith("verdicts differ")
     pairs = next(t for t in tables if "annotator_a" in t.columns)
     assert list(pairs["annotator_a"]) == ["ann"] and pairs["percent_agreement"].iloc[0] == 0.0
+
+
+@pytest.mark.parametrize("page,button,says", [
+    ("pages/selection.py", "sel_run", "may not run a selection"),
+    ("pages/evaluation.py", "ev_go", "may not run an evaluation"),
+])
+def test_an_annotator_cannot_spend_compute_from_any_page(team, page, button, says):
+    with Workspace(team) as ws:
+        runs_before = ws.count("runs")
+        selections_before = ws.count("selections")
+    at = sign_in(visit(page), "ann")
+    at.button(key=button).click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(f"ann (annotator) {says}" in e.value for e in at.error)
+    with Workspace(team) as ws:
+        assert (ws.count("runs"), ws.count("selections")) == (runs_before, selections_before)
