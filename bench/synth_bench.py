@@ -269,11 +269,12 @@ class _SeedRanker:
     def __init__(self, ws: Any):
         import pandas as pd
 
-        from crs_core.synth import CatalogRetriever, _Embedder
+        from crs_core.embed import TextEncoder
+        from crs_core.synth import CatalogRetriever
 
         catalog = ws.df("SELECT item_id, title, year, genres, plot, cast_names FROM items")
         catalog["year"] = [None if pd.isna(y) else int(y) for y in catalog["year"]]
-        self.retriever = CatalogRetriever(ws, catalog, _Embedder(ws, None), cooc_weight=0.0)
+        self.retriever = CatalogRetriever(ws, catalog, TextEncoder(ws), cooc_weight=0.0)
 
     def rank(self, query: str, item_id: str) -> int:
         import numpy as np
@@ -350,7 +351,7 @@ def _stub_reply_factory(titles: list[str]) -> Any:
     import random as _random
     import re as _re
 
-    from crs_core.synth import QUERY_SYSTEM
+    from crs_core.prompts import QUERY_SYSTEM
 
     def reply(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
         user = messages[-1]["content"]

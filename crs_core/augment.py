@@ -85,14 +85,11 @@ too. Real labels' tail shares are given for comparison.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
-import re
 import threading
 import time
-import unicodedata
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -102,8 +99,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .embed import TextEncoder
 from .errors import CRSError
+from .llm_output import ParsedScores, json_list, normalize_label, parse_scores
 from .progress import ProgressFn, report, scaled
+from .prompts import RELEVANCE_PROMPT, score_schema
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import Workspace
@@ -144,44 +144,6 @@ SYNTHETIC_DATASETS: dict[str, tuple[str, ...]] = {
 }
 META_PREFIX = "augment:"
 
-# "Beyond Single Labels", Table 18, "Prompt template for relevance estimation" (verbatim).
-RELEVANCE_PROMPT = (
-    "You are provided with a dialogue history between a user and a recommender system, along with the "
-    "system's top k movie recommendations. Your task is to score each recommendation on a scale from 0 "
-    "to 4 based on how well it aligns with the user's expressed preferences.\n\n"
-    "~~~~~\n\n"
-    "- 4: The recommendation perfectly aligns with all expressed aspects of the user's preferences.\n"
-    "- 3: The recommendation aligns well with the main aspects of the user's preferences but lacks one "
-    "or two minor aspects.\n"
-    "- 2: The recommendation aligns with some but not all major aspects of the user's preferences.\n"
-    "- 1: The recommendation aligns minimally with the user's preferences, missing several key aspects.\n"
-    "- 0: The recommendation does not align with the user's preferences at all.\n\n"
-    "You can give non-integer scores if necessary\n\n"
-    "~~~~~\n\n"
-    "Here is an illustration of the scoring criteria.:\n\n"
-    "If a user said, 'I like movies similar to Super Troopers (2001), especially its humorous style!' "
-    "that may indicate the user's preference for the comedy genre, absurd humor, and perhaps law "
-    "enforcement themes. Therefore, if a recommender system recommends movies such as 'Hot Fuzz (2007)' "
-    "or 'The Other Guys (2010),' those should be 4-point recommendations because they align with the "
-    "user's preferences for the comedy genre, absurd humor styles, and law enforcement themes. If a "
-    "recommender system recommends a movie like 'Superbad (2007),' this should be a 3-point "
-    "recommendation since it aligns with the user's preference for the comedy genre and absurd humor "
-    "styles but lacks a law enforcement theme. If a recommender system recommends a movie like 'Police "
-    "Story (1985),' this may be a 2-point recommendation since it has law enforcement themes and some "
-    "comedy elements due to Jackie Chan's acting style. If a recommender system recommends a movie like "
-    "'Infernal Affairs (2002),' this may be a 1-point recommendation since it has law enforcement themes "
-    "but lacks any comedy or humor elements. If a recommender system recommends a movie like 'It "
-    "(2017),' this should be a 0-point recommendation since 'It (2017)' is not relevant to the user's "
-    "preferences.\n\n"
-    "Dialogue history:\n\n"
-    "{context}\n\n"
-    "recommender's recommendation:\n\n"
-    "{rec}\n\n"
-    "Give brief reason and end with a JSON format as follows:\n\n"
-    '{"<movie>": <score>, "<movie>": <score>, ...}\n\n'
-    "Note: Replace <movie> and <score> with the movie name (year if exist) and actual score you have "
-    "assigned to each movie."
-)
 PROMPT_HASH = hashlib.sha256(f"{RELEVANCE_PROMPT}\n{RENDER_VERSION}".encode()).hexdigest()[:16]
 
 
@@ -211,14 +173,6 @@ class AugTurn:
     mentioned: frozenset[str]       # items mentioned earlier (never candidates)
 
 
-def _json_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return list(json.loads(value)) if value.strip() else []
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return list(value)
 
 
 def _utterances(context: Sequence[Any]) -> tuple[str, ...]:
@@ -265,8 +219,8 @@ def load_turns(ws: "Workspace", dataset: str, *, limit_turns: int | None = None,
                 f"dataset {dataset!r} has no dialogue turns in the workspace; known: "
                 f"{', '.join(known + list(SYNTHETIC_DATASETS)) or 'none'}")
         for r in df.itertuples(index=False):
-            rows.append((str(r.turn_id), _json_list(r.context), _json_list(r.rec_items),
-                         _json_list(r.mentioned_items)))
+            rows.append((str(r.turn_id), json_list(r.context), json_list(r.rec_items),
+                         json_list(r.mentioned_items)))
     turns: list[AugTurn] = []
     for turn_id, context, rec, mentioned in rows:
         stats["turns_total"] += 1
@@ -349,79 +303,6 @@ def load_item_pool(ws: "Workspace") -> ItemPool:
                     dict(zip(users["item_id"].astype(str), users["n"].astype(int))))
 
 
-# ----------------------------------------------------------------------------- encoder
-
-_VEC_CACHE: dict[tuple[str, str], np.ndarray] = {}
-_VEC_CACHE_LOCK = threading.Lock()
-_VEC_CACHE_MAX = 60_000
-
-
-def _normalise(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float32)
-    return np.ascontiguousarray(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12))
-
-
-class _Embedder:
-    """Texts -> L2-normalised vectors with the project's MiniLM (or an injected encoder)."""
-
-    def __init__(self, ws: "Workspace", encoder: Any = None):
-        from .recommenders import _encoder_name, default_encoder
-
-        self._ws = ws
-        self._embed_texts = None
-        if encoder is None:
-            try:
-                from .embed import embed_texts, get_encoder  # type: ignore[attr-defined]
-
-                encoder = get_encoder("minilm")
-                self._embed_texts = embed_texts
-            except (ImportError, AttributeError):
-                encoder = default_encoder()
-        self.encoder = encoder
-        self.name = _encoder_name(encoder)
-
-    def _raw(self, texts: list[str], progress: ProgressFn | None = None) -> np.ndarray:
-        if self._embed_texts is not None:
-            try:  # crs_core.embed: encodes misses only, commits each chunk to the workspace cache
-                return np.asarray(self._embed_texts(self._ws, self.encoder, texts, progress), dtype=np.float32)
-            except TypeError:  # another embed_texts signature: encode directly
-                self._embed_texts = None
-        chunks = []
-        step = 512
-        report(progress, 0, len(texts))
-        for start in range(0, len(texts), step):
-            chunks.append(np.asarray(self.encoder.encode(list(texts[start:start + step])), dtype=np.float32))
-            report(progress, min(start + step, len(texts)), len(texts))
-        return np.vstack(chunks) if chunks else np.zeros((0, 1), np.float32)
-
-    def __call__(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
-        texts = list(texts)
-        out: list[np.ndarray | None] = [None] * len(texts)
-        keys = [(self.name, hashlib.sha1(t.encode()).hexdigest()) for t in texts]
-        with _VEC_CACHE_LOCK:
-            for i, k in enumerate(keys):
-                out[i] = _VEC_CACHE.get(k)
-        todo = sorted({texts[i] for i, v in enumerate(out) if v is None})
-        fresh: dict[str, np.ndarray] = {}
-        if todo:
-            vecs = _normalise(self._raw(todo, progress))
-            if vecs.ndim != 2 or len(vecs) != len(todo):
-                raise AugmentError(f"the encoder returned shape {vecs.shape} for {len(todo)} texts")
-            fresh = dict(zip(todo, vecs))
-        report(progress, 1, 1)
-        with _VEC_CACHE_LOCK:
-            if len(_VEC_CACHE) + len(fresh) > _VEC_CACHE_MAX:
-                _VEC_CACHE.clear()
-            for text, vec in fresh.items():
-                _VEC_CACHE[(self.name, hashlib.sha1(text.encode()).hexdigest())] = vec
-        for i, v in enumerate(out):
-            if v is None:
-                out[i] = fresh[texts[i]]
-        if not out:
-            return np.zeros((0, 1), np.float32)
-        return np.vstack(out).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- retrieval
 
 
@@ -464,7 +345,7 @@ class Retrieval:
         return sum(len(t.positives) for t in self.turns)
 
 
-def _retrieve(turns: list[AugTurn], pool: ItemPool, embed: _Embedder, top_n: int,
+def _retrieve(turns: list[AugTurn], pool: ItemPool, embed: TextEncoder, top_n: int,
               progress: ProgressFn | None = None) -> Retrieval:
     from .recommenders import CONTEXT_MAX_CHARS, CONTEXT_TURNS, context_text
 
@@ -505,7 +386,7 @@ def retrieve_candidates(ws: "Workspace", dataset: str, *, top_n: int = DEFAULT_T
                         progress: ProgressFn | None = None) -> Retrieval:
     """Step 1 alone: the top-n candidates of each usable turn of ``dataset``."""
     turns, _ = load_turns(ws, dataset, limit_turns=limit_turns, allow_test=allow_test)
-    return _retrieve(turns, load_item_pool(ws), _Embedder(ws, encoder), top_n, progress)
+    return _retrieve(turns, load_item_pool(ws), TextEncoder(ws, encoder), top_n, progress)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -546,244 +427,6 @@ def build_scoring_messages(context: Sequence[str] | str, candidates: Sequence[st
     return [{"role": "user", "content": before + ctx + middle + rec + after}]
 
 
-# ----------------------------------------------------------------------------- parsing
-
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-_TITLE_KEYS = ("movie", "title", "name", "item", "film", "recommendation")
-_SCORE_KEYS = ("score", "relevance", "rating", "value")
-_WRAPPER_KEYS = ("scores", "recommendations", "results", "movies", "ratings", "items", "relevance")
-_YEAR = re.compile(r"\s*\((?:19|20)\d{2}\)\s*$")
-_LEADING_NUM = re.compile(r"^\s*#?\d{1,3}\s*[.):\]-]\s+")
-
-
-def _norm(text: str) -> str:
-    text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
-    text = text.lower().replace("&", " and ")
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
-
-
-@dataclass
-class ParsedScores:
-    """Scores read from one reply, by position in the listed batch."""
-
-    scores: dict[int, float] = field(default_factory=dict)    # in [0, 4]
-    clipped: set[int] = field(default_factory=set)            # given outside 0-4, clipped
-    missing: set[int] = field(default_factory=set)            # listed but not scored
-    found_json: bool = False
-
-    @property
-    def unparsable(self) -> bool:
-        return not self.scores
-
-
-def _score_value(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        v = float(value)
-    elif isinstance(value, str):
-        m = _NUMBER.search(value)
-        if not m:
-            return None
-        v = float(m.group(0))
-    elif isinstance(value, Mapping):
-        lower = {str(k).lower(): v for k, v in value.items()}
-        inner = next((lower[k] for k in _SCORE_KEYS if k in lower), None)
-        return _score_value(inner) if inner is not None else None
-    else:
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _balanced_end(text: str, start: int) -> int:
-    """Index after the bracket closing the one at ``start`` (strings respected), or -1."""
-    pairs = {"{": "}", "[": "]"}
-    stack = [pairs[text[start]]]
-    quote = None
-    i = start + 1
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\":
-                i += 1
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'" and not (ch == "'" and text[i - 1].isalnum() and i + 1 < len(text) and text[i + 1].isalnum()):
-            quote = ch
-        elif ch in pairs:
-            stack.append(pairs[ch])
-        elif ch in "}]":
-            if ch != stack[-1]:
-                return -1
-            stack.pop()
-            if not stack:
-                return i + 1
-        i += 1
-    return -1
-
-
-def _lenient(fragment: str) -> Any:
-    """JSON, or nearly JSON (single quotes, trailing commas, Python literals)."""
-    try:
-        return json.loads(fragment)
-    except json.JSONDecodeError:
-        pass
-    fixed = re.sub(r",\s*([}\]])", r"\1", fragment)
-    try:
-        return json.loads(fixed)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(fixed)
-    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-        return None
-
-
-def _json_values(text: str) -> list[Any]:
-    """Every JSON-like object/array in the text, outermost ones, in order of appearance."""
-    out = []
-    i = 0
-    while i < len(text):
-        starts = [p for p in (text.find("{", i), text.find("[", i)) if p >= 0]
-        if not starts:
-            break
-        j = min(starts)
-        end = _balanced_end(text, j)
-        if end < 0:
-            i = j + 1
-            continue
-        value = _lenient(text[j:end])
-        if isinstance(value, (dict, list)):
-            out.append(value)
-            i = end
-        else:
-            i = j + 1
-    return out
-
-
-def _pairs(value: Any, n: int) -> list[tuple[Any, Any]]:
-    """(key, raw score) pairs from a parsed JSON value; an int key is a list position (0-based)."""
-    if isinstance(value, dict):
-        lower = {str(k).strip().lower(): v for k, v in value.items()}
-        for k in _WRAPPER_KEYS:
-            if k in lower and isinstance(lower[k], (dict, list)) and len(value) <= 2:
-                return _pairs(lower[k], n)
-        name = next((lower[k] for k in _TITLE_KEYS if k in lower and isinstance(lower[k], str)), None)
-        score = next((lower[k] for k in _SCORE_KEYS if k in lower), None)
-        if name is not None and score is not None:
-            return [(name, score)]
-        return [(str(k), v) for k, v in value.items()]
-    if isinstance(value, list):
-        out: list[tuple[Any, Any]] = []
-        if value and all(_score_value(v) is not None and not isinstance(v, Mapping) for v in value) \
-                and len(value) == n:
-            return [(i, v) for i, v in enumerate(value)]
-        for el in value:
-            if isinstance(el, dict):
-                out += _pairs(el, n)
-            elif isinstance(el, (list, tuple)) and len(el) == 2 and isinstance(el[0], str):
-                out.append((el[0], el[1]))
-        return out
-    return []
-
-
-class _BatchMatcher:
-    """Maps a reply's movie keys to positions of the listed batch."""
-
-    def __init__(self, titles: Sequence[str]):
-        self.n = len(titles)
-        self.full = [_norm(t) for t in titles]
-        self.bare = [_norm(_YEAR.sub("", t)) for t in titles]
-
-    def match(self, key: Any) -> int | None:
-        if isinstance(key, int):
-            return key if 0 <= key < self.n else None
-        raw = str(key).strip().strip("\"'“”‘’*`")
-        k = _norm(raw)
-        if not k:
-            return None
-        for names in (self.full, self.bare):
-            hits = [i for i, t in enumerate(names) if t == k]
-            if len(hits) == 1:
-                return hits[0]
-        if k.isdigit() and 1 <= int(k) <= self.n:          # the list number
-            return int(k) - 1
-        stripped = _norm(_LEADING_NUM.sub("", raw))         # "3. Heat (1995)"
-        if stripped != k:
-            found = self.match(stripped)
-            if found is not None:
-                return found
-        # the key is the listed line (title + description) or starts with the title
-        hits = [i for i, t in enumerate(self.full) if t and (k.startswith(t + " ") or k == t)]
-        if len(hits) != 1:
-            hits = [i for i, t in enumerate(self.bare) if t and k.startswith(t + " ")]
-        if len(hits) == 1:
-            return hits[0]
-        try:
-            from rapidfuzz import fuzz
-        except ImportError:  # pragma: no cover
-            return None
-        scored = sorted(((max(fuzz.ratio(k, f), fuzz.ratio(k, b)), i)
-                         for i, (f, b) in enumerate(zip(self.full, self.bare))), reverse=True)
-        if scored and scored[0][0] >= 90 and (len(scored) == 1 or scored[1][0] < scored[0][0] - 3):
-            return scored[0][1]
-        return None
-
-
-_QUOTED_PAIR = re.compile(r'["“]([^"“”\n]{1,300})["”]\s*:\s*["“]?\s*([-+]?\d+(?:\.\d+)?)')
-_PROSE_SCORE = re.compile(
-    r"(?:score|rating|relevance)\s+(?:for|of)\s+(?:the\s+)?(?:movie\s+|film\s+)?[\"“']?(.{2,150}?)[\"”']?"
-    r"\s+(?:is|=|:)\s+([-+]?\d+(?:\.\d+)?)", re.I)
-_LINE_SCORE = re.compile(
-    r"^\s*(?:[-*•]\s*)?(?:#?\d{1,3}[.)]\s*)?[\"“'*]*(.+?)[\"”'*]*\s*[:=\-–—]\s*\**\s*"
-    r"([-+]?\d+(?:\.\d+)?)\s*(?:/\s*4|out of 4)?\**\s*[.,]?\s*$")
-
-
-def parse_scores(text: str, titles: Sequence[str]) -> ParsedScores:
-    """Scores for the listed ``titles`` from a relevance reply (see the module docstring).
-
-    The JSON value (object or list) that scores the most listed titles wins, the later one on a
-    tie (the answer ends the reply; an echoed template comes first). Without any, quoted
-    '"Title": score' pairs (a reply cut off by the token limit) are read, then lines such as
-    'Heat (1995): 3.5' or prose such as 'The score for the movie "Heat" is 3.5'."""
-    out = ParsedScores()
-    matcher = _BatchMatcher(titles)
-    body = (text or "").replace("```json", "```").replace("```", "\n")
-    best: dict[int, Any] = {}
-    for value in _json_values(body):
-        out.found_json = True
-        got: dict[int, Any] = {}
-        for key, raw in _pairs(value, matcher.n):
-            pos = matcher.match(key)
-            if pos is not None and pos not in got and _score_value(raw) is not None:
-                got[pos] = raw
-        if got and len(got) >= len(best):
-            best = got
-    if not best:  # a cut-off or malformed object: its '"Title": score' pairs
-        for m in _QUOTED_PAIR.finditer(body):
-            pos = matcher.match(m.group(1))
-            if pos is not None and pos not in best:
-                best[pos] = m.group(2)
-    if not best:  # plain lines ("Heat (1995): 3.5"), prose ("the score for Heat is 3.5")
-        for line in body.splitlines():
-            m = _LINE_SCORE.match(line)
-            found = [m] if m else list(_PROSE_SCORE.finditer(line))
-            for m in found:
-                pos = matcher.match(m.group(1))
-                if pos is not None and pos not in best:
-                    best[pos] = m.group(2)
-    for pos, raw in best.items():
-        v = _score_value(raw)
-        if v is None:
-            continue
-        if v < 0.0 or v > 4.0:
-            out.clipped.add(pos)
-            v = min(4.0, max(0.0, v))
-        out.scores[pos] = v
-    out.missing = set(range(matcher.n)) - set(out.scores)
-    return out
-
-
 # ----------------------------------------------------------------------------- teacher scoring
 
 
@@ -814,7 +457,7 @@ def _batches(entries: list[tuple[str, str]], size: int) -> list[list[tuple[str, 
     out: list[list[tuple[str, str]]] = []
     seen: list[set[str]] = []
     for entry in entries:
-        key = _norm(entry[1])
+        key = normalize_label(entry[1])
         for b, s in zip(out, seen):
             if len(b) < size and key not in s:
                 b.append(entry)
@@ -826,10 +469,6 @@ def _batches(entries: list[tuple[str, str]], size: int) -> list[list[tuple[str, 
     return out
 
 
-def score_schema(titles: Sequence[str]) -> dict[str, Any]:
-    """JSON schema of the answer to one scoring prompt: exactly the listed titles, each a number."""
-    return {"type": "object", "properties": {t: {"type": "number"} for t in titles},
-            "required": list(titles), "additionalProperties": False}
 
 
 def _score_with_teacher(teacher: "Teacher", jobs: list[tuple[int, Sequence[str], list[str]]],
@@ -1282,7 +921,7 @@ def augment(
     turns, turn_stats = load_turns(ws, dataset, limit_turns=limit_turns, allow_test=allow_test)
     report(progress, 0, 1000)
     pool = load_item_pool(ws)
-    embed = _Embedder(ws, encoder)
+    embed = TextEncoder(ws, encoder)
     retrieval = _retrieve(turns, pool, embed, top_n, scaled(progress, 0.0, 0.3))
     if stop is not None and stop.is_set():
         raise AugmentIncomplete("augmentation cancelled before scoring; nothing was stored")

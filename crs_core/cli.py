@@ -254,16 +254,17 @@ def _budget_curve(ws: Workspace, args: argparse.Namespace) -> int:
 
 @command("train")
 def _train(ws: Workspace, args: argparse.Namespace) -> int:
+    from . import model_kinds
     from .augment import launch_training_job
-    from .train import KIND_RETRIEVER, KIND_SFT
 
+    entry = model_kinds.by_cli_name(args.kind)
     config = {}
     for key in ("max_steps", "epochs", "alpha", "stage1_model", "checkpoint_every", "checkpoint_seconds"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
-    if args.kind == "sft":
+    if entry.method is not None:
         config["method"] = args.method
-    job_id, info = launch_training_job(ws, KIND_RETRIEVER if args.kind == "retriever" else KIND_SFT, args.data,
+    job_id, info = launch_training_job(ws, entry.kind, args.data,
                                        labels=args.labels, config=config, aug_dataset=args.aug_dataset,
                                        aug_scorer=args.aug_scorer, statuses=args.statuses)
     if info["skipped_no_context"]:
@@ -295,6 +296,7 @@ def _jobs(ws: Workspace, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import model_kinds
     from .synth import DEFAULT_GT_MODE, GT_MODES
     parser = argparse.ArgumentParser(
         prog="python -m crs_core", description=__doc__,
@@ -420,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     teacher_options(p)
 
     p = sub.add_parser("train", help="train the dense retriever or fine-tune the student LM as a background job")
-    p.add_argument("--kind", choices=["retriever", "sft"], default="retriever")
+    p.add_argument("--kind", choices=[k.cli_name for k in model_kinds.kinds()], default=model_kinds.RETRIEVER.cli_name,
+                   help="the model to train (crs_core.model_kinds)")
     p.add_argument("--method", choices=["lora", "full"], default="lora", help="SFT: LoRA (default) or full")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a dialogue dataset such as inspired_train")
     p.add_argument("--statuses", nargs="+", default=["approved"], help="synthetic statuses used for training")

@@ -656,6 +656,77 @@ def embed_texts(
     return np.stack([vectors[h] for h in hashes]).astype(np.float32, copy=False)
 
 
+class TextEncoder:
+    """Texts -> L2-normalised float32 rows: the one query / item-text encoder of synthesis,
+    augmentation and the recommenders' helpers.
+
+    With no encoder given it is the project's MiniLM through `embed_texts` (vectors cached in the
+    workspace, so a catalogue is encoded once per machine); an injected encoder (tests, a
+    fine-tuned retriever) is called directly. Vectors are also kept in memory for the life of the
+    process (`MEMO_MAX` texts per encoder name, cleared when full), so repeated queries cost
+    nothing; `forget` drops texts a caller keeps elsewhere."""
+
+    MEMO_MAX = 60_000
+    _memo: dict[tuple[str, str], np.ndarray] = {}
+    _memo_lock = threading.Lock()
+
+    def __init__(self, ws: Workspace | None, encoder: Encoder | None = None):
+        self._ws = ws
+        self._given = encoder
+        self._encoder: Encoder | None = None
+        self.name = "?"
+
+    def ensure(self) -> "TextEncoder":
+        """Load the encoder now (so ``name`` is known)."""
+        if self._encoder is None:
+            self._encoder = self._given if self._given is not None else get_encoder(DEFAULT_ENCODER)
+            enc = self._encoder
+            self.name = str(getattr(enc, "name", None) or getattr(enc, "model_name", None) or type(enc).__name__)
+        return self
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.ensure()._encoder
+
+    def _encode(self, texts: list[str], progress: ProgressFn | None) -> np.ndarray:
+        if self._given is None and self._ws is not None:
+            return embed_texts(self._ws, self.encoder, texts, progress)
+        chunks = []
+        report(progress, 0, len(texts))
+        for start in range(0, len(texts), CHUNK):
+            chunks.append(np.asarray(self.encoder.encode(texts[start:start + CHUNK]), dtype=np.float32))
+            report(progress, min(start + CHUNK, len(texts)), len(texts))
+        return np.vstack(chunks) if chunks else np.zeros((0, 1), np.float32)
+
+    def __call__(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
+        texts = list(texts)
+        self.ensure()
+        keys = [(self.name, text_hash(t)) for t in texts]
+        with self._memo_lock:
+            found = {k: self._memo[k] for k in keys if k in self._memo}
+        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
+        if todo:
+            vecs = np.asarray(self._encode(todo, progress), dtype=np.float32)
+            if vecs.ndim != 2 or len(vecs) != len(todo):
+                raise CRSError(f"the encoder {self.name} returned shape {vecs.shape} for {len(todo)} texts")
+            vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            fresh = {(self.name, text_hash(t)): v for t, v in zip(todo, vecs)}
+            found.update(fresh)
+            with self._memo_lock:
+                if len(self._memo) + len(fresh) > self.MEMO_MAX:
+                    self._memo.clear()
+                self._memo.update(fresh)
+        report(progress, 1, 1)
+        if not texts:
+            return np.zeros((0, 1), np.float32)
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+
+    def forget(self, texts: Iterable[str]) -> None:
+        with self._memo_lock:
+            for t in texts:
+                self._memo.pop((self.name, text_hash(t)), None)
+
+
 def build_embedding_set(
     ws: Workspace,
     unit: str,

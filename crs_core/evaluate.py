@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CRSError
+from .llm_output import json_list
 from .progress import ProgressFn, report
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -270,14 +271,6 @@ class EvalTurn:
     mentioned: set[str]
 
 
-def _json_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = json.loads(value) if value else []
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    return list(value)
 
 
 def load_eval_turns(ws: "Workspace", dataset: str) -> tuple[list[EvalTurn], dict[str, int], int]:
@@ -301,13 +294,13 @@ def load_eval_turns(ws: "Workspace", dataset: str) -> tuple[list[EvalTurn], dict
     total = len(df)
     skipped = {"mentioned": 0, "no_labels": 0}
     for row in df.itertuples(index=False):
-        mentioned = {str(x) for x in _json_list(row.mentioned_items)}
-        rec = [str(x) for x in dict.fromkeys(_json_list(row.rec_items))]
+        mentioned = {str(x) for x in json_list(row.mentioned_items)}
+        rec = [str(x) for x in dict.fromkeys(json_list(row.rec_items))]
         labels = [x for x in rec if x not in mentioned]
         if not labels:
             skipped["mentioned" if rec else "no_labels"] += 1
             continue
-        context = [str(u) if u is not None else "" for u in _json_list(row.context)]
+        context = [str(u) if u is not None else "" for u in json_list(row.context)]
         turns.append(EvalTurn(str(row.turn_id), str(row.dialog_id), context, labels, mentioned))
     return turns, skipped, total
 
@@ -365,8 +358,8 @@ def candidate_items(ws: "Workspace", dataset: str,
         turns = ws.df("SELECT rec_items, mentioned_items FROM dialogue_turns "
                       "WHERE dataset = ? OR split_part(dataset, '_', 1) = ?", [dataset, prefix])
         for row in turns.itertuples(index=False):
-            own.update(str(x) for x in _json_list(row.rec_items))
-            own.update(str(x) for x in _json_list(row.mentioned_items))
+            own.update(str(x) for x in json_list(row.rec_items))
+            own.update(str(x) for x in json_list(row.mentioned_items))
         return own & catalog
     return {str(x) for x in candidates} & catalog
 
@@ -720,7 +713,7 @@ def check_no_test_leakage(
         f"WHERE dataset IN ({', '.join('?' * len(datasets))})",
         datasets,
     )
-    test_turns = [(r.dataset, r.dialog_id, r.turn_id, _json_list(r.context), r.resp)
+    test_turns = [(r.dataset, r.dialog_id, r.turn_id, json_list(r.context), r.resp)
                   for r in df.itertuples(index=False)]
     leaks = find_test_leaks(test_turns, training_contexts, min_chars=min_chars,
                             min_shared=min_shared)

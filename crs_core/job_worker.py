@@ -63,7 +63,7 @@ def run(folder: str | os.PathLike, *, install_signals: bool = True) -> int:
             ctx.finish(json.loads(result_file.read_text(encoding="utf-8")), drop_checkpoints=drop_checkpoints)
             return 0
         ctx.check_cancel()
-        runner = jobs._resolve(ctx.meta.get("runner") or jobs.RUNNERS.get(ctx.kind, ""))
+        runner = jobs._resolve(ctx.meta.get("runner") or jobs.runner_for(ctx.kind) or "")
         result = runner(ctx)
         ctx.finish(result or {}, drop_checkpoints=drop_checkpoints)
         ctx.log("job succeeded")

@@ -29,8 +29,9 @@ A trainer saves a checkpoint every ``checkpoint_every`` steps and also once ``ch
 
 What runs in the worker is a *runner* ``module:function`` taking a :class:`JobContext`; what the
 app does with a finished job is an *importer* ``(cursor, JobState) -> None`` run inside the same
-transaction that marks the job imported. Both are registered per kind (see ``RUNNERS`` and
-``IMPORTERS``) or given to ``launch_job`` as ``module:function`` strings.
+transaction that marks the job imported. Runners are registered per kind (trained models in
+``crs_core.model_kinds``, other kinds in ``RUNNERS``), importers in ``IMPORTERS``, or either is
+given to ``launch_job`` as a ``module:function`` string.
 
 This module imports only the standard library, so the worker starts fast.
 """
@@ -86,7 +87,7 @@ __all__ = [
     "read_input",
     "read_progress",
     "read_log",
-    "register_runner",
+    "runner_for",
     "register_importer",
     "default_jobs_root",
 ]
@@ -115,10 +116,9 @@ MODEL_DIR = "model"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_SECONDS = 60.0  # default time between checkpoints (job config "checkpoint_seconds")
 
-# kind -> "module:function" run inside the worker with a JobContext, returning the result dict
+# kind -> "module:function" run inside the worker with a JobContext, returning the result dict,
+# for the kinds that are not trained models (those are in crs_core.model_kinds: see runner_for)
 RUNNERS: dict[str, str] = {
-    "train_retriever": "crs_core.train:run_retriever_job",
-    "train_lm": "crs_core.train:run_sft_job",
     "lm_generate": "crs_core.train:run_generate_job",
 }
 # kind -> importer (callable or "module:function"): importer(cursor, JobState) inside a transaction.
@@ -166,10 +166,15 @@ class JobImportError(JobError):
 
 
 # -- registries ------------------------------------------------------------------------------
-def register_runner(kind: str, target: str) -> None:
-    """Run jobs of `kind` with the function `target` ("package.module:function")."""
-    _split_target(target)
-    RUNNERS[kind] = target
+def runner_for(kind: str) -> str | None:
+    """The "module:function" that runs jobs of `kind`: a trained model kind's runner
+    (crs_core.model_kinds), else RUNNERS."""
+    from . import model_kinds
+
+    try:
+        return model_kinds.get(kind).runner
+    except KeyError:
+        return RUNNERS.get(kind)
 
 
 def register_importer(kind: str, importer: Callable[..., None] | str) -> None:
@@ -638,9 +643,12 @@ def launch_job(
     `config` must be JSON-serialisable; it is what the runner reads as ``ctx.config``.
     `inputs` maps a name to a list of records, a mapping or a DataFrame (written as JSONL).
     """
-    target = runner or RUNNERS.get(kind)
+    target = runner or runner_for(kind)
     if target is None:
-        raise JobError(f"no runner for job kind {kind!r}; known kinds: {sorted(RUNNERS)} (or pass runner=)")
+        from . import model_kinds
+
+        known = sorted([*RUNNERS, *(k.kind for k in model_kinds.kinds())])
+        raise JobError(f"no runner for job kind {kind!r}; known kinds: {known} (or pass runner=)")
     _split_target(target)
     if importer is not None:
         _split_target(importer)

@@ -47,6 +47,7 @@ import numpy as np
 
 from .catalog import item_text
 from .errors import CRSError
+from .llm_output import json_list
 from .progress import ProgressFn, report
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -158,16 +159,6 @@ class TrainingSet:
         return cls.from_pairs(items)
 
 
-def _json_list(value: Any) -> list:
-    import json
-
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return list(json.loads(value)) if value else []
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return list(value)
 
 
 def training_set_from_synthetic(ws: "Workspace", statuses: Sequence[str] = ("approved",),
@@ -215,14 +206,14 @@ def training_set_from_turns(ws: "Workspace", dataset: str, *,
     examples: list[TrainingExample] = []
     dropped = 0
     for row in df.itertuples(index=False):
-        mentioned = {str(x) for x in _json_list(row.mentioned_items)} if exclude_mentioned else set()
-        labels = [str(x) for x in dict.fromkeys(_json_list(row.rec_items)) if str(x) not in mentioned]
+        mentioned = {str(x) for x in json_list(row.mentioned_items)} if exclude_mentioned else set()
+        labels = [str(x) for x in dict.fromkeys(json_list(row.rec_items)) if str(x) not in mentioned]
         if not labels:
             dropped += 1
             continue
-        ctx = [str(u) if u is not None else "" for u in _json_list(row.context)]
+        ctx = [str(u) if u is not None else "" for u in json_list(row.context)]
         examples.append(TrainingExample(ctx, labels, str(row.turn_id),
-                                        tuple(str(x) for x in _json_list(row.mentioned_items))))
+                                        tuple(str(x) for x in json_list(row.mentioned_items))))
     return TrainingSet(examples, name=dataset, n_dropped=dropped)
 
 

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 from .errors import CRSError
+from .llm_output import first_json
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Completion:
 
     def json(self) -> Any:
         """The text parsed as JSON (tolerates a ```json fence or prose around one object/array)."""
-        return parse_json_text(self.text)
+        return first_json(self.text)
 
 
 @dataclass(frozen=True)
@@ -187,23 +188,6 @@ class BudgetExhausted(TeacherFailure):
 Result = Union[Completion, TeacherFailure]
 
 
-def parse_json_text(text: str) -> Any:
-    text = text.strip()
-    fence = re.match(r"^```(?:json)?\s*(.*?)\s*```$", text, re.S)
-    if fence:
-        text = fence.group(1)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if starts:
-        try:
-            obj, _ = json.JSONDecoder().raw_decode(text[min(starts):])
-            return obj
-        except json.JSONDecodeError:
-            pass
-    raise ValueError(f"the teacher's reply is not JSON: {text[:200]!r}")
 
 
 # ==============================================================================================

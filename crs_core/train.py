@@ -98,6 +98,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from . import model_kinds
 from .errors import CRSError, InputError
 
 __all__ = [
@@ -139,8 +140,8 @@ __all__ = [
     "pick_device",
 ]
 
-KIND_RETRIEVER = "train_retriever"
-KIND_SFT = "train_lm"
+KIND_RETRIEVER = model_kinds.RETRIEVER.kind
+KIND_SFT = model_kinds.SFT.kind
 KIND_GENERATE = "lm_generate"
 TRAIN_INPUT = "train"
 ITEMS_INPUT = "items"
@@ -462,11 +463,11 @@ def launch_training(
 
 def validate_config(kind: str, config: Mapping[str, Any] | None) -> RetrieverConfig | SFTConfig:
     """The config of a `kind` training job, checked (TrainingError naming what to change)."""
-    if kind == KIND_RETRIEVER:
-        return _config_from(RetrieverConfig, config)
-    if kind == KIND_SFT:
-        return _config_from(SFTConfig, config)
-    raise TrainingError(f"unknown training kind {kind!r}; use {KIND_RETRIEVER!r} or {KIND_SFT!r}")
+    try:
+        entry = model_kinds.get(kind)
+    except KeyError as exc:
+        raise TrainingError(str(exc.args[0])) from None
+    return _config_from(entry.resolve("config"), config)
 
 
 def merge_labels(real: Sequence[Example], augmented: Sequence[Example]) -> list[Example]:
@@ -1466,7 +1467,7 @@ def run_sft_job(ctx) -> dict[str, Any]:
 
 
 def _run_training_job(ctx, kind: str) -> dict[str, Any]:
-    cfg = _config_from(RetrieverConfig if kind == KIND_RETRIEVER else SFTConfig, ctx.config)
+    cfg = _config_from(model_kinds.get(kind).resolve("config"), ctx.config)
     examples, items = _job_data(ctx)
     augmented = None
     if cfg.labels != "real":
@@ -1503,9 +1504,9 @@ def train_with_labels(
     out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train `kind` as config ``labels`` says: real, mixed or two_stage (module docstring)."""
-    cls = RetrieverConfig if kind == KIND_RETRIEVER else SFTConfig
+    cls = model_kinds.get(kind).resolve("config")
     cfg = config if isinstance(config, cls) else _config_from(cls, config)
-    trainer = train_retriever if kind == KIND_RETRIEVER else train_sft
+    trainer = model_kinds.get(kind).resolve("trainer")
     if cfg.labels == "real":
         return {**trainer(real, items, cfg, hooks=hooks, out_dir=out_dir), "labels": "real"}
     if not augmented:
@@ -1530,10 +1531,10 @@ def train_two_stage(
     folder; in-process, ``<out_dir>-stage1`` next to `out_dir`."""
     from dataclasses import replace
 
-    cls = RetrieverConfig if kind == KIND_RETRIEVER else SFTConfig
+    cls = model_kinds.get(kind).resolve("config")
     cfg = config if isinstance(config, cls) else _config_from(cls, config)
     job = _hooks_or_default(hooks, out_dir)
-    trainer = train_retriever if kind == KIND_RETRIEVER else train_sft
+    trainer = model_kinds.get(kind).resolve("trainer")
     plain = dict(labels="real", alpha=0.0, stage1_epochs=None, finetune_lr=None, stage1_model=None)
     s1_cfg = replace(cfg, **plain, epochs=int(cfg.stage1_epochs or cfg.epochs))
     s2_cfg = replace(cfg, **plain, lr=cfg.lr if cfg.finetune_lr is None else float(cfg.finetune_lr))

@@ -177,11 +177,9 @@ def cluster_sizes(ws: Workspace, clustering_id: str) -> pd.DataFrame:
 def cluster_top_terms(ws: Workspace, clustering_id: str, n_terms: int = 8,
                       max_texts: int = 20_000) -> pd.DataFrame | None:
     """Distinctive words per cluster (crs_core.cluster.cluster_top_terms over the clustered
-    texts, a seeded sample of at most `max_texts`); None while that module is missing."""
-    try:
-        from .cluster import cluster_top_terms as top_terms
-    except ImportError:
-        return None
+    texts, a seeded sample of at most `max_texts`)."""
+    from .cluster import cluster_top_terms as top_terms
+
     unit = ws.scalar("SELECT s.unit FROM clusterings c JOIN embedding_sets s ON s.set_id = c.set_id "
                      "WHERE c.clustering_id = ?", [clustering_id])
     if unit == "review":

@@ -6,7 +6,7 @@ score histograms, examples, and the two-stage training job that uses stored labe
 import pandas as pd
 import streamlit as st
 
-from crs_core import augment, jobs, studio_actions, train, views
+from crs_core import augment, jobs, model_kinds, studio_actions, views
 from crs_core.errors import CRSError
 from crs_core.teacher import TeacherConfig
 from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
@@ -27,7 +27,7 @@ SCORERS = {"similarity": "Rescaled similarity (no LLM)",
            "distilled": "Distilled: the teacher scores a sample, a small head the rest",
            "teacher": "Teacher LLM scores every candidate (slow on the local teacher)"}
 LABEL_MODES = {"two_stage": "Two-stage (real + augmented, then real with α·KL)", "mixed": "Mixed (one run)"}
-KIND_NAMES = {train.KIND_RETRIEVER: "Dense retriever", train.KIND_SFT: "Fine-tuned LM (LoRA)"}
+KIND_NAMES = {k.kind: k.short_label for k in model_kinds.kinds()}
 train_sets = [d for d in cached(views.dialogue_datasets)["dataset"].tolist() if not d.endswith("_test")]
 run = background_run(RUN_KEY)
 busy = run is not None and run.running
@@ -70,13 +70,13 @@ st.caption("Teacher for the distilled and teacher scorers: "
 if started and not busy:
     train_spec = None
     if then_train:
-        config = {"epochs": 1 if new_kind == train.KIND_RETRIEVER else 3}
+        config = {"epochs": model_kinds.get(new_kind).default_epochs}
         if new_max_steps:
             config["max_steps"] = int(new_max_steps)
         if new_mode == "two_stage":
             config["alpha"] = float(new_alpha)
-        if new_kind == train.KIND_SFT:
-            config["method"] = "lora"
+        if model_kinds.get(new_kind).method is not None:
+            config["method"] = model_kinds.get(new_kind).method
         train_spec = {"kind": new_kind, "labels": new_mode, "data": new_dataset, "config": config}
 
     def work(progress, stop, dataset=new_dataset, scorer=new_scorer, spec=train_spec,
@@ -195,8 +195,7 @@ st.write("Two-stage (FNSCRS): stage 1 pre-trains on real + augmented labels, sta
          "The job runs in the background; follow it on the Training page.")
 with st.form("aug_train_form", border=True):
     f1, f2, f3 = st.columns(3)
-    kind = f1.selectbox("Model", [train.KIND_RETRIEVER, train.KIND_SFT], key="aug_kind",
-                        format_func={train.KIND_RETRIEVER: "Dense retriever", train.KIND_SFT: "Fine-tuned LM (LoRA)"}.get)
+    kind = f1.selectbox("Model", list(KIND_NAMES), key="aug_kind", format_func=KIND_NAMES.get)
     mode = f2.selectbox("Labels", ["two_stage", "mixed"], key="aug_mode")
     alpha = f3.number_input("α (two-stage)", min_value=0.0, max_value=10.0, value=0.5, step=0.1, key="aug_alpha",
                             help="Weight of the KL term in stage 2; the paper sweeps 0–1. 0 = plain fine-tuning.")
@@ -204,7 +203,7 @@ with st.form("aug_train_form", border=True):
     default_data = dataset if dataset in train_sets or dataset.startswith("synthetic") else (train_sets or [dataset])[0]
     options = sorted(set(train_sets) | {default_data})
     data = g1.selectbox("Real training data", options, index=options.index(default_data), key="aug_data")
-    epochs = g2.number_input("Epochs per stage", 1, 50, 1 if kind == train.KIND_RETRIEVER else 3, key="aug_epochs")
+    epochs = g2.number_input("Epochs per stage", 1, 50, model_kinds.get(kind).default_epochs, key="aug_epochs")
     max_steps = g3.number_input("Max steps per stage (0 = all)", 0, 1_000_000, 0, key="aug_max_steps")
     launch = st.form_submit_button("Launch training job", type="primary", icon=":material/rocket_launch:",
                                    key="aug_launch")
@@ -214,8 +213,8 @@ if launch and authorized("train"):
         config["max_steps"] = int(max_steps)
     if mode == "two_stage":
         config["alpha"] = float(alpha)
-    if kind == train.KIND_SFT:
-        config["method"] = "lora"
+    if model_kinds.get(kind).method is not None:
+        config["method"] = model_kinds.get(kind).method
     real_data = "synthetic" if data.startswith("synthetic") else data
     try:
         with st.spinner("Exporting the training data…"):

@@ -63,7 +63,7 @@ if run and authorized("select"):
             new_id = run_selection(ws, strategy, int(budget), unit=unit, set_id=set_id, k=int(k), lam=float(lam),
                                    seed=int(seed), weights=weights, name=name.strip() or None, parent_id=parent,
                                    progress=bar)
-        except (CRSError, ImportError) as exc:
+        except CRSError as exc:
             box.update(label="Selection failed", state="error")
             show_error(exc)
         else:

@@ -3,7 +3,7 @@ ground-truth lists (Algorithm 2), with live progress, tokens and cost; stop and 
 
 import streamlit as st
 
-from crs_core import views
+from crs_core import synth, views
 from crs_core.errors import CRSError
 from crs_core.teacher import ENV_API_KEY, Budget, Teacher, TeacherConfig, endpoint_of, env_key_endpoint
 from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
@@ -11,20 +11,12 @@ from pages._shared import (authorized, background_run, cached, ensure_navigation
 
 ensure_navigation()
 
-try:
-    from crs_core import synth
-except ImportError:  # the synthesis module lands with its own issue
-    synth = None
-
 st.title("Synthesis")
 st.write("For each selected item: 3 of its reviews + 5 style templates → the teacher writes K user "
          "queries; each gets up to 20 ground-truth items, grounded in the catalog (unmatched titles "
          "are flagged, never kept silently). Finished queries are stored one by one; a stopped run "
          "resumes where it left off.")
 ws = workspace()
-if synth is None:
-    needs("The synthesis step (crs_core.synth) is not installed in this build yet.")
-    st.stop()
 selections = cached(views.selections)
 if selections.empty:
     needs("No selection yet: run a selection first; synthesis works on its picks.",

@@ -3,7 +3,7 @@ its progress, loss / learning-rate charts and log; cancel and resume; evaluate a
 
 import streamlit as st
 
-from crs_core import jobs, model_eval, studio_actions, train, views
+from crs_core import jobs, model_eval, model_kinds, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.evaluate import check_no_test_leakage
 from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
@@ -11,8 +11,7 @@ from pages._shared import (authorized, background_run, cached, ensure_navigation
 
 ensure_navigation()
 
-KINDS = {train.KIND_RETRIEVER: "Dense retriever (MiniLM bi-encoder, InfoNCE)",
-         train.KIND_SFT: "Fine-tuned LM (SmolLM2-135M, SFT / LoRA)"}
+KINDS = {k.kind: k.label for k in model_kinds.kinds()}
 
 st.title("Training")
 st.write("Train a recommender on the reviewed dialogues: a dense retriever or the paper's student LM "
@@ -48,7 +47,7 @@ else:
         c3, c4, c5, c6 = st.columns(4)
         extra = c3.selectbox("Add real training dialogues", [None] + train_sets, key="tr_extra",
                              format_func=lambda d: "(none)" if d is None else d)
-        epochs = c4.number_input("Epochs", 1, 50, 1 if kind == train.KIND_RETRIEVER else 3, key="tr_epochs")
+        epochs = c4.number_input("Epochs", 1, 50, model_kinds.get(kind).default_epochs, key="tr_epochs")
         max_steps = c5.number_input("Max steps (0 = all)", 0, 1_000_000, 0, key="tr_max_steps")
         method = c6.selectbox("SFT method", ["lora", "full"], key="tr_method", help="Fine-tuned LM only.")
         name = st.text_input("Run name (optional)", key="tr_name")
@@ -66,7 +65,7 @@ else:
             if from_selection:
                 row = selections.set_index("selection_id").loc[from_selection]
                 config.update(selection_strategy=str(row["strategy"]), budget=int(row["budget"]))
-            if kind == train.KIND_SFT:
+            if model_kinds.get(kind).method is not None:
                 config["method"] = method
             job_id = train.launch_training(ws, kind, examples, items, config)
         except CRSError as exc:

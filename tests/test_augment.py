@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from crs_core import augment as A  # noqa: E402
+from crs_core import llm_output, prompts  # noqa: E402
 from crs_core.errors import CRSError  # noqa: E402
 from crs_core.store import Workspace  # noqa: E402
 from crs_core.teacher import Teacher, TeacherConfig  # noqa: E402
@@ -222,11 +223,11 @@ def chat_prompts(stub) -> list[dict]:
 
 # ---------------------------------------------------------------------------------- prompt and parsing
 def test_prompt_is_the_papers_table_18():
-    assert A.RELEVANCE_PROMPT.startswith("You are provided with a dialogue history between a user and a recommender")
-    assert A.RELEVANCE_PROMPT.count("{context}") == 1 and A.RELEVANCE_PROMPT.count("{rec}") == 1
+    assert prompts.RELEVANCE_PROMPT.startswith("You are provided with a dialogue history between a user and a recommender")
+    assert prompts.RELEVANCE_PROMPT.count("{context}") == 1 and prompts.RELEVANCE_PROMPT.count("{rec}") == 1
     paper = Path("/work/shared/papers/beyond_single_labels.txt")
     if paper.exists():
-        assert A.RELEVANCE_PROMPT in paper.read_text()
+        assert prompts.RELEVANCE_PROMPT in paper.read_text()
     msgs = A.build_scoring_messages(["Hi! What do you like?", "Heist movies {rec} please."],
                                     ["Heat (1995) — crime; robbers", "Ronin (1998)"])
     text = msgs[0]["content"]
@@ -267,7 +268,7 @@ TITLES = ["Heat (1995)", "Ronin (1998)", "The Town (2010)", "1917 (2019)"]
     ("I cannot score these, sorry.", {}, set()),
 ])
 def test_parse_scores(reply, scores, clipped):
-    got = A.parse_scores(reply, TITLES)
+    got = llm_output.parse_scores(reply, TITLES)
     assert got.scores == pytest.approx({k: float(v) for k, v in scores.items()})
     assert got.clipped == clipped
     assert got.missing == set(range(4)) - set(scores)

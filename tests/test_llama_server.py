@@ -90,8 +90,9 @@ def test_structured_replies_with_the_real_server(requirements):
     endpoint it refuses json_schema (HTTP 500), so the teacher falls back to json_object + schema
     once, and the grammar holds the reply to the schema (every pick one of the candidates); as
     the local provider it is asked json_object + schema at once."""
-    from crs_core.synth import (QUERY_SCHEMA, build_choice_messages, choice_schema, parse_choice_reply,
-                                parse_query_reply)
+    from crs_core.llm_output import parse_choice_reply, parse_query_reply
+    from crs_core.prompts import QUERY_SCHEMA, choice_schema
+    from crs_core.synth import build_choice_messages
     from crs_core.teacher import FORMAT_JSON_OBJECT, forget_structured_formats
 
     cands = ["Heat (1995)", "Toy Story (1995)", "Alien (1979)", "Fargo (1996)", "The Lion King (1994)",

@@ -29,11 +29,15 @@ from crs_core.store import Workspace  # noqa: E402
 from crs_core.style_templates import (  # noqa: E402
     BUILTIN_TEMPLATES, DEFAULT_PATH, TemplateError, load_templates, save_templates, validate_templates,
 )
+from crs_core.llm_output import (  # noqa: E402
+    names_title, normalize_query, parse_choice_reply, parse_query_reply, parse_title_list,
+)
+from crs_core.prompts import (  # noqa: E402
+    CHOICE_PROMPT, QUERY_PROMPT, QUERY_SCHEMA, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT, choice_schema,
+)
 from crs_core.synth import (  # noqa: E402
-    QUERY_PROMPT, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT, SelectionNotFound, SynthesisBudgetError,
-    CHOICE_PROMPT, N_CHOICE_CANDIDATES, QUERY_SCHEMA, SynthesisError, choice_schema, clean_review,
-    export_synthetic, names_title, parse_choice_reply, parse_query_reply, parse_title_list, run_synthesis,
-    synthesis_progress,
+    N_CHOICE_CANDIDATES, SelectionNotFound, SynthesisBudgetError, SynthesisError, clean_review, export_synthetic,
+    run_synthesis, synthesis_progress,
 )
 from crs_core.teacher import Budget, Teacher, TeacherConfig  # noqa: E402
 from openai_stub_server import Fault, OpenAIStubServer  # noqa: E402
@@ -273,7 +277,6 @@ def test_style_templates_are_not_taken_from_the_evaluation_dialogues():
     """No template is (close to) an utterance of the bundled ReDial / INSPIRED files."""
     from rapidfuzz import fuzz, process
 
-    from crs_core.synth import normalize_query
 
     files = [f for d in ("redial", "inspired") for f in (ROOT / "data" / "bundled" / d).rglob("*.jsonl")]
     if not files:

@@ -42,7 +42,6 @@ from crs_core.teacher import (  # noqa: E402
     TeacherFailure,
     TeacherSetupError,
     import_cache_entries,
-    parse_json_text,
     price_for,
     redact_secrets,
     summarize,
@@ -101,12 +100,6 @@ def test_stub_reply_function_and_json():
         assert c.json() == {"titles": ["Heat (1995)"]}
         assert server.chat_requests == 1 and server.model_requests == 0
 
-
-def test_json_helper():
-    assert parse_json_text('```json\n{"a": 1}\n```') == {"a": 1}
-    assert parse_json_text('Sure! Here it is: [1, 2] hope it helps') == [1, 2]
-    with pytest.raises(ValueError):
-        parse_json_text("no json here")
 
 
 def test_price_table_prefix_and_unpriced(stub):
