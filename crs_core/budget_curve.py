@@ -151,14 +151,15 @@ def _canonical_budgets(budgets: Iterable[Any]) -> list[int]:
 
 
 def _canonical_strategies(strategies: Iterable[str]) -> list[str]:
-    from .select import STRATEGIES
+    from . import strategies as registry
 
     out = [str(s).upper() for s in strategies]
     if not out:
         raise BudgetCurveError("give at least one selection strategy")
-    unknown = [s for s in out if s not in STRATEGIES]
+    unknown = [s for s in out if s not in registry.names()]
     if unknown:
-        raise BudgetCurveError(f"unknown strategy {', '.join(map(repr, unknown))}; choose from {', '.join(STRATEGIES)}")
+        raise BudgetCurveError(f"unknown strategy {', '.join(map(repr, unknown))}; "
+                               f"choose from {', '.join(registry.names())}")
     return list(dict.fromkeys(out))
 
 
@@ -213,9 +214,11 @@ def _validate(ws: Workspace, teacher: Any, strategies: list[str], budgets: list[
     if budgets[-1] > len(units):
         raise BudgetCurveError(f"budget {budgets[-1]} is larger than the {len(units):,} {unit}s of {set_id!r}; "
                                f"use budgets up to {len(units):,}")
-    if any(s.endswith("JS") for s in strategies) and k > len(units):
+    from . import strategies as registry
+
+    if any(registry.get(s).needs_centres for s in strategies) and k > len(units):
         raise BudgetCurveError(f"k ({k}) is larger than the number of {unit}s ({len(units)})")
-    if any(s.startswith("USER_") for s in strategies) and not ws.scalar(
+    if any(registry.get(s).uses_users for s in strategies) and not ws.scalar(
             "SELECT count(*) FROM interactions WHERE rating IS NOT NULL"):
         raise BudgetCurveError("USER_* strategies need user-item interactions; the workspace has none")
     b = teacher.budget
@@ -270,11 +273,11 @@ def run_budget_curve(
     """
     from .evaluate import evaluate, store_run
     from .recommenders import NBCRS, Catalog, RecommenderError, default_encoder, training_set_from_synthetic
-    from .select import STRATEGIES
     from .selections import load_selection, run_selection
+    from .strategies import names as strategy_names
     from .synth import run_synthesis
 
-    strategies = _canonical_strategies(STRATEGIES if strategies is None else strategies)
+    strategies = _canonical_strategies(strategy_names() if strategies is None else strategies)
     budgets = _canonical_budgets(budgets)
     datasets = list(dict.fromkeys(str(d) for d in datasets))
     _validate(ws, teacher, strategies, budgets, unit=unit, set_id=set_id, k=k, lam=lam,

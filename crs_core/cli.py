@@ -333,10 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-map", action="store_true", help="skip the UMAP projection")
 
-    from .select import STRATEGIES
+    from .strategies import names as strategy_names
 
     p = sub.add_parser("select", help="active selection of seeds under a budget (random, JS, Fisher, variants)")
-    p.add_argument("--strategy", type=str.upper, choices=STRATEGIES, default="JS")
+    p.add_argument("--strategy", type=str.upper, choices=strategy_names(), default="JS")
     p.add_argument("--budget", "-B", type=int, default=500, help="number of picks (default 500)")
     p.add_argument("--unit", choices=["review", "item"], default="review",
                    help="pick reviews, or items (mean of their review embeddings)")
@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("budget-curve", help="Recall@5 / NDCG@5 against the selection budget for each strategy "
                        "(select, synthesise, train NBCRS, evaluate; reuses finished points)")
-    p.add_argument("--strategies", nargs="+", type=str.upper, choices=STRATEGIES, default=list(STRATEGIES),
-                   metavar="STRATEGY", help=f"default: all ({' '.join(STRATEGIES)})")
+    p.add_argument("--strategies", nargs="+", type=str.upper, choices=strategy_names(),
+                   default=list(strategy_names()), metavar="STRATEGY",
+                   help=f"default: all ({' '.join(strategy_names())})")
     p.add_argument("--budgets", nargs="+", type=int, default=[10, 25, 50, 100], metavar="B",
                    help="selection budgets (default 10 25 50 100)")
     p.add_argument("--queries-per-item", type=int, default=1, help="K queries per selected item (default 1)")

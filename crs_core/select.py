@@ -117,7 +117,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from crs_core import strategies
 from crs_core.errors import CRSError
+from crs_core.strategies import Strategy
 
 try:  # BLAS thread control (a dependency of scikit-learn)
     from threadpoolctl import ThreadpoolController
@@ -125,7 +127,6 @@ except Exception:  # pragma: no cover
     ThreadpoolController = None
 
 __all__ = [
-    "STRATEGIES",
     "DEFAULT_WEIGHTS",
     "TIE_ATOL",
     "KMEANS_N_INIT",
@@ -141,15 +142,6 @@ __all__ = [
     "selection_summary",
 ]
 
-STRATEGIES: tuple[str, ...] = (
-    "RANDOM_UNIFORM",
-    "JS",
-    "FISHER",
-    "METADATA_JS",
-    "METADATA_FISHER",
-    "USER_JS",
-    "USER_FISHER",
-)
 #: default block weights (review, metadata, user) for :func:`build_features`
 DEFAULT_WEIGHTS: tuple[float, float, float] = (1.0, 1.0, 1.0)
 #: scores within TIE_ATOL * max(1, |best|) of the best count as ties (lowest index wins)
@@ -255,11 +247,13 @@ def _as_matrix(A, name: str, *, check_zero: bool = True) -> np.ndarray:
     return A
 
 
-def _canonical_strategy(strategy) -> str:
+def _strategy(strategy) -> Strategy:
     name = str(strategy).strip().upper() if isinstance(strategy, str) else None
-    if name not in STRATEGIES:
-        raise SelectionError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
-    return name
+    try:
+        return strategies.get(name or "")
+    except KeyError:
+        raise SelectionError(f"unknown strategy {strategy!r}; valid strategies: "
+                             f"{', '.join(strategies.names())}") from None
 
 
 def _as_int(value, name: str) -> int:
@@ -1146,7 +1140,8 @@ def select(
 
     Everything is validated before any work; errors are :class:`SelectionError`.
     """
-    name = _canonical_strategy(strategy)
+    strat = _strategy(strategy)
+    name = strat.name
     Xr = _as_matrix(X, "X")
     n = Xr.shape[0]
     budget = _as_int(budget, "budget")
@@ -1182,8 +1177,8 @@ def select(
             f"({n} rows, {already.size} already selected)"
         )
 
-    needs_meta = name.startswith(("METADATA_", "USER_"))
-    needs_user = name.startswith("USER_")
+    needs_meta = strat.uses_metadata
+    needs_user = strat.uses_users
     w = _as_weights(weights)
     if needs_meta and meta_emb is None:
         raise SelectionError(f"{name} needs meta_emb (item-metadata embeddings, one row per row of X)")
@@ -1199,13 +1194,13 @@ def select(
         F = Xr
 
     params: dict = {"n_rows": n, "already_selected": int(already.size), "budget": budget, "tie_atol": TIE_ATOL}
-    if name == "RANDOM_UNIFORM":
+    if strat.engine == "random":
         params["seed"] = seed
     if needs_meta:
         params["weights"] = {"review": w[0], "meta": w[1], "user": w[2] if needs_user else 0.0}
     params["feature_dim"] = int(F.shape[1])
 
-    uses_js = name.endswith("JS")
+    uses_js = strat.needs_centres
     if uses_js:
         if centers is None:
             raise SelectionError(f"{name} needs centers (K-means centres of its features; see kmeans_centers)")
@@ -1227,7 +1222,7 @@ def select(
     idx = np.empty(budget, dtype=np.int64)
     scores = np.zeros(budget, dtype=np.float64)
     stats: dict = {}
-    if name == "RANDOM_UNIFORM":
+    if strat.engine == "random":
         perm = np.random.default_rng(seed).permutation(n)
         if already.size:
             perm = perm[~np.isin(perm, already)]

@@ -29,9 +29,10 @@ import uuid
 import numpy as np
 import pandas as pd
 
+from . import strategies
 from .errors import CRSError
 from .progress import ProgressFn
-from .select import STRATEGIES, SelectionError, assign_clusters, build_features, kmeans_centers, select, \
+from .select import SelectionError, assign_clusters, build_features, kmeans_centers, select, \
     selection_summary
 from .store import Workspace
 
@@ -108,14 +109,14 @@ def item_factors(ws: Workspace, item_ids: list[str], dims: int = USER_FACTORS) -
 def variant_blocks(ws: Workspace, strategy: str, row_items: list[str]
                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The metadata and collaborative blocks a strategy adds to the review embedding."""
-    strategy = strategy.upper()
-    if not strategy.startswith(("METADATA_", "USER_")):
+    strat = strategies.get(strategy)
+    if not strat.uses_metadata:
         return None, None
     distinct = sorted(set(row_items))
     position = {item: k for k, item in enumerate(distinct)}
     rows = [position[i] for i in row_items]
     meta = item_text_matrix(ws, distinct)[rows]
-    user = item_factors(ws, distinct)[rows] if strategy.startswith("USER_") else None
+    user = item_factors(ws, distinct)[rows] if strat.uses_users else None
     return meta, user
 
 
@@ -125,8 +126,8 @@ def run_selection(ws: Workspace, strategy: str, budget: int, *, unit: str = "rev
                   parent_id: str | None = None, progress: ProgressFn | None = None) -> str:
     """Select `budget` units with `strategy` and store them; returns the selection id."""
     strategy = str(strategy).upper()
-    if strategy not in STRATEGIES:
-        raise SelectionError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in strategies.names():
+        raise SelectionError(f"unknown strategy {strategy!r}; choose one of {', '.join(strategies.names())}")
     parent = None
     if parent_id is not None:
         parent = load_selection(ws, parent_id)
@@ -145,12 +146,13 @@ def run_selection(ws: Workspace, strategy: str, budget: int, *, unit: str = "rev
         raise SelectionError(f"budget must be a positive whole number, got {budget!r}")
     if budget > remaining:
         raise SelectionError(f"budget {budget} is larger than the {remaining:,} {unit}s left to select")
-    if strategy.endswith("JS") and k > len(unit_ids):
+    needs_centres = strategies.get(strategy).needs_centres
+    if needs_centres and k > len(unit_ids):
         raise SelectionError(f"k ({k}) is larger than the number of {unit}s ({len(unit_ids)})")
     meta, user = variant_blocks(ws, strategy, row_items)
     weights = tuple(weights) if weights else (1.0, 1.0, 1.0)
     features = build_features(X, meta, user, weights) if meta is not None else X
-    centers = kmeans_centers(features, k, seed, max_samples=20_000) if strategy.endswith("JS") else None
+    centers = kmeans_centers(features, k, seed, max_samples=20_000) if needs_centres else None
     result = select(strategy, X, budget, centers=centers, lam=lam, seed=seed, already_selected=already,
                     meta_emb=meta, user_emb=user, weights=weights if meta is not None else None,
                     progress=progress)

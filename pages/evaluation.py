@@ -5,9 +5,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from crs_core import budget_curve, evaluate, model_eval, recommenders, studio_actions, train, views
+from crs_core import budget_curve, evaluate, model_eval, recommenders, strategies, studio_actions, train, views
 from crs_core.errors import CRSError
-from crs_core.select import STRATEGIES
 from crs_core.teacher import TeacherConfig
 from pages._shared import (StreamlitProgress, authorized, background_run, cached, ensure_navigation, needs, show_error,
                            start_background, workspace)
@@ -81,7 +80,8 @@ with st.form("ev_bc_form", border=True):
                "each budget B train NBCRS on the queries of the first B picks and evaluate it. Each point is "
                "stored when it is done and appears on the chart; a stopped run resumes where it stopped.")
     f1, f2 = st.columns(2)
-    bc_strategies = f1.multiselect("Strategies", list(STRATEGIES), ["RANDOM_UNIFORM", "JS"], key="ev_bc_strategies")
+    bc_strategies = f1.multiselect("Strategies", list(strategies.names()), ["RANDOM_UNIFORM", "JS"],
+                                   key="ev_bc_strategies", format_func=strategies.labels().get)
     bc_tests = f2.multiselect("Test sets", tests, [t for t in tests if t == "inspired_test"] or tests[:1],
                               key="ev_bc_tests")
     f3, f4, f5, f6 = st.columns(4)

@@ -3,17 +3,13 @@ variants), see their coverage, compare two selections."""
 
 import streamlit as st
 
-from crs_core import select, views
+from crs_core import strategies, views
 from crs_core.errors import CRSError
 from pages._shared import StreamlitProgress, authorized, cached, ensure_navigation, needs, show_error, workspace
 
 ensure_navigation()
 
-LABELS = {
-    "RANDOM_UNIFORM": "Random (uniform)", "JS": "Jensen-Shannon (JS)", "FISHER": "Fisher information",
-    "METADATA_JS": "JS + item metadata", "METADATA_FISHER": "Fisher + item metadata",
-    "USER_JS": "JS + metadata + users", "USER_FISHER": "Fisher + metadata + users",
-}
+LABELS = strategies.labels()
 
 st.title("Selection")
 st.write("Choose which seed reviews the teacher sees, within a budget B. JS prefers reviews whose "
@@ -31,7 +27,7 @@ with st.form("selection_form", border=True):
     set_id = c1.selectbox("Review embedding set", sets["set_id"].tolist(), key="sel_set")
     unit = c2.selectbox("Pick", ["review", "item"], key="sel_unit",
                         format_func={"review": "reviews", "item": "items (mean of their reviews)"}.get)
-    strategy = c3.selectbox("Strategy", list(select.STRATEGIES), format_func=LABELS.get, key="sel_strategy")
+    strategy = c3.selectbox("Strategy", list(LABELS), format_func=LABELS.get, key="sel_strategy")
     n_rows = int(sets.set_index("set_id").loc[set_id, "n"])
     budget = c4.number_input("Budget B (picks)", 1, max(1, n_rows), min(100, n_rows), step=10, key="sel_budget")
     c5, c6, c7 = st.columns(3)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from crs_core.embed import build_embedding_set, get_encoder
-from crs_core.select import STRATEGIES, SelectionError
+from crs_core.select import SelectionError
+from crs_core.strategies import names as strategy_names
 from crs_core.selections import (item_factors, list_selections, load_selection, run_selection, selected_items,
                                  selection_info)
 from crs_core.store import Workspace
@@ -56,7 +57,7 @@ def ws(tmp_path_factory):
     ws.close()
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", strategy_names())
 def test_every_strategy_stores_a_selection(ws, strategy):
     sid = run_selection(ws, strategy, 6, k=4)
     picks = load_selection(ws, sid)
