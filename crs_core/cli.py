@@ -193,7 +193,7 @@ def _augment(ws: Workspace, args: argparse.Namespace) -> int:
 @command("eval")
 def _eval(ws: Workspace, args: argparse.Namespace) -> int:
     from . import model_eval
-    from .recommenders import make_recommender, training_set_from_synthetic, training_set_from_turns
+    from .recommenders import RECOMMENDERS, make_recommender, training_set_from_synthetic, training_set_from_turns
 
     if args.model == "lm":
         sample = "auto" if args.turn_sample is None else args.turn_sample
@@ -217,7 +217,7 @@ def _eval(ws: Workspace, args: argparse.Namespace) -> int:
 
             extra["encoder"] = load_retriever(model_eval.resolve_model(ws, args.retriever, "train_retriever").model_dir)
         recommender = make_recommender(args.model, ws, **extra)
-        if args.model in ("nbcrs", "popularity-labels", "hybrid"):
+        if RECOMMENDERS[args.model].fits_on_dialogues:
             train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.train == "synthetic"
                      else training_set_from_turns(ws, args.train))
             recommender.fit(train)
@@ -384,8 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     configure_cli_parser(p)
 
     p = sub.add_parser("eval", help="Recall@k / NDCG@k of a recommender on the ReDial / INSPIRED test sets")
-    p.add_argument("--model", dest="model", choices=["popularity", "popularity-labels", "nbcrs", "dense", "hybrid", "lm"],
-                   default="dense")
+    from .recommenders import RECOMMENDERS
+
+    p.add_argument("--model", dest="model", choices=[*RECOMMENDERS, "lm"], default="dense",
+                   help="a recommender (crs_core.recommenders.RECOMMENDERS) or lm, the student LM (generation job)")
     p.add_argument("--dataset", nargs="+", default=["redial_test", "inspired_test"])
     p.add_argument("--train", default="synthetic", help="training data of nbcrs / popularity-labels / hybrid: "
                    "'synthetic' (reviewed synthetic dialogues) or a dialogue dataset such as inspired_train")

@@ -41,7 +41,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -73,7 +73,10 @@ __all__ = [
     "embed_cached",
     "default_encoder",
     "make_recommender",
-    "RECOMMENDER_KINDS",
+    "RecommenderKind",
+    "RECOMMENDERS",
+    "register_recommender",
+    "recommender_labels",
 ]
 
 CONTEXT_TURNS = 3
@@ -970,25 +973,47 @@ class Hybrid(_ScoreRanker):
 
 # ----------------------------------------------------------------------------- factory
 
-RECOMMENDER_KINDS = {
-    "popularity": "Popularity (interactions: distinct users per item)",
-    "popularity-labels": "Popularity (training-label frequency)",
-    "nbcrs": "NBCRS: similarity-weighted votes of the nearest training contexts",
-    "dense": "Zero-shot dense retrieval (MiniLM, context vs item text)",
-    "hybrid": "Hybrid: dense score + MovieLens item-item similarity to mentioned items + label popularity",
-}
+@dataclass(frozen=True)
+class RecommenderKind:
+    """A recommender the CLI's `eval --model` and the Evaluation page can build by name."""
+
+    name: str
+    label: str
+    build: Callable[..., Recommender]   # build(ws, **kwargs) -> an unfitted Recommender
+    fits_on_dialogues: bool = False     # fit() on a training set (synthetic or a train split) before use
+
+
+RECOMMENDERS: dict[str, RecommenderKind] = {}
+
+
+def register_recommender(entry: RecommenderKind) -> RecommenderKind:
+    RECOMMENDERS[entry.name] = entry
+    return entry
+
+
+for _entry in (
+    RecommenderKind("popularity", "Popularity (interactions: distinct users per item)",
+                    lambda ws, **kw: Popularity(ws, source="interactions", **kw)),
+    RecommenderKind("popularity-labels", "Popularity (training-label frequency)",
+                    lambda ws, **kw: Popularity(ws, source="labels", **kw), fits_on_dialogues=True),
+    RecommenderKind("nbcrs", "NBCRS: similarity-weighted votes of the nearest training contexts",
+                    lambda ws, **kw: NBCRS(ws, **kw), fits_on_dialogues=True),
+    RecommenderKind("dense", "Zero-shot dense retrieval (MiniLM, context vs item text)",
+                    lambda ws, **kw: DenseRetrieval(ws, **kw)),
+    RecommenderKind("hybrid", "Hybrid: dense score + MovieLens item-item similarity to mentioned items + label "
+                    "popularity", lambda ws, **kw: Hybrid(ws, **kw), fits_on_dialogues=True),
+):
+    register_recommender(_entry)
+
+
+def recommender_labels() -> dict[str, str]:
+    return {name: entry.label for name, entry in RECOMMENDERS.items()}
 
 
 def make_recommender(kind: str, ws: "Workspace | None" = None, **kwargs: Any) -> Recommender:
-    """Build a recommender by kind name (see RECOMMENDER_KINDS)."""
-    if kind == "popularity":
-        return Popularity(ws, source="interactions", **kwargs)
-    if kind == "popularity-labels":
-        return Popularity(ws, source="labels", **kwargs)
-    if kind == "nbcrs":
-        return NBCRS(ws, **kwargs)
-    if kind == "dense":
-        return DenseRetrieval(ws, **kwargs)
-    if kind == "hybrid":
-        return Hybrid(ws, **kwargs)
-    raise RecommenderError(f"unknown recommender {kind!r}; choose from {', '.join(RECOMMENDER_KINDS)}")
+    """Build a recommender by kind name (see RECOMMENDERS)."""
+    try:
+        entry = RECOMMENDERS[kind]
+    except KeyError:
+        raise RecommenderError(f"unknown recommender {kind!r}; choose from {', '.join(RECOMMENDERS)}") from None
+    return entry.build(ws, **kwargs)

@@ -193,7 +193,7 @@ with st.form("ev_form", border=True):
     c1, c2, c3 = st.columns(3)
     trained = {f"trained:{m['job_id']}": m for m in train.trained_models(ws, train.KIND_RETRIEVER)
                if m.get("model_dir")}
-    kinds = {**recommenders.RECOMMENDER_KINDS,
+    kinds = {**recommenders.recommender_labels(),
              **{k: f"Trained retriever {m['job_id']}" for k, m in trained.items()}}
     kind = c1.selectbox("Recommender", list(kinds), key="ev_kind", format_func=kinds.get,
                         help="Baselines, and retrievers trained on the Training page. Fine-tuned LMs are "
@@ -218,7 +218,7 @@ if go and authorized("evaluate"):
                         **{k: job["config"].get(k) for k in ("training_data", "selection_strategy", "budget")}}
             else:
                 rec = recommenders.make_recommender(kind, ws)
-                if kind in ("nbcrs", "popularity-labels", "hybrid"):
+                if recommenders.RECOMMENDERS[kind].fits_on_dialogues:
                     rec.fit(recommenders.training_set_from_synthetic(ws))
                     meta["training_data"] = "synthetic[approved]"
                 meta["model"] = rec.name
