@@ -7,13 +7,14 @@ concurrency and a budget.
     results = teacher.chat_many(requests, concurrency=16)          # -> [Completion | TeacherFailure]
     teacher.tally()                                                # live, thread-safe counters
 
-Providers
-  * ``openai``: any OpenAI-compatible endpoint through the ``openai`` client (v1+ API), with
-    ``max_retries=0``: retries are done here (exponential backoff with jitter on 429, 5xx,
-    timeouts, connection errors and unreadable responses, honouring ``Retry-After``).
-  * ``local``: a llama.cpp server started on 127.0.0.1 (crs_core.llama_server, SmolLM2 by
-    default), then the openai provider against it. This is the default when no endpoint is
-    configured (``TeacherConfig.from_env()``).
+Providers (crs_core.teacher_providers: one class each, and the registry): ``openai``, any
+OpenAI-compatible endpoint; ``local``, a llama.cpp server started on 127.0.0.1 (the default when
+no endpoint is configured, ``TeacherConfig.from_env()``). Requests always go through the
+``openai`` client (v1+ API) with ``max_retries=0``: retries are done here (exponential backoff
+with jitter on 429, 5xx, timeouts, connection errors and unreadable responses, honouring
+``Retry-After``), because a call must count its attempts, stop between attempts when its run is
+cancelled, stop at once on 401/403, and move on to the next structured-output form when one is
+refused, none of which the client's own retry loop exposes.
 
 Concurrency: the HTTP calls of every teacher of the process run as coroutines on one asyncio
 event loop in a background thread (``openai.AsyncOpenAI``): a call in flight costs a coroutine,
@@ -71,19 +72,18 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 
 from .errors import CRSError
 from .llm_output import first_json
+from .teacher_providers import (DEFAULT_BASE_URL, FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA, FORMAT_NONE, FORMATS,
+                                NO_KEY, ConfigProblem, LocalLlama, OpenAICompatible, Provider, provider_class)
 
 log = logging.getLogger(__name__)
 
-PROVIDER_OPENAI = "openai"
-PROVIDER_LOCAL = "local"
-PROVIDERS = (PROVIDER_OPENAI, PROVIDER_LOCAL)
+PROVIDER_OPENAI = OpenAICompatible.name
+PROVIDER_LOCAL = LocalLlama.name
 DEFAULT_TEMPERATURE = 0.8  # the active-synthesis paper's setting
 DEFAULT_MAX_TOKENS = 512
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 ENV_API_KEY = "OPENAI_API_KEY"  # the only variable a key is read from (fixed: never a name given at run time)
 ENV_BASE_URL = "CRS_TEACHER_BASE_URL"  # also the only endpoint $OPENAI_API_KEY is sent to
 ENV_MODEL = "CRS_TEACHER_MODEL"
-NO_KEY = "sk-no-key-required"  # what local servers get: they accept any key
 CACHE_KEY_VERSION = 1
 RECENT_ENTRIES = 4096  # committed entries a teacher remembers (see Teacher._recent)
 
@@ -344,8 +344,10 @@ class TeacherConfig:
     local_n_threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS:
-            raise TeacherSetupError(f"unknown teacher provider {self.provider!r}; use one of {', '.join(PROVIDERS)}")
+        try:
+            provider = provider_class(self.provider)
+        except KeyError as exc:
+            raise TeacherSetupError(str(exc.args[0])) from None
         if self.api_key is not None and not isinstance(self.api_key, Secret):
             self.api_key = Secret(self.api_key)
         if self.api_key is not None and not self.api_key:
@@ -356,8 +358,10 @@ class TeacherConfig:
             self.api_key_endpoint = self.key_endpoint
         else:
             self.api_key_endpoint = endpoint_of(self.api_key_endpoint)
-        if self.provider == PROVIDER_OPENAI and not self.model:
-            raise TeacherSetupError("the openai teacher provider needs a model name")
+        try:
+            provider.check_config(self)
+        except ConfigProblem as exc:
+            raise TeacherSetupError(str(exc)) from None
         if self.max_attempts < 1:
             raise TeacherSetupError("max_attempts must be at least 1")
         self.prices = {k: (v if isinstance(v, Price) else Price(*v)) for k, v in self.prices.items()}
@@ -414,7 +418,7 @@ class TeacherConfig:
     def default_concurrency(self) -> int:
         if self.concurrency is not None:
             return max(1, int(self.concurrency))
-        return 1 if self.provider == PROVIDER_LOCAL else 8
+        return provider_class(self.provider).default_concurrency
 
     @property
     def key_endpoint(self) -> str:
@@ -863,10 +867,6 @@ def as_cache(cache: Any) -> LLMCache:
 # answers that with HTTP 500 (its request model knows only 'text' and 'json_object') and
 # enforces {"type": "json_object", "schema": ...} with a grammar. An endpoint that refuses both
 # gets no response_format: the callers' tolerant parsers read its text.
-FORMAT_JSON_SCHEMA = "json_schema"
-FORMAT_JSON_OBJECT = "json_object+schema"
-FORMAT_NONE = "none"
-FORMATS = (FORMAT_JSON_SCHEMA, FORMAT_JSON_OBJECT, FORMAT_NONE)
 # what a refusal of a response_format looks like (the refused request is not retried)
 FORMAT_REFUSED_STATUS = frozenset({400, 415, 422, 500, 501})
 _FORMATS: dict[tuple[str, str], str] = {}  # (endpoint, model) -> the form that worked, this process
@@ -1192,14 +1192,12 @@ class Teacher:
         if api_key:
             self.config = self.config.with_api_key(api_key)
         self.cache: LLMCache = as_cache(cache)
-        self._server = server
-        self._owns_server = False
+        self.provider: Provider = provider_class(self.config.provider)(self.config, server)
         self._client: Any = None  # openai.AsyncOpenAI, used on the teacher loop
         self._finalizer: weakref.finalize | None = None
         self._base_url: str | None = None
         self._key: Secret | None = None  # the key the client sends (for redacting messages)
         self._refused: TeacherAuthError | None = None  # the endpoint refused the key: nothing more is sent
-        self._endpoint_id: str | None = None
         self._client_lock = threading.Lock()
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = dict(_ZERO_COUNTS)  # Tally's fields, under self._lock
@@ -1214,7 +1212,7 @@ class Teacher:
         self._writer = _CacheWriter(self.cache, lambda: self._counts["in_flight"] > 0)
         # requests are marked in flight in the workspace before they are sent (not for the
         # local server, which bills nothing); keys an earlier process left marked, read once
-        self._marks_inflight = self.config.provider != PROVIDER_LOCAL and hasattr(self.cache, "interrupted_keys")
+        self._marks_inflight = not self.provider.free and hasattr(self.cache, "interrupted_keys")
         self._interrupted: frozenset[str] | None = None
         self._ledger = _Ledger(budget)
         self._check_budget_pricing(budget)
@@ -1226,54 +1224,21 @@ class Teacher:
 
     @property
     def model(self) -> str:
-        if self.config.provider == PROVIDER_LOCAL:
-            if self._server is not None:
-                return self._server.model_alias
-            if self.config.model:
-                return self.config.model
-            if self.config.local_model_path:
-                return Path(self.config.local_model_path).stem
-            choice = self._local_choice()
-            return choice.alias if choice is not None else "?"
-        return self.config.model
+        return self.provider.model()
 
     @property
     def endpoint(self) -> str:
-        """Where calls go, as part of the cache key: the base URL, or for the local provider the
-        model file (name and size: the server's port changes from run to run)."""
-        if self.config.provider == PROVIDER_LOCAL:
-            if self._endpoint_id is None:
-                path = self._local_model_path()
-                size = path.stat().st_size if path is not None and path.exists() else 0
-                self._endpoint_id = f"local:{path.name if path is not None else '?'}:{size}"
-            return self._endpoint_id
-        return (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        """Where calls go, as part of the cache key (see the provider's `endpoint`)."""
+        return self.provider.endpoint()
 
-    def _local_model_path(self) -> Path | None:
-        if self._server is not None:
-            return Path(self._server.model_path)
-        if self.config.local_model_path:
-            return Path(self.config.local_model_path)
-        choice = self._local_choice()
-        return choice.path if choice is not None else None
-
-    def _local_choice(self) -> Any:
-        """crs_core.models.local_teacher(), asked once per teacher (None if no model is installed;
-        a damaged model raises)."""
-        if "_local_teacher" not in self.__dict__:
-            from .models import ModelAssemblyError, local_teacher
-
-            try:
-                self.__dict__["_local_teacher"] = local_teacher()
-            except ModelAssemblyError:
-                raise
-            except CRSError:
-                self.__dict__["_local_teacher"] = None
-        return self.__dict__["_local_teacher"]
+    @property
+    def _server(self) -> Any:
+        """The local llama.cpp server, when the provider runs one (None until started)."""
+        return getattr(self.provider, "server", None)
 
     @property
     def price(self) -> Price | None:
-        if self.config.provider == PROVIDER_LOCAL:
+        if self.provider.free:
             return FREE
         return price_for(self.model, self.config.price_table)
 
@@ -1338,10 +1303,7 @@ class Teacher:
                 with contextlib.suppress(Exception):
                     _on_loop(self._client.close(), timeout=10)
                 self._client = None
-            if self._owns_server and self._server is not None:
-                self._server.stop()
-                self._server = None
-                self._owns_server = False
+            self.provider.close()
 
     def __enter__(self) -> "Teacher":
         return self
@@ -1362,28 +1324,16 @@ class Teacher:
                     "the openai package is not installed; run the README setup (pip install -r requirements.txt)"
                 ) from exc
             cfg = self.config
-            if cfg.provider == PROVIDER_LOCAL:
-                from .llama_server import LlamaServer
 
-                if self._server is None:
-                    choice = None if cfg.local_model_path else self._local_choice()  # the model named in cache keys
-                    self._server = LlamaServer(
-                        cfg.local_model_path or (choice.path if choice is not None else None),
-                        n_ctx=cfg.local_n_ctx, n_threads=cfg.local_n_threads,
-                        model_alias=cfg.model or (choice.alias if choice is not None else None),
-                    )
-                    self._owns_server = True
-                if not self._server.is_running:
-                    self._server.start()
-                base_url, key = self._server.base_url, NO_KEY
-            else:
-                base_url = (cfg.base_url or DEFAULT_BASE_URL).rstrip("/")
+            def key_for(base_url: str) -> str:
                 key = cfg.resolve_api_key()
-                if key is None:
-                    if _is_loopback(base_url):
-                        key = NO_KEY
-                    else:
-                        raise TeacherSetupError(f"no API key for {base_url}: {cfg.missing_key_reason()}")
+                if key is not None:
+                    return key
+                if _is_loopback(base_url):
+                    return NO_KEY
+                raise TeacherSetupError(f"no API key for {base_url}: {cfg.missing_key_reason()}")
+
+            base_url, key = self.provider.connect(key_for)
             self._base_url = base_url
             self._key = Secret(key)
             self._client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout, max_retries=0)
@@ -1528,9 +1478,7 @@ class Teacher:
     def structured_candidates(self) -> tuple[str, ...]:
         """Forms to try, best first: the local llama.cpp server is known to take json_object with
         a schema; any other endpoint is asked the OpenAI way first."""
-        if self.config.provider == PROVIDER_LOCAL:
-            return (FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA, FORMAT_NONE)
-        return (FORMAT_JSON_SCHEMA, FORMAT_JSON_OBJECT, FORMAT_NONE)
+        return self.provider.structured_candidates
 
     def _needs_format_probe(self, req: ChatRequest) -> bool:
         return req.json_schema is not None and req.response_format is None and self.structured_format() is None

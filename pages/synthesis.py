@@ -6,6 +6,7 @@ import streamlit as st
 from crs_core import synth, views
 from crs_core.errors import CRSError
 from crs_core.teacher import ENV_API_KEY, Budget, Teacher, TeacherConfig, endpoint_of, env_key_endpoint
+from crs_core.teacher_providers import provider_labels
 from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
                            workspace)
 
@@ -61,11 +62,11 @@ labels = {r.selection_id: f"{r.name or r.selection_id} — {r.strategy}, B={r.bu
 with st.container(border=True):
     st.markdown("#### Teacher")
     local_choice = local_teacher_info()
-    provider = st.radio("Provider", ["local", "openai"], horizontal=True, key="syn_provider",
-                        format_func={"local": f"Local llama.cpp server ({local_choice.alias}, offline)",
-                                     "openai": "OpenAI-compatible endpoint"}.get)
+    names = {"local": f"Local llama.cpp server ({local_choice.alias}, offline)",  # the default: no key, no cost
+             **{name: label for name, label in provider_labels().items() if name != "local"}}
+    provider = st.radio("Provider", list(names), horizontal=True, key="syn_provider", format_func=names.get)
     key_value = None
-    if provider == "openai":
+    if provider != "local":  # an endpoint: base URL, model and key
         t1, t2 = st.columns(2)
         base_url = t1.text_input("Base URL", "https://api.openai.com/v1", key="syn_base_url")
         model = t2.text_input("Model", "gpt-4o-mini", key="syn_model")
@@ -83,8 +84,8 @@ with st.container(border=True):
             st.session_state["syn_key_endpoint"] = typed_for = endpoint
         config = None
         try:
-            config = TeacherConfig.openai(base_url.strip() or None, model.strip(), api_key=key_value or None,
-                                          api_key_endpoint=typed_for if key_value else None)
+            config = TeacherConfig(provider=provider, base_url=base_url.strip() or None, model=model.strip(),
+                                   api_key=key_value or None, api_key_endpoint=typed_for if key_value else None)
             if not key_value and config.has_api_key:
                 st.caption(f"Using ${ENV_API_KEY} from the studio's environment (fixed to {env_key_endpoint()}).")
             if not config.has_api_key and not base_url.startswith(("http://127.0.0.1", "http://localhost")):

@@ -1,0 +1,58 @@
+"""crs_core.teacher_providers: each provider's answers, and a provider registered once reaching
+TeacherConfig, a real call through the Teacher wrapper, and the Synthesis page's choices."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, copy_workspace
+from crs_core import teacher_providers
+from crs_core.teacher import Teacher, TeacherConfig, TeacherSetupError
+from crs_core.teacher_providers import LocalLlama, OpenAICompatible
+from openai_stub_server import OpenAIStubServer
+
+
+class GatewayProvider(OpenAICompatible):
+    """A company gateway in front of several vendors: the same protocol, its own name."""
+
+    name = "gateway"
+    label = "Company LLM gateway"
+
+
+@pytest.fixture()
+def gateway(monkeypatch):
+    monkeypatch.setitem(teacher_providers._REGISTRY, GatewayProvider.name, GatewayProvider)
+    return GatewayProvider
+
+
+def test_builtin_providers():
+    assert list(teacher_providers.provider_labels())[:2] == ["openai", "local"]
+    assert LocalLlama.free and LocalLlama.default_concurrency == 1
+    assert not OpenAICompatible.free and OpenAICompatible.default_concurrency == 8
+    assert TeacherConfig.openai("http://127.0.0.1:9/v1", "m").default_concurrency == 8
+    assert TeacherConfig.local().default_concurrency == 1
+    with pytest.raises(TeacherSetupError, match="needs a model name"):
+        TeacherConfig(provider="openai", model="")
+    with pytest.raises(TeacherSetupError, match="unknown teacher provider 'magic'"):
+        TeacherConfig(provider="magic")
+
+
+def test_a_registered_provider_is_usable_by_name_end_to_end(gateway, monkeypatch, studio_workspace_file, tmp_path):
+    with OpenAIStubServer(reply=lambda messages: "a quiet heist film, please") as stub:
+        config = TeacherConfig(provider="gateway", base_url=stub.base_url, model="gw-model")
+        with Teacher(config) as teacher:
+            assert isinstance(teacher.provider, GatewayProvider)
+            assert teacher.endpoint == stub.base_url.rstrip("/")
+            reply = teacher.chat([{"role": "user", "content": "hi"}])
+        assert reply.text == "a quiet heist film, please" and stub.chat_requests == 1
+    monkeypatch.setenv("CRS_WORKSPACE", str(copy_workspace(studio_workspace_file, tmp_path / "w.duckdb")))
+    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page("pages/synthesis.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    radio = at.radio(key="syn_provider")
+    assert radio.value == "local" and "Company LLM gateway" in radio.options
+    radio.set_value("gateway").run()
+    assert at.text_input(key="syn_base_url")  # an endpoint provider asks for its URL, model and key
