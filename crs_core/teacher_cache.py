@@ -1,0 +1,294 @@
+"""Where teacher replies are kept: the cache protocol and its three homes (memory, the
+workspace's ``llm_cache`` table with in-flight marks, a JSONL file in a job folder). Used through
+`crs_core.teacher`, which re-exports every public name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+
+log = logging.getLogger("crs_core.teacher")
+
+
+# ==============================================================================================
+# caches
+# ==============================================================================================
+class LLMCache(Protocol):
+    """What a cache needs; ``get_many`` / ``put_many`` (one query / one commit for many keys) are
+    used when a cache has them. ``put`` returns once the entry is durable; a key already there
+    keeps its entry."""
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, entry: dict[str, Any]) -> None: ...
+
+
+class MemoryCache:
+    """Cache for ad-hoc use without a workspace (lives as long as the object)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._data.get(key)
+            return dict(entry) if entry is not None else None
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.put_many([(key, entry)])
+
+    def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        with self._lock:
+            for key, entry in items:
+                self._data.setdefault(key, json.loads(json.dumps(entry)))
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(self._data[k]) for k in keys if k in self._data}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"MemoryCache({len(self)} entries)"
+
+
+class WorkspaceCache:
+    """The workspace's ``llm_cache`` table.
+
+    ``put_many`` writes its entries in one transaction and returns once they are committed (a
+    DuckDB commit costs milliseconds: the teacher commits the results that arrive together in
+    one ``put_many`` rather than one commit per call, which would cap a concurrent run far below
+    the endpoint's speed).
+    """
+
+    _SQL = ("INSERT INTO llm_cache (cache_key, provider, model, request, response, prompt_tokens, "
+            "completion_tokens, cost) VALUES {values}")
+    _MAX_ROWS = 200  # per INSERT statement
+
+    def __init__(self, workspace: Any):
+        self.ws = workspace
+
+    _COLUMNS = "cache_key, provider, model, request, response, prompt_tokens, completion_tokens, cost"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        row = self.ws.cursor().execute(
+            f"SELECT {self._COLUMNS} FROM llm_cache WHERE cache_key = ?", [key]
+        ).fetchone()
+        return None if row is None else self._entry(row)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        unique = list(dict.fromkeys(keys))
+        out: dict[str, dict[str, Any]] = {}
+        cur = self.ws.cursor()
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            marks = ",".join(["?"] * len(chunk))
+            for row in cur.execute(f"SELECT {self._COLUMNS} FROM llm_cache WHERE cache_key IN ({marks})", chunk).fetchall():
+                out[row[0]] = self._entry(row)
+        return out
+
+    @staticmethod
+    def _entry(row: Sequence[Any]) -> dict[str, Any]:
+        _, provider, model, request, response, pt, ct, cost = row
+        return {
+            "provider": provider, "model": model,
+            "request": json.loads(request) if isinstance(request, str) else request,
+            "response": json.loads(response) if isinstance(response, str) else response,
+            "prompt_tokens": pt, "completion_tokens": ct, "cost": cost,
+        }
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.put_many([(key, entry)])
+
+    def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        if items:
+            self.record((), items, ())
+
+    def record(self, started: Sequence[str], items: Sequence[tuple[str, dict[str, Any]]],
+               settled: Sequence[str]) -> None:
+        """One transaction: mark ``started`` keys in flight (llm_inflight, owned by this
+        process), write the entries, and clear the marks of their keys and of ``settled``
+        (requests that ended, with or without an entry)."""
+        rows = list({r[0]: r for r in (_cache_row(key, entry) for key, entry in items)}.values())
+        done = [r[0] for r in rows] + list(settled)
+        try:
+            self._write(rows, started, done, "")
+        except Exception as exc:
+            # a key already there (another process wrote it first): keep the existing row.
+            # `ON CONFLICT DO NOTHING` is not the first choice because it costs DuckDB a
+            # second sync per commit.
+            if "constraint" not in str(exc).lower() and "duplicate" not in str(exc).lower():
+                raise
+            self._write(rows, started, done, " ON CONFLICT DO NOTHING")
+
+    def _write(self, rows: list[list[Any]], started: Sequence[str], done: Sequence[str], suffix: str) -> None:
+        with self.ws.transaction() as cur:
+            for i in range(0, len(started), self._MAX_ROWS):
+                chunk = list(started[i:i + self._MAX_ROWS])
+                cur.execute("INSERT INTO llm_inflight (cache_key, owner) VALUES "
+                            + ",".join(["(?, ?)"] * len(chunk))
+                            + " ON CONFLICT (cache_key) DO UPDATE SET owner = excluded.owner, "
+                              "started_at = excluded.started_at",
+                            [v for key in chunk for v in (key, process_owner())])
+            for i in range(0, len(rows), self._MAX_ROWS):
+                chunk = rows[i:i + self._MAX_ROWS]
+                values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                cur.execute(self._SQL.format(values=values) + suffix, [v for r in chunk for v in r])
+            for i in range(0, len(done), 500):
+                chunk = list(done[i:i + 500])
+                cur.execute(f"DELETE FROM llm_inflight WHERE cache_key IN ({','.join('?' * len(chunk))})", chunk)
+
+    def interrupted_keys(self) -> set[str]:
+        """Requests another process sent and never got into the cache: it stopped (crash, kill)
+        with them in flight. An endpoint may have billed them; sending them again bills again."""
+        rows = self.ws.cursor().execute(
+            "SELECT cache_key FROM llm_inflight WHERE owner <> ? "
+            "AND cache_key NOT IN (SELECT cache_key FROM llm_cache)", [process_owner()]).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def __len__(self) -> int:
+        return int(self.ws.scalar("SELECT count(*) FROM llm_cache"))
+
+    def __repr__(self) -> str:
+        return f"WorkspaceCache({getattr(self.ws, 'path', '?')})"
+
+
+class JsonlCache:
+    """A cache in a JSON-lines file, for background jobs that must not open the workspace
+    (DESIGN: a job writes to its folder). A put appends one line per entry and fsyncs before it
+    returns, so a crashed job repeats no call; a torn last line (crash mid-write) is skipped on load.
+    ``entries()`` gives the rows for importing into the workspace's llm_cache later."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            with open(self.path, "r", encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        self._data.setdefault(row["cache_key"], row["entry"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a torn last line: start a fresh one after it
+                    self._file.write("\n")
+                    self._file.flush()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._data.get(key)
+            return dict(entry) if entry is not None else None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(self._data[k]) for k in keys if k in self._data}
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.put_many([(key, entry)])
+
+    def put_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Append the new entries' lines, then one fsync."""
+        with self._lock:
+            new = {key: entry for key, entry in items if key not in self._data}
+            if not new:
+                return
+            self._file.write("".join(json.dumps({"cache_key": key, "entry": entry}, ensure_ascii=False) + "\n"
+                                     for key, entry in new.items()))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            for key, entry in new.items():
+                self._data[key] = json.loads(json.dumps(entry))
+
+    def entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            items = list(self._data.items())
+        yield from items
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"JsonlCache({self.path}, {len(self)} entries)"
+
+
+_OWNER: tuple[int, str] | None = None
+
+
+def process_owner() -> str:
+    """'<pid>:<random>' naming this process in llm_inflight (a pid alone can be reused)."""
+    global _OWNER
+    if _OWNER is None or _OWNER[0] != os.getpid():
+        _OWNER = (os.getpid(), f"{os.getpid()}:{random.SystemRandom().getrandbits(64):016x}")
+    return _OWNER[1]
+
+
+def import_cache_entries(workspace: Any, entries: Iterable[tuple[str, dict[str, Any]]]) -> int:
+    """Copy cache entries (e.g. a job's ``JsonlCache.entries()``) into the workspace's
+    llm_cache; existing keys are kept. Returns how many were offered."""
+    items = list(entries)
+    WorkspaceCache(workspace).put_many(items)
+    return len(items)
+
+
+def _cache_row(key: str, entry: dict[str, Any]) -> list[Any]:
+    """An llm_cache row (the table's column order) from a cache entry."""
+    return [key, entry.get("provider"), entry.get("model"), json.dumps(entry["request"]),
+            json.dumps(entry["response"]), entry.get("prompt_tokens"), entry.get("completion_tokens"),
+            entry.get("cost")]
+
+
+def cache_get_many(cache: Any, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Entries for the keys found (one query when the cache supports ``get_many``)."""
+    get_many = getattr(cache, "get_many", None)
+    if get_many is not None:
+        return get_many(keys)
+    out = {}
+    for key in dict.fromkeys(keys):
+        entry = cache.get(key)
+        if entry is not None:
+            out[key] = entry
+    return out
+
+
+def cache_put_many(cache: Any, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Write entries (one commit when the cache supports ``put_many``); returns once durable."""
+    put_many = getattr(cache, "put_many", None)
+    if put_many is not None:
+        put_many(items)
+    else:
+        for key, entry in items:
+            cache.put(key, entry)
+
+
+def as_cache(cache: Any) -> LLMCache:
+    """A cache object from a cache, a workspace (its llm_cache table), a path (a JSON-lines
+    file, for jobs) or None (in memory)."""
+    if cache is None:
+        return MemoryCache()
+    if isinstance(cache, (str, os.PathLike)):
+        return JsonlCache(cache)
+    if hasattr(cache, "get") and hasattr(cache, "put"):
+        return cache
+    if hasattr(cache, "transaction") and hasattr(cache, "cursor"):
+        return WorkspaceCache(cache)
+    raise TypeError(f"not a cache or workspace: {cache!r}")
