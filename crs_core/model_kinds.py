@@ -69,9 +69,11 @@ def by_cli_name(name: str) -> ModelKind:
 
 RETRIEVER = register(ModelKind(
     kind="train_retriever", cli_name="retriever", label="Dense retriever (MiniLM bi-encoder, InfoNCE)",
-    short_label="Dense retriever", config="crs_core.train:RetrieverConfig", trainer="crs_core.train:train_retriever",
+    short_label="Dense retriever", config="crs_core.train_data:RetrieverConfig",
+    trainer="crs_core.train_retriever:train_retriever",
     runner="crs_core.train:run_retriever_job", default_epochs=1, evaluated_as="dense"))
 SFT = register(ModelKind(
     kind="train_lm", cli_name="sft", label="Fine-tuned LM (SmolLM2-135M, SFT / LoRA)",
-    short_label="Fine-tuned LM (LoRA)", config="crs_core.train:SFTConfig", trainer="crs_core.train:train_sft",
+    short_label="Fine-tuned LM (LoRA)", config="crs_core.train_data:SFTConfig",
+    trainer="crs_core.train_lm:train_sft",
     runner="crs_core.train:run_sft_job", default_epochs=3, method="lora", evaluated_as="lm"))

@@ -119,3 +119,14 @@ def score_schema(titles: Sequence[str]) -> dict[str, Any]:
     """JSON schema of the answer to one scoring prompt: exactly the listed titles, each a number."""
     return {"type": "object", "properties": {t: {"type": "number"} for t in titles},
             "required": list(titles), "additionalProperties": False}
+
+
+# ------------------------------------------------------------------------------- the student LM
+# The student's system prompt ("{n}" is replaced by the list length).
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a movie recommender. Read the conversation and recommend {n} movies the user will "
+    'like. Answer only with a numbered list, one movie per line, written as "Title (Year)".'
+)
+# appended to the dialogue in the user turn; without it the zero-shot 135M student tends to continue
+# the dialogue instead of answering with a list ("{n}" is replaced)
+DEFAULT_USER_INSTRUCTION = "List {n} movie recommendations:"

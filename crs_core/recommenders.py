@@ -919,7 +919,8 @@ class Hybrid(_ScoreRanker):
         return np.log1p(counts) / max(np.log1p(counts.max()), 1e-12)
 
     def fit(self, train: "TrainingSet", progress: ProgressFn | None = None) -> None:
-        from .train import Example, _validation_split
+        from .train_data import Example
+        from .train_retriever import _validation_split
 
         train = TrainingSet.coerce(train)
         if str(train.name).endswith("_test"):

@@ -1254,7 +1254,8 @@ def export_synthetic(
         + "ORDER BY q.created_at, q.query_id, g.rank"
     )
     df = ws.df(sql, params)
-    from .train import DEFAULT_SYSTEM_PROMPT, format_target
+    from .prompts import DEFAULT_SYSTEM_PROMPT
+    from .train_data import format_target
 
     system = system_prompt or DEFAULT_SYSTEM_PROMPT.replace("{n}", str(N_GROUND_TRUTH))
     records: list[dict[str, Any]] = []

@@ -169,6 +169,29 @@ def add_item_selection(path: Path) -> tuple[str, list[str]]:
     return set_id, items
 
 
+def studio_page(monkeypatch, workspace_path: Path, page: str, jobs_root: Path | None = None):
+    """Open `page` of the studio (through app.py's navigation) with AppTest on `workspace_path`;
+    fails on any exception the page raised."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CRS_WORKSPACE", str(workspace_path))
+    monkeypatch.setenv("CRS_JOBS_ROOT", str(jobs_root or workspace_path.parent / "jobs"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def cli_choices(command: str, option: str) -> list[str]:
+    """The choices `python -m crs_core <command> <option>` offers now."""
+    from crs_core import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return list(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
 # --------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def studio_workspace_file() -> Path:

@@ -4,10 +4,9 @@ without editing them."""
 from __future__ import annotations
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, copy_workspace
-from crs_core import cli, jobs, model_kinds
+from conftest import ROOT, cli_choices, copy_workspace, studio_page
+from crs_core import jobs, model_kinds
 from crs_core.store import Workspace
 
 TOY = model_kinds.ModelKind(
@@ -20,11 +19,6 @@ TOY = model_kinds.ModelKind(
 def toy_kind(monkeypatch):
     monkeypatch.setitem(model_kinds._KINDS, TOY.kind, TOY)
     return TOY
-
-
-def _choices(parser, command: str, option: str) -> list[str]:
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    return list(next(a for a in sub._actions if option in a.option_strings).choices)
 
 
 def test_builtin_kinds_and_their_objects():
@@ -43,17 +37,11 @@ def test_builtin_kinds_and_their_objects():
 
 def test_a_registered_kind_reaches_the_cli_the_pages_and_the_worker(toy_kind, monkeypatch, studio_workspace_file,
                                                                      tmp_path):
-    assert "toy" in _choices(cli.build_parser(), "train", "--kind")
+    assert "toy" in cli_choices("train", "--kind")
     path = copy_workspace(studio_workspace_file, tmp_path / "kinds.duckdb")
-    monkeypatch.setenv("CRS_WORKSPACE", str(path))
-    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/training.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = studio_page(monkeypatch, path, "pages/training.py")
     assert "Toy model (test)" in at.selectbox(key="tr_kind").options
-    at.switch_page("pages/augmentation.py")
-    at.run()
+    at = studio_page(monkeypatch, path, "pages/augmentation.py")
     assert "Toy" in at.selectbox(key="aug_new_kind").options
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the worker imports conftest's runner
     with Workspace(path) as ws:

@@ -587,22 +587,12 @@ def test_hybrid_fits_on_training_data_only_and_uses_mentioned_items(ws, encoder)
 
 def test_a_registered_recommender_reaches_the_cli_and_the_evaluation_page(monkeypatch, studio_workspace_file,
                                                                          tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    from conftest import ROOT, copy_workspace
-    from crs_core import cli, recommenders
+    from conftest import cli_choices, copy_workspace, studio_page
+    from crs_core import recommenders
 
     entry = recommenders.RecommenderKind("popularity-test", "Popularity (a test entry)",
                                          lambda ws, **kw: recommenders.Popularity(ws, source="interactions", **kw))
     monkeypatch.setitem(recommenders.RECOMMENDERS, entry.name, entry)
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["eval"]
-    assert "popularity-test" in next(a for a in sub._actions if "--model" in a.option_strings).choices
-    path = copy_workspace(studio_workspace_file, tmp_path / "recs.duckdb")
-    monkeypatch.setenv("CRS_WORKSPACE", str(path))
-    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/evaluation.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    assert "popularity-test" in cli_choices("eval", "--model")
+    at = studio_page(monkeypatch, copy_workspace(studio_workspace_file, tmp_path / "recs.duckdb"), "pages/evaluation.py")
     assert "Popularity (a test entry)" in at.selectbox(key="ev_kind").options

@@ -4,20 +4,14 @@ pages and a stored selection without editing them."""
 from __future__ import annotations
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, copy_workspace
-from crs_core import cli, strategies
+from conftest import cli_choices, copy_workspace, studio_page
+from crs_core import strategies
 from crs_core.selections import run_selection, selection_info
 from crs_core.store import Workspace
 from crs_core.strategies import Strategy
 
 NEW = Strategy("TEST_METADATA_FISHER", "Test: Fisher + metadata", "fisher", ("review", "metadata"))
-
-
-def _choices(parser, command: str, option: str) -> list[str]:
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    return list(next(a for a in sub._actions if option in a.option_strings).choices)
 
 
 def test_builtin_strategies_say_what_they_need():
@@ -36,21 +30,13 @@ def test_builtin_strategies_say_what_they_need():
 
 def test_a_registered_strategy_reaches_the_cli_the_pages_and_runs(monkeypatch, studio_workspace_file, tmp_path):
     monkeypatch.setitem(strategies._STRATEGIES, NEW.name, NEW)
-    parser = cli.build_parser()
-    assert NEW.name in _choices(parser, "select", "--strategy")
-    assert NEW.name in _choices(parser, "budget-curve", "--strategies")
+    assert NEW.name in cli_choices("select", "--strategy")
+    assert NEW.name in cli_choices("budget-curve", "--strategies")
     path = copy_workspace(studio_workspace_file, tmp_path / "strategy.duckdb")
     with Workspace(path) as ws:
         sel = run_selection(ws, NEW.name, 5, unit="item", k=4)
         info = selection_info(ws, sel)
     assert info["strategy"] == NEW.name and info["params"]["weights"] == [1.0, 1.0, 1.0]
-    monkeypatch.setenv("CRS_WORKSPACE", str(path))
-    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/selection.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert NEW.label in at.selectbox(key="sel_strategy").options
-    at.switch_page("pages/evaluation.py")
-    at.run()
+    assert NEW.label in studio_page(monkeypatch, path, "pages/selection.py").selectbox(key="sel_strategy").options
+    at = studio_page(monkeypatch, path, "pages/evaluation.py")
     assert NEW.label in at.multiselect(key="ev_bc_strategies").options

@@ -4,9 +4,8 @@ TeacherConfig, a real call through the Teacher wrapper, and the Synthesis page's
 from __future__ import annotations
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, copy_workspace
+from conftest import copy_workspace, studio_page
 from crs_core import teacher_providers
 from crs_core.teacher import Teacher, TeacherConfig, TeacherSetupError
 from crs_core.teacher_providers import LocalLlama, OpenAICompatible
@@ -46,12 +45,7 @@ def test_a_registered_provider_is_usable_by_name_end_to_end(gateway, monkeypatch
             assert teacher.endpoint == stub.base_url.rstrip("/")
             reply = teacher.chat([{"role": "user", "content": "hi"}])
         assert reply.text == "a quiet heist film, please" and stub.chat_requests == 1
-    monkeypatch.setenv("CRS_WORKSPACE", str(copy_workspace(studio_workspace_file, tmp_path / "w.duckdb")))
-    monkeypatch.setenv("CRS_JOBS_ROOT", str(tmp_path / "jobs"))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/synthesis.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = studio_page(monkeypatch, copy_workspace(studio_workspace_file, tmp_path / "w.duckdb"), "pages/synthesis.py")
     radio = at.radio(key="syn_provider")
     assert radio.value == "local" and "Company LLM gateway" in radio.options
     radio.set_value("gateway").run()

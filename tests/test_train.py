@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from crs_core import jobs, models, train
+from crs_core import jobs, models, train, train_lm, train_loop, train_retriever
+from crs_core.errors import CRSError
 from crs_core.store import Workspace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,7 +72,7 @@ def test_text_helpers():
     assert train.parse_numbered_list("no list here") == []
     items = train.load_items({"a": "Heat (1995). Crime.", "b": {"title": "Alien (1979)", "text": ""}})
     assert items["a"].title == "Heat (1995)" and items["b"].text == "Alien (1979)"
-    with pytest.raises(train.CRSError, match="context"):
+    with pytest.raises(CRSError, match="context"):
         train.load_examples([{"context": [], "labels": ["a"]}])
 
 
@@ -79,7 +80,7 @@ def test_sft_example_masks_the_prompt_and_fits(tokenizer):
     cfg = train.SFTConfig(max_length=128, n_titles=3)
     items = train.load_items(ITEMS)
     ex = train.load_examples(EXAMPLES[:1])[0]
-    ids, labels = train._sft_example(tokenizer, ex, items, cfg)
+    ids, labels = train_lm._sft_example(tokenizer, ex, items, cfg)
     assert len(ids) == len(labels) <= 128
     n_prompt = sum(1 for t in labels if t == -100)
     assert labels[:n_prompt] == [-100] * n_prompt and all(t != -100 for t in labels[n_prompt:])
@@ -94,7 +95,7 @@ def test_sft_example_masks_the_prompt_and_fits(tokenizer):
 
     # a long dialogue keeps its latest turns and the whole target
     long_ctx = [f"User: I once watched movie number {i} and it was fine." for i in range(60)] + ["User: LAST TURN"]
-    ids, labels = train._sft_example(tokenizer, train.Example(long_ctx, ex.labels), items, cfg)
+    ids, labels = train_lm._sft_example(tokenizer, train.Example(long_ctx, ex.labels), items, cfg)
     assert len(ids) <= 128
     assert "LAST TURN" in tokenizer.decode(ids) and "number 0 " not in tokenizer.decode(ids)
     assert tokenizer.decode([t for t in labels if t != -100]).startswith("1. Heat (1995)")
@@ -354,7 +355,7 @@ def test_the_training_loop_refuses_a_zero_loss_at_step_one_and_a_nan_loss(loss, 
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    spec = train._LoopSpec(8, 4, 1, 1, 0, None, 100, 2, 1, 1.0)
+    spec = train_loop._LoopSpec(8, 4, 1, 1, 0, None, 100, 2, 1, 1.0)
 
     def step_fn(idx):
         out = model(torch.ones(len(idx), 2)).sum() * 0
@@ -362,7 +363,7 @@ def test_the_training_loop_refuses_a_zero_loss_at_step_one_and_a_nan_loss(loss, 
         return loss, len(idx)
 
     with pytest.raises(train.TrainingError, match=message):
-        train._run_loop(spec, hooks=train._NoJob(), model=model, optimizer=opt, scheduler=sched, step_fn=step_fn)
+        train_loop._run_loop(spec, hooks=train_loop._NoJob(), model=model, optimizer=opt, scheduler=sched, step_fn=step_fn)
 
 
 LONG = ["User: Hi! I mostly watch old westerns with my grandfather on Sunday afternoons, " * 3,
@@ -420,9 +421,9 @@ def test_validation_holds_out_whole_training_dialogues_and_the_monitor_only_obse
         [{"context": d[:2], "labels": [lab]} for d, lab in zip(dialogues, ITEMS)]
         + [{"context": d[:4], "labels": [lab]} for d, lab in zip(dialogues, list(ITEMS)[4:])]
         + [{"context": ["User: opening 0"], "labels": ["tt0078748"]}])
-    groups = train._dialogue_groups(exs)
+    groups = train_retriever._dialogue_groups(exs)
     assert groups[0] == groups[4] and groups[1] == groups[5] and len(set(groups)) == 5
-    tr, val = train._validation_split(exs, 0.25, seed=1)
+    tr, val = train_retriever._validation_split(exs, 0.25, seed=1)
     assert set(tr) | set(val) == set(range(len(exs))) and not set(tr) & set(val)
     assert all((groups[i] in {groups[j] for j in val}) == (i in val) for i in range(len(exs)))  # whole dialogues
 
