@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from crs_core import augment as A  # noqa: E402
-from crs_core import llm_output, prompts  # noqa: E402
+from crs_core import augment_scoring, llm_output, prompts  # noqa: E402
 from crs_core.errors import CRSError  # noqa: E402
 from crs_core.store import Workspace  # noqa: E402
 from crs_core.teacher import Teacher, TeacherConfig  # noqa: E402
@@ -278,8 +278,8 @@ def test_parse_scores(reply, scores, clipped):
 def test_score_histogram_and_head():
     hist = A.score_histogram([0, 0.4, 0.5, 3.49, 3.5, 4.0, 4.0, None])
     assert [h["count"] for h in hist] == [2, 1, 0, 0, 0, 0, 1, 3] and hist[-1]["hi"] == 4.0
-    assert A._head({"a": 10, "b": 5, "c": 5, "d": 1, "e": 1, "z": 0}) == {"a"}
-    assert A._head({"a": 3, "b": 3, "c": 1, "d": 1, "e": 1}) == {"a", "b"}  # tie at the cut-off
+    assert augment_scoring._head({"a": 10, "b": 5, "c": 5, "d": 1, "e": 1, "z": 0}) == {"a"}
+    assert augment_scoring._head({"a": 3, "b": 3, "c": 1, "d": 1, "e": 1}) == {"a", "b"}  # tie at the cut-off
 
 
 # ---------------------------------------------------------------------------------- retrieval
