@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from crs_core import datasets as ds
+from crs_core import datasets_io
 from crs_core.datasets import (
     EntityIndex, Loaded, LoadReport, clean_review_text, clean_title, detect_format, entity_title,
     invert_entity2id, load, load_dialogues, load_interactions, load_items, load_movielens_links,
@@ -643,7 +644,7 @@ def test_unknown_format_name_and_missing_file(tmp_path):
 
 
 def test_skip_report_is_capped_but_counts_everything(tmp_path, monkeypatch):
-    monkeypatch.setattr(ds, "MAX_PROBLEMS", 2)
+    monkeypatch.setattr(datasets_io, "MAX_PROBLEMS", 2)  # where the report keeps them
     path = write(tmp_path, "r.jsonl", "{oops\n" * 5 + text_lines(AMAZON14)[0] + "\n")
     df, report = load_reviews(path, fmt="amazon_legacy_reviews", skip_bad=True)
     assert len(df) == 1 and report.skipped == 5 and len(report.problems) == 2
