@@ -495,7 +495,7 @@ def test_retriever_encoder_needs_a_trained_retriever_folder(tmp_path):
 
 def test_item_embeddings_go_to_the_workspace_cache(encoder, tmp_path):
     from crs_core.embed import text_hash
-    from crs_core.recommenders import _ITEM_CACHE, item_embeddings
+    from crs_core.recommenders_base import _ITEM_CACHE, item_embeddings
 
     class Counting:  # the real encoder, counting what it is asked to encode
         def __init__(self, inner):
