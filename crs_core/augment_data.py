@@ -1,4 +1,7 @@
-"""Label augmentation's inputs: constants, errors, the dialogue turns and catalogue items it works on, dense retrieval of candidates, and the scoring prompt's rendering. Used through `crs_core.augment`."""
+"""Label augmentation's inputs: constants, errors, the dialogue turns and catalogue items it works
+on, dense retrieval of candidates, and the scoring prompt's rendering. Used through
+`crs_core.augment`.
+"""
 
 from __future__ import annotations
 

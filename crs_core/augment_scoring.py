@@ -1,4 +1,7 @@
-"""Scoring candidates: the teacher LLM in batches with a retry for unscored pairs, the distilled head trained on a teacher-scored sample, and the statistics of a run (agreement, coverage, histograms, the report). Used through `crs_core.augment`."""
+"""Scoring candidates: the teacher LLM in batches with a retry for unscored pairs, the distilled
+head trained on a teacher-scored sample, and the statistics of a run (agreement, coverage,
+histograms, the report). Used through `crs_core.augment`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""One reader per real format: reviews (Amazon Reviews 2023, IMDb-style), items (Amazon metadata, MovieLens), interactions and tags (MovieLens), dialogues (ReDial, INSPIRED). Used through `crs_core.datasets`."""
+"""One reader per real format: reviews (Amazon Reviews 2023, IMDb-style), items (Amazon metadata,
+MovieLens), interactions and tags (MovieLens), dialogues (ReDial, INSPIRED). Used through
+`crs_core.datasets`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Reading seed-data files safely: the frame shapes every reader returns, load reports, gzip sniffing and line iteration with bad-line routing, field helpers with user-readable reasons, and the text and title helpers the studio uses to match titles across sources. Used through `crs_core.datasets`."""
+"""Reading seed-data files safely: the frame shapes every reader returns, load reports, gzip
+sniffing and line iteration with bad-line routing, field helpers with user-readable reasons, and
+the text and title helpers the studio uses to match titles across sources. Used through
+`crs_core.datasets`.
+"""
 
 from __future__ import annotations
 

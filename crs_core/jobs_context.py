@@ -1,4 +1,6 @@
-"""The worker side of a job: `JobContext`, what a runner is handed (config, inputs, progress, checkpoints, cancel, the result). Used through `crs_core.jobs`."""
+"""The worker side of a job: `JobContext`, what a runner is handed (config, inputs, progress,
+checkpoints, cancel, the result). Used through `crs_core.jobs`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""A job folder and what both sides read from it (standard library only): constants and file names, errors, the runner and importer registries, atomic JSON, exported inputs, the folder's state with process liveness, progress and log reading, and checkpoint verification. Used through `crs_core.jobs`."""
+"""A job folder and what both sides read from it (standard library only): constants and file names,
+errors, the runner and importer registries, atomic JSON, exported inputs, the folder's state
+with process liveness, progress and log reading, and checkpoint verification. Used through
+`crs_core.jobs`.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CRSError
+from .progress import Progress
 
 
 
@@ -51,6 +56,8 @@ CHECKPOINT_SECONDS = 60.0  # default time between checkpoints (job config "check
 RUNNERS: dict[str, str] = {
     "lm_generate": "crs_core.train:run_generate_job",
 }
+# kind -> what pages call a job of that kind (trained model kinds: "Training job")
+JOB_NOUNS: dict[str, str] = {"lm_generate": "Generation job"}
 # kind -> importer (callable or "module:function"): importer(cursor, JobState) inside a transaction.
 # Training jobs have none: their model stays in the job folder (train.trained_models lists them)
 # and an evaluation stores the run with its metrics.
@@ -295,6 +302,20 @@ class JobState:
         if not self.total_steps:
             return 1.0 if self.state == "succeeded" else 0.0
         return min(1.0, self.step / self.total_steps)
+
+    @property
+    def progress(self) -> Progress:
+        """The job's progress as pages show every background work (crs_core.progress.Progress)."""
+        from . import model_kinds
+
+        noun = JOB_NOUNS.get(self.kind) or ("Training job" if self.kind in {k.kind for k in model_kinds.kinds()}
+                                            else "Job")
+        label = f"{noun} {self.job_id}: {self.describe()}"
+        detail = f"epoch {self.epoch:.2f}" if self.epoch else ""
+        if not self.total_steps:
+            finished = 1.0 if self.state == "succeeded" else 0.0
+            return Progress(label, finished, finished, None, detail)
+        return Progress(label, min(self.step, self.total_steps), self.total_steps, self.eta_seconds, detail)
 
     def describe(self) -> str:
         """One line for a status column."""

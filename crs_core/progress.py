@@ -6,9 +6,49 @@ it sparsely; they never import a UI.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a piece of background work stands, the same for a job process (`JobState.progress`)
+    and a studio background run (`pages._shared.BackgroundRun.progress_now`): pages draw both with
+    one helper. `eta_seconds`: the worker's own estimate, else the rate so far (None until there
+    is one)."""
+
+    label: str
+    done: float
+    total: float
+    eta_seconds: float | None = None
+    detail: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, max(0.0, self.done / self.total)) if self.total else 0.0
+
+    @classmethod
+    def from_counts(cls, label: str, done: float, total: float, started: float, *, now: float | None = None,
+                    detail: str = "") -> "Progress":
+        """ETA from the average rate since `started` (a `time.time()`)."""
+        elapsed = (time.time() if now is None else now) - started
+        eta = elapsed * (total - done) / done if done > 0 and total > done and elapsed > 0 else None
+        return cls(label, done, total, eta, detail)
+
+    def text(self) -> str:
+        """"label — 40 / 120 (33%) · detail · ETA 2.5 min"."""
+        parts = [self.label]
+        if self.total:
+            parts[0] += f" — {self.done:,.0f} / {self.total:,.0f} ({self.fraction:.0%})"
+        if self.detail:
+            parts.append(self.detail)
+        if self.eta_seconds is not None:
+            parts.append(f"ETA {self.eta_seconds / 60:.1f} min" if self.eta_seconds >= 60
+                         else f"ETA {self.eta_seconds:.0f} s")
+        return " · ".join(parts)
 
 
 def report(progress: ProgressFn | None, done: int, total: int) -> None:

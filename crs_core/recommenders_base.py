@@ -1,4 +1,8 @@
-"""What every recommender shares: the interface and training sets, the dialogue query text, the catalogue with its exclusions, and the encoders (the project's MiniLM, fine-tuned retrievers through the one loader `load_retriever`, item embeddings cached per model). Used through `crs_core.recommenders`."""
+"""What every recommender shares: the interface and training sets, the dialogue query text, the
+catalogue with its exclusions, and the encoders (the project's MiniLM, fine-tuned retrievers
+through the one loader `load_retriever`, item embeddings cached per model). Used through
+`crs_core.recommenders`.
+"""
 
 from __future__ import annotations
 

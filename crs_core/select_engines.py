@@ -1,4 +1,7 @@
-"""The exact greedy engines: JS (entropy + λ · JS divergence to the picks, with certified upper bounds so most rows are never rescored) and Fisher (log(1 + xᵀ Λ⁻¹ x), Sherman-Morrison updates, float32 tiers checked in float64). Used through `crs_core.select`."""
+"""The exact greedy engines: JS (entropy + λ · JS divergence to the picks, with certified upper
+bounds so most rows are never rescored) and Fisher (log(1 + xᵀ Λ⁻¹ x), Sherman-Morrison updates,
+float32 tiers checked in float64). Used through `crs_core.select`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Selection's numerics below the strategies: constants, input validation, feature blocks, K-means centres, cluster probabilities, entropy and the Jensen-Shannon divergence (arXiv 2504.15476, §3.2). Used through `crs_core.select`."""
+"""Selection's numerics below the strategies: constants, input validation, feature blocks, K-means
+centres, cluster probabilities, entropy and the Jensen-Shannon divergence (arXiv 2504.15476,
+§3.2). Used through `crs_core.select`.
+"""
 
 from __future__ import annotations
 

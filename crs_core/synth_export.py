@@ -1,4 +1,6 @@
-"""Exporting reviewed synthetic dialogues as training data: chat SFT messages or CRS turns, JSONL or Parquet. Used through `crs_core.synth`."""
+"""Exporting reviewed synthetic dialogues as training data: chat SFT messages or CRS turns, JSONL
+or Parquet. Used through `crs_core.synth`.
+"""
 
 from __future__ import annotations
 

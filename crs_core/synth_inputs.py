@@ -1,4 +1,8 @@
-"""What synthesis works with before the run: its constants and errors, reviews cleaned of HTML and cut to length, the grounding of listed titles in the catalogue, and dense retrieval over the catalogue's item texts (the shared TextEncoder, blended with co-occurrence). Used through `crs_core.synth`."""
+"""What synthesis works with before the run: its constants and errors, reviews cleaned of HTML and
+cut to length, the grounding of listed titles in the catalogue, and dense retrieval over the
+catalogue's item texts (the shared TextEncoder, blended with co-occurrence). Used through
+`crs_core.synth`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The report of a synthesis run: counts, refusal reasons, errors and timings, as lines for the CLI and the pages. Used through `crs_core.synth`."""
+"""The report of a synthesis run: counts, refusal reasons, errors and timings, as lines for the CLI
+and the pages. Used through `crs_core.synth`.
+"""
 
 from __future__ import annotations
 

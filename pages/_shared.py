@@ -54,6 +54,12 @@ def workspace() -> Workspace:
     return _open(path)
 
 
+def show_progress(progress) -> None:
+    """One bar for any background work: a job (`JobState.progress`) or a studio run
+    (`BackgroundRun.progress_now()`), with the same text and ETA."""
+    st.progress(progress.fraction, text=progress.text())
+
+
 class StreamlitProgress:
     """A crs_core `progress(done, total)` callable drawing an st.progress bar."""
 
@@ -228,6 +234,12 @@ class BackgroundRun:
 
     def progress(self, done: int, total: int) -> None:
         self.done, self.total = int(done), int(total)
+
+    def progress_now(self, label: str | None = None, detail: str = ""):
+        """This run's crs_core.progress.Progress (ETA from its rate so far)."""
+        from crs_core.progress import Progress
+
+        return Progress.from_counts(label or self.label, self.done, self.total, self.started, detail=detail)
 
     @property
     def running(self) -> bool:

@@ -9,8 +9,8 @@ import streamlit as st
 from crs_core import augment, jobs, model_kinds, studio_actions, views
 from crs_core.errors import CRSError
 from crs_core.teacher import TeacherConfig
-from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
-                           workspace)
+from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error,
+                           show_progress, start_background, workspace)
 
 ensure_navigation()
 
@@ -106,7 +106,7 @@ def live() -> None:
         share = current.done / current.total if current.total else 0.0
         phase = "retrieving candidates" if share < 0.3 else "scoring" if share < 0.95 else "storing labels"
         if current.running:
-            st.progress(min(1.0, share), text=f"Augmentation: {phase} — {share:.0%}")
+            show_progress(current.progress_now("Augmentation", detail=phase))
             if st.button("Stop", key="aug_stop", icon=":material/stop:",
                          disabled=current.stop.is_set()) and authorized("background_work"):
                 current.stop.set()
@@ -120,7 +120,7 @@ def live() -> None:
             st.success(f"Stored {rep.labels_kept:,} augmented labels ({rep.dataset}, {rep.scorer}).")
             st.code("\n".join(rep.lines()), language=None)
         if job is not None:
-            st.progress(job.fraction, text=f"Training job {job.job_id}: {job.describe()}")
+            show_progress(job.progress)
             st.page_link("pages/training.py", label="Loss curve, log and evaluation on the Training page",
                          icon=":material/arrow_forward:")
     if st.session_state.get("aug_was_polling") and not polling:

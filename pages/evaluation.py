@@ -8,8 +8,8 @@ import streamlit as st
 from crs_core import budget_curve, evaluate, model_eval, recommenders, strategies, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.teacher import TeacherConfig
-from pages._shared import (StreamlitProgress, authorized, background_run, cached, ensure_navigation, needs, show_error,
-                           start_background, workspace)
+from pages._shared import (StreamlitProgress, authorized, background_run, cached, ensure_navigation, needs,
+                           show_error, show_progress, start_background, workspace)
 
 ensure_navigation()
 
@@ -132,8 +132,8 @@ def budget_curve_run() -> None:
         points = budget_curve.budget_curve_frame(ws, exp_id, metrics=budget_curve.CHART_METRICS) if exp_id else None
         n_points = 0 if points is None else points[["strategy", "budget"]].drop_duplicates().shape[0]
         if current.running:
-            share = current.done / current.total if current.total else 0.0
-            st.progress(min(1.0, share), text=f"{share:.0%} · {n_points} point(s) stored in {exp_id or '…'}")
+            stored = f"{n_points} point(s) stored in {exp_id or '…'}"
+            show_progress(current.progress_now("Budget curve", detail=stored))
             if st.button("Stop", key="ev_bc_stop", icon=":material/stop:",
                          disabled=current.stop.is_set()) and authorized("background_work"):
                 current.stop.set()

@@ -6,7 +6,7 @@ from crs_core import views
 from crs_core.ingest import ingest_summary
 from crs_core.pipeline import pipeline_status
 from pages._shared import (PAGE_OF_STEP, background_run, cached, default_build_key, ensure_navigation,
-                           forget_background, show_error, start_default_build, workspace)
+                           show_progress, forget_background, show_error, start_default_build, workspace)
 
 ensure_navigation()
 
@@ -54,8 +54,7 @@ if not (basics["seeds"] and basics["embed"] and basics["cluster"]):
             if current is None:
                 return
             if current.running:
-                share = current.done / current.total if current.total else 0.0
-                st.progress(min(1.0, share), text=f"{current.extra['label']} — {current.done:,} / {current.total:,}")
+                show_progress(current.progress_now(current.extra["label"]))
                 st.caption("You can leave this page; the build goes on and resumes where it stopped if interrupted.")
             elif current.error is not None:
                 show_error(current.error)

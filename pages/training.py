@@ -6,8 +6,8 @@ import streamlit as st
 from crs_core import jobs, model_eval, model_kinds, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.evaluate import check_no_test_leakage
-from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
-                           workspace)
+from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error,
+                           show_progress, start_background, workspace)
 
 ensure_navigation()
 
@@ -103,8 +103,7 @@ def follow() -> None:
     if state is None:
         st.caption(f"Job {job_id} is no longer in this workspace.")
         return
-    st.progress(state.fraction, text=f"{state.describe()}" + (f" · epoch {state.epoch:.2f}" if state.epoch else "")
-                + (f" · ETA {state.eta_seconds / 60:.1f} min" if state.eta_seconds else ""))
+    show_progress(state.progress)
     m = st.columns(4)
     m[0].metric("Step", f"{state.step:,} / {state.total_steps or '?'}")
     m[1].metric("Loss", "—" if state.loss is None else f"{state.loss:.4f}")
@@ -201,7 +200,7 @@ def evaluate_this_job() -> None:
     lm_state = _lm_eval_state()
     if run is not None:
         if run.running:
-            st.progress(min(1.0, run.done / run.total) if run.total else 0.0, text=run.label)
+            show_progress(run.progress_now())
             if st.button("Stop", key="tr_eval_stop", icon=":material/stop:",
                          disabled=run.stop.is_set()) and authorized("background_work"):
                 run.stop.set()
@@ -216,7 +215,7 @@ def evaluate_this_job() -> None:
             st.page_link("pages/evaluation.py", label="Compare it with other runs on the Evaluation page",
                          icon=":material/arrow_forward:")
     if lm_state is not None:
-        st.progress(lm_state.fraction, text=f"Generation job {lm_state.job_id}: {lm_state.describe()}")
+        show_progress(lm_state.progress)
         if lm_state.state == "succeeded":
             st.page_link("pages/evaluation.py", label="See the run on the Evaluation page",
                          icon=":material/arrow_forward:")
