@@ -26,6 +26,7 @@ name or the password was wrong.
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import hmac
 import json
@@ -94,7 +95,22 @@ class User:
         return self.role in _allowed(action)
 
 
-LOCAL_OWNER = User("local", "owner")  # single-user mode: the person at the machine
+LOCAL_OWNER = User("local", "owner")  # single-user mode: the person at the machine (and the CLI)
+
+# Who the current thread acts for: set by the studio for each page run and carried into its
+# background threads (pages._shared.start_background), read by the writers that stamp
+# `created_by` on selections, synthetic queries, jobs and runs. Unset: the local owner.
+_ACTING: contextvars.ContextVar[User | None] = contextvars.ContextVar("crs_acting_user", default=None)
+
+
+def set_acting(user: User | None) -> None:
+    """Act for `user` in this thread from now on (None: the local owner)."""
+    _ACTING.set(user)
+
+
+def acting_name() -> str:
+    """The name every write records: the signed-in user of this thread, else the local owner."""
+    return (_ACTING.get() or LOCAL_OWNER).name
 
 
 def _allowed(action: str) -> frozenset[str]:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .accounts import acting_name
 from .errors import CRSError
 from .llm_output import json_list
 from .progress import ProgressFn, report
@@ -525,11 +526,11 @@ def store_run(ws: "Workspace", run_meta: Mapping[str, Any],
         if exists:
             raise EvalError(f"run {run_id!r} already exists; choose another run_id")
         cur.execute(
-            "INSERT INTO runs (run_id, model, training_data, selection_strategy, budget, seed, config) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs (run_id, model, training_data, selection_strategy, budget, seed, config, created_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [run_id, str(model), run_meta.get("training_data"), run_meta.get("selection_strategy"),
              None if budget is None else int(budget), None if seed is None else int(seed),
-             config_json],
+             config_json, acting_name()],
         )
         cur.executemany(
             "INSERT INTO metrics (run_id, dataset, metric, value, stderr, n_turns) "

@@ -54,6 +54,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .accounts import acting_name
 from .jobs_context import JobContext
 from .jobs_files import (_initial_status, _read_status_quiet, ACTIVE_STATES, CANCEL_FILE, CHECKPOINTS_DIR,
                          CHECKPOINT_SECONDS, CONFIG_FILE, CheckpointError, DEFAULT_JOBS_ROOT, ENV_JOBS_ROOT,
@@ -184,8 +185,8 @@ def launch_job(
     try:
         with ws.transaction() as cur:
             cur.execute(
-                "INSERT INTO jobs (job_id, kind, status, folder, config) VALUES (?, ?, 'queued', ?, ?)",
-                [job_id, kind, str(folder), config_json],
+                "INSERT INTO jobs (job_id, kind, status, folder, config, created_by) VALUES (?, ?, 'queued', ?, ?, ?)",
+                [job_id, kind, str(folder), config_json, acting_name()],
             )
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

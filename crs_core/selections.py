@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import strategies
+from .accounts import acting_name
 from .errors import CRSError
 from .progress import ProgressFn
 from .select import SelectionError, assign_clusters, build_features, kmeans_centers, select, \
@@ -172,9 +173,10 @@ def run_selection(ws: Workspace, strategy: str, budget: int, *, unit: str = "rev
                           "unit_id": [unit_ids[i] for i in picks], "score": scores, "round": rounds})
     with ws.transaction() as cur:
         cur.execute("INSERT INTO selections (selection_id, name, strategy, unit, set_id, budget, params, "
-                    "summary, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "summary, parent_id, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [selection_id, name or f"{strategy} B={len(picks)}", strategy, unit, set_id,
-                     int(len(picks)), json.dumps(params), json.dumps(_jsonable(summary)), parent_id])
+                     int(len(picks)), json.dumps(params), json.dumps(_jsonable(summary)), parent_id,
+                     acting_name()])
         cur.register("_picks", frame)
         cur.execute("INSERT INTO selection_picks SELECT selection_id, rank, unit_id, score, round FROM _picks")
         cur.unregister("_picks")

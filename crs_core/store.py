@@ -262,6 +262,11 @@ MIGRATIONS: list[str] = [
         created_at TIMESTAMP DEFAULT current_timestamp,
         PRIMARY KEY (assignment_id, query_id, annotator)
     );
+    -- who made each selection, synthetic query, job and run (accounts.acting_name)
+    ALTER TABLE selections ADD COLUMN created_by VARCHAR;
+    ALTER TABLE synthetic_queries ADD COLUMN created_by VARCHAR;
+    ALTER TABLE jobs ADD COLUMN created_by VARCHAR;
+    ALTER TABLE runs ADD COLUMN created_by VARCHAR;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -80,6 +80,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from .accounts import acting_name
 from .llm_output import (ChoiceParse, QueryParse, normalize_query, parse_choice_reply, parse_query_reply,
                          parse_scores, parse_title_list)
 from .prompts import (CHOICE_PROMPT, QUERY_PROMPT, QUERY_SCHEMA, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT,
@@ -492,7 +493,8 @@ class _DuplicateIndex:
             self.matrix = vec[None, :] if self.matrix is None else np.vstack([self.matrix, vec[None, :]])
 
 
-def _store(ws: Any, sel_id: str, gt_mode: str, out: _Outcome, dup: _DuplicateIndex) -> tuple[str, bool, str | None]:
+def _store(ws: Any, sel_id: str, gt_mode: str, out: _Outcome, dup: _DuplicateIndex,
+           created_by: str) -> tuple[str, bool, str | None]:
     """Insert the query and its ground truth in one transaction.
     Returns (query_id, stored?, the earlier query it duplicates or None)."""
     qid = query_id_for(sel_id, out.item_id, out.k)
@@ -506,9 +508,10 @@ def _store(ws: Any, sel_id: str, gt_mode: str, out: _Outcome, dup: _DuplicateInd
         if cur.execute("SELECT 1 FROM synthetic_queries WHERE query_id = ?", [qid]).fetchone():
             return qid, False, None  # another run stored it meanwhile
         cur.execute(
-            "INSERT INTO synthetic_queries (query_id, selection_id, item_id, query, provenance, gt_mode, status, version) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', 1)",
-            [qid, sel_id, out.item_id, out.query, json.dumps(prov, ensure_ascii=False, default=str), gt_mode],
+            "INSERT INTO synthetic_queries (query_id, selection_id, item_id, query, provenance, gt_mode, status, version, "
+            "created_by) VALUES (?, ?, ?, ?, ?, ?, 'pending', 1, ?)",
+            [qid, sel_id, out.item_id, out.query, json.dumps(prov, ensure_ascii=False, default=str), gt_mode,
+             created_by],
         )
         if out.rows:
             cur.executemany(
@@ -691,6 +694,8 @@ def run_synthesis(
             rep.stopped = "stopped by the user"
         return rep.stopped is not None
 
+    created_by = acting_name()  # read here: the calls' callbacks may run in other threads
+
     def handle(out: _Outcome) -> None:
         nonlocal consecutive_failures, done_count
         for c in out.completions:
@@ -704,7 +709,7 @@ def run_synthesis(
                 rep.teacher_seconds += c.seconds
         if out.kind == "ok":
             consecutive_failures = 0
-            qid, stored, dup_of = _store(ws, selection_id, gt_mode, out, dup)
+            qid, stored, dup_of = _store(ws, selection_id, gt_mode, out, dup, created_by)
             if stored:
                 rep.stored += 1
                 rep.query_ids.append(qid)

@@ -163,10 +163,12 @@ def sign_in_gate() -> None:
         show_error(exc)
         st.stop()
     if mode == "single":
+        accounts.set_acting(accounts.LOCAL_OWNER)
         st.sidebar.caption("Single-user mode: no sign-in, you act as the local owner. "
                            f"For a team, start with {accounts.MODE_ENV}=team (see README).")
         return
     user = ss.get("signed_in")
+    accounts.set_acting(user)  # every write of this page run records this account
     if user is not None:
         st.sidebar.caption(f"Signed in as **{user.name}** ({user.role})")
         if st.sidebar.button("Sign out", key="sign_out", icon=":material/logout:"):
@@ -271,6 +273,9 @@ def start_background(key: str, label: str, target, extra: dict | None = None, *,
 
     if not authorized(action):
         st.stop()
+    from crs_core.accounts import set_acting
+
+    user = current_user()
     runs = _background_runs()
     current = runs.get(key)
     if current is not None and current.running:
@@ -278,6 +283,7 @@ def start_background(key: str, label: str, target, extra: dict | None = None, *,
     run = BackgroundRun(label, extra)
 
     def body() -> None:
+        set_acting(user)  # the thread writes as the person who started it
         try:
             run.result = target(run.progress, run.stop)
         except BaseException as exc:  # noqa: BLE001 - shown by the page

@@ -108,3 +108,15 @@ def test_studio_mode(monkeypatch):
     monkeypatch.setenv(accounts.MODE_ENV, "open")
     with pytest.raises(AccountError):
         accounts.studio_mode()
+
+
+def test_writes_are_stamped_with_the_acting_user_of_the_thread():
+    import threading
+
+    assert accounts.acting_name() == "local"  # the CLI and scripts act as the local owner
+    seen = []
+    worker = threading.Thread(target=lambda: (accounts.set_acting(User("ann", "annotator")),
+                                              seen.append(accounts.acting_name())))
+    worker.start()
+    worker.join()
+    assert seen == ["ann"] and accounts.acting_name() == "local"  # per thread, never leaked

@@ -133,3 +133,13 @@ def test_an_annotator_cannot_spend_compute_from_any_page(team, page, button, say
     assert any(f"ann (annotator) {says}" in e.value for e in at.error)
     with Workspace(team) as ws:
         assert (ws.count("runs"), ws.count("selections")) == (runs_before, selections_before)
+
+
+def test_writes_record_the_signed_in_user(team):
+    at = sign_in(visit("pages/selection.py"), "cura")
+    at.number_input(key="sel_budget").set_value(5)
+    at.button(key="sel_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    with Workspace(team) as ws:
+        newest = ws.df("SELECT created_by FROM selections ORDER BY created_at DESC LIMIT 1")
+    assert list(newest["created_by"]) == ["cura"]
