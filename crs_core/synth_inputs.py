@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .llm_output import _description_cut
+from .llm_output import description_cut
 from .prompts import CHOICE_PROMPT, QUERY_PROMPT, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT
 from .catalog import display_title, item_text
 from .embed import TextEncoder
@@ -184,7 +184,7 @@ def ground_titles(titles: Sequence[str], matcher: TitleMatcher, limit: int = N_G
     for t in titles:
         hit = matcher.match(t)
         if hit is None:
-            cut = _description_cut(t)
+            cut = description_cut(t)
             if cut:
                 hit = matcher.match(cut)
         if hit is not None:
