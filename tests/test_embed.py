@@ -20,6 +20,7 @@ from crs_core.embed import (
     Encoder,
     MiniLMEncoder,
     SmolLM2MeanEncoder,
+    TextEncoder,
     build_embedding_set,
     embed_texts,
     get_encoder,
@@ -182,6 +183,28 @@ def test_duck_typed_encoder_without_keywords(ws, minilm):
 
     vecs = embed_texts(ws, Plain(), REVIEWS[:3], chunk_size=2)
     assert vecs.shape == (3, 384)
+
+
+def test_text_encoder_normalises_remembers_and_forgets(ws, minilm):
+    """The shared encoder of synthesis, augmentation and the recommenders' helpers: rows are unit
+    vectors, a text is encoded once per process (memo keyed by encoder name), `forget` drops it;
+    the default encoder goes through the workspace cache."""
+    texts = [f"{r} ({time.time_ns()})" for r in REVIEWS[:3]]  # fresh texts: the memo is per process
+    counting = Counting(minilm)
+    enc = TextEncoder(None, counting)
+    vecs = enc(texts + texts[:1])
+    assert vecs.shape == (4, 384) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert counting.n_encoded == 3 and np.array_equal(vecs[0], vecs[3])
+    assert np.array_equal(enc(texts[1:2]), vecs[1:2]) and counting.n_encoded == 3
+    enc.forget(texts[1:2])
+    enc(texts[1:2])
+    assert counting.calls[-1] == texts[1:2]
+    assert enc([]).shape[0] == 0
+
+    default, others = TextEncoder(ws), [f"{r} ({time.time_ns()})" for r in REVIEWS[3:5]]
+    assert default(others).shape == (2, 384) and default.name == "minilm"
+    stored = set(ws.df("SELECT text_hash FROM embedding_cache WHERE model = 'minilm'")["text_hash"])
+    assert stored == {text_hash(t) for t in others}
 
 
 def test_interrupted_run_keeps_committed_chunks(ws, minilm):
