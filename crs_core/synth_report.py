@@ -1,14 +1,62 @@
-"""The report of a synthesis run: counts, refusal reasons, errors and timings, as lines for the CLI
-and the pages. Used through `crs_core.synth`.
+"""What a synthesis run costs and did: the estimate before it (calls per query, seconds per call
+measured in the workspace) and the report after it (counts, refusal reasons, errors and timings,
+as lines for the CLI and the pages). Used through `crs_core.synth`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+from .synth_inputs import DEFAULT_SCORE_BATCH, N_CANDIDATES
 
 
+# ==============================================================================================
+# the estimate
+# ==============================================================================================
+def calls_per_query(gt_mode: str, *, n_candidates: int = N_CANDIDATES, score_batch: int = DEFAULT_SCORE_BATCH) -> int:
+    """Teacher calls one query costs when every reply is usable (a refused reply adds one)."""
+    if gt_mode == "retrieve":
+        return 1
+    if gt_mode == "retrieve+llm":
+        return 1 + math.ceil(n_candidates / score_batch)
+    return 2
+
+
+def measured_seconds_per_call(ws: Any, model: str, limit: int = 200) -> tuple[float | None, int]:
+    """(median seconds of the real calls to ``model`` recorded in the last ``limit`` stored
+    queries' provenance, how many calls) -- (None, 0) when there are none."""
+    rows = ws.cursor().execute(
+        "SELECT provenance FROM synthetic_queries WHERE json_extract_string(provenance, '$.teacher.model') = ? "
+        "ORDER BY created_at DESC LIMIT ?", [model, int(limit)]).fetchall()
+    secs = []
+    for (prov,) in rows:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            secs += [float(c["seconds"]) for c in json.loads(prov).get("calls", []) if not c.get("cached")]
+    if not secs:
+        return None, 0
+    return float(np.median(secs)), len(secs)
+
+
+def synthesis_estimate(ws: Any, model: str, gt_mode: str, queries: int, *, stated_seconds_per_call: float | None = None,
+                       n_candidates: int = N_CANDIDATES, score_batch: int = DEFAULT_SCORE_BATCH) -> dict[str, Any] | None:
+    """How long ``queries`` new queries will take: seconds per call measured in this workspace
+    (median of earlier calls to ``model``), else the stated figure (the local teachers', see
+    crs_core.models.SECONDS_PER_CALL), times the calls per query; None when neither is known."""
+    measured, n = measured_seconds_per_call(ws, model)
+    per_call = measured if measured is not None else stated_seconds_per_call
+    if per_call is None:
+        return None
+    per_query = per_call * calls_per_query(gt_mode, n_candidates=n_candidates, score_batch=score_batch)
+    basis = (f"measured: median of {n} call{'s' if n != 1 else ''} in this workspace" if measured is not None
+             else "stated for 2 idle threads")
+    return {"seconds_per_call": per_call, "seconds_per_query": per_query, "total_seconds": per_query * max(0, queries),
+            "basis": basis, "calls_per_query": calls_per_query(gt_mode, n_candidates=n_candidates, score_batch=score_batch)}
 
 
 # ==============================================================================================
