@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 # ----------------------------------------------------------------------------------- synthesis
+N_GROUND_TRUTH = 20  # the length of a query's ground-truth list: the 20 that RECS_PROMPT asks for
 # Active synthesis, section 3.3, "Query Generation Prompt".
 QUERY_PROMPT = (
     "You will be given multiple product reviews. Your task is to convert the sentiment, issues, or "
@@ -60,12 +61,12 @@ QUERY_SCHEMA = {
 TITLES_SCHEMA = {
     "type": "object", "title": "titles",
     "properties": {"titles": {"type": "array", "items": {"type": "string", "maxLength": 120},
-                              "minItems": 1, "maxItems": 20}},
+                              "minItems": 1, "maxItems": N_GROUND_TRUTH}},
     "required": ["titles"], "additionalProperties": False,
 }
 
 
-def choice_schema(n_candidates: int, k: int = 20) -> dict[str, Any]:
+def choice_schema(n_candidates: int, k: int = N_GROUND_TRUTH) -> dict[str, Any]:
     """``{"picks": [...]}`` with 1..k distinct-looking numbers, each one of 1..n_candidates."""
     return {
         "type": "object", "title": "picks",

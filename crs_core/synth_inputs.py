@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .llm_output import description_cut
-from .prompts import CHOICE_PROMPT, QUERY_PROMPT, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT
+from .prompts import CHOICE_PROMPT, N_GROUND_TRUTH, QUERY_PROMPT, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT
 from .catalog import display_title, item_text
 from .embed import TextEncoder
 from .errors import CRSError
@@ -30,7 +30,6 @@ DEFAULT_GT_MODE = "choose"
 N_CHOICE_CANDIDATES = 35  # choose: candidates offered (about 10 prompt tokens each)
 CHOICE_MAX_TOKENS = 160
 CHOICE_TEMPERATURE = 0.2  # choosing is judging, not writing
-N_GROUND_TRUTH = 20
 N_REVIEWS = 3
 N_CANDIDATES = 50  # retrieve+llm
 MAX_REVIEW_CHARS = 900  # ~200 tokens: 3 reviews cost ~15 s of prompt processing on the local teacher

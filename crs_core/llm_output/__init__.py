@@ -14,13 +14,13 @@ A new kind of reply is one module here, re-exported below.
 
 from .choices import N_GROUND_TRUTH, ChoiceParse, parse_choice_reply
 from .queries import QUERY_KEYS, QueryParse, names_title, normalize_query, parse_query_reply
-from .reply import first_json, html_to_text, json_list, json_values, strip_markdown, unfence
+from .reply import first_json, json_list, json_values
 from .scores import ParsedScores, normalize_label, parse_scores
-from .title_lists import clean_listed_title, description_cut, parse_title_list, plausible_title
+from .title_lists import clean_listed_title, description_cut, parse_title_list
 
 __all__ = [
-    "json_values", "first_json", "json_list", "unfence", "html_to_text", "strip_markdown",
-    "parse_title_list", "clean_listed_title", "description_cut", "plausible_title",
+    "json_values", "first_json", "json_list",
+    "parse_title_list", "clean_listed_title", "description_cut",
     "QueryParse", "QUERY_KEYS", "parse_query_reply", "names_title", "normalize_query",
     "ChoiceParse", "N_GROUND_TRUTH", "parse_choice_reply",
     "ParsedScores", "normalize_label", "parse_scores",

@@ -7,11 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..prompts import N_GROUND_TRUTH
 from ..titles import normalize_title, parse_title
 from .reply import LIST_MARKER, html_to_text, json_values, unfence
 from .title_lists import clean_listed_title, plausible_title
-
-N_GROUND_TRUTH = 20
 
 
 @dataclass(frozen=True)
