@@ -169,10 +169,10 @@ def supervised(args: argparse.Namespace) -> int:
     on INSPIRED test; learning curve; one JSON line per row."""
     import json
 
-    from crs_core import model_eval, train
+    from crs_core import model_eval, model_kinds, train
     from crs_core.evaluate import candidate_items, evaluate
     from crs_core.ingest import ingest_default
-    from crs_core.recommenders import (Catalog, DenseRetrieval, Hybrid, Popularity, TrainingSet, load_retriever,
+    from crs_core.recommenders import (Catalog, DenseRetrieval, Hybrid, Popularity, TrainingSet,
                                        training_set_from_turns)
     from crs_core.store import Workspace
 
@@ -231,7 +231,7 @@ def supervised(args: argparse.Namespace) -> int:
                                 out_dir=tmp / "retriever", monitor=monitor)
     timings["fine-tuning (with validation and curve)"] = time.monotonic() - t
     t = time.monotonic()
-    encoder = load_retriever(res["model_dir"])  # the loader of the CLI, the pages and the jobs
+    encoder = model_kinds.RETRIEVER.load(res["model_dir"])  # the loader of the CLI, the pages and the jobs
     fine = run_eval(DenseRetrieval(None, encoder=encoder, catalog=test_items))
     timings["fine-tuned eval"] = time.monotonic() - t
     label = f"dense retriever fine-tuned ({res['steps']} steps, kept step {res.get('best_step')})"

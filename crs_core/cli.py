@@ -213,9 +213,9 @@ def _eval(ws: Workspace, args: argparse.Namespace) -> int:
     else:
         extra = {}
         if args.model == "hybrid" and args.retriever:  # the hybrid's dense part: a fine-tuned retriever
-            from .recommenders import load_retriever
+            from .model_kinds import RETRIEVER
 
-            extra["encoder"] = load_retriever(model_eval.resolve_model(ws, args.retriever, "train_retriever").model_dir)
+            extra["encoder"] = RETRIEVER.load(model_eval.resolve_model(ws, args.retriever, RETRIEVER.kind).model_dir)
         recommender = make_recommender(args.model, ws, **extra)
         if RECOMMENDERS[args.model].fits_on_dialogues:
             train = (training_set_from_synthetic(ws, statuses=tuple(args.statuses)) if args.train == "synthetic"

@@ -5,8 +5,8 @@ generation jobs (`crs_core.train`, `crs_core.jobs`) and the protocol (`crs_core.
   folder (`resolve_model`). The stored run names the model (the job id, else the folder) and
   its training data, selection strategy and budget as the training job's config recorded them.
 - Dense retriever (`dense_retriever`): `DenseRetrieval` over the fine-tuned bi-encoder
-  (`recommenders.load_retriever`, the one loader every consumer uses); item vectors go to the workspace embedding cache under the model's
-  weights digest, so a second evaluation of the same model embeds nothing.
+  (loaded by its model kind's loader, `model_kinds.RETRIEVER.load`, the one every consumer uses);
+  item vectors go to the workspace embedding cache under the model's weights digest, so a second evaluation of the same model embeds nothing.
 - Generative LM (`launch_lm_eval`): the contexts of a fixed, seeded subsample of each test
   set's evaluable turns (`turn_sample`; default `DEFAULT_LM_TURN_SAMPLE` per dataset on CPU,
   every turn when CUDA is available) go to an ``lm_generate`` background job. When it has
@@ -44,6 +44,7 @@ from .evaluate import (
     store_run,
     titles_to_item_ids,
 )
+from . import model_kinds
 from .progress import ProgressFn, report
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,8 +77,8 @@ ZERO_SHOT = "zero-shot"
 DEFAULT_DATASETS = ("redial_test", "inspired_test")
 DEFAULT_LM_TURN_SAMPLE = 30
 IMPORTER = "crs_core.model_eval:import_lm_eval"
-KIND_RETRIEVER = "train_retriever"  # = crs_core.train.KIND_RETRIEVER (train imports torch lazily,
-KIND_SFT = "train_lm"               #   but these names are all this module needs from it)
+KIND_RETRIEVER = model_kinds.RETRIEVER.kind
+KIND_SFT = model_kinds.SFT.kind
 KIND_GENERATE = "lm_generate"
 
 
@@ -143,7 +144,7 @@ def resolve_model(ws: "Workspace", ref: str, kind: str) -> ModelRef:
     row = _job_row(ws, ref)
     if row is not None:
         job_kind, folder = row
-        what = "training" if job_kind in (KIND_RETRIEVER, KIND_SFT) else job_kind
+        what = "training" if job_kind in {k.kind for k in model_kinds.kinds()} else job_kind
         if job_kind != kind:
             raise EvalError(f"job {ref} is a {job_kind} job; this evaluation needs a {kind} job")
         try:
@@ -177,11 +178,11 @@ def dense_retriever(ws: "Workspace", ref: str, datasets: Iterable[str] = DEFAULT
     the evaluated datasets can rank (the union of their candidate sets: embedding the other
     catalog items would change nothing but the time). `catalog`: a `Catalog` whose item texts
     to use (default: the workspace catalog with `catalog.item_text`, the texts the retriever was trained on)."""
-    from .recommenders import Catalog, DenseRetrieval, RecommenderError, load_retriever
+    from .recommenders import Catalog, DenseRetrieval, RecommenderError
 
     model = resolve_model(ws, ref, KIND_RETRIEVER)
     try:
-        encoder = load_retriever(model.model_dir)
+        encoder = model_kinds.RETRIEVER.load(model.model_dir)
     except RecommenderError as exc:
         raise ModelNotFoundError(str(exc)) from exc
     catalog = catalog if catalog is not None else Catalog.from_workspace(ws)

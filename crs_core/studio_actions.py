@@ -19,19 +19,22 @@ class ActionStopped(CRSError):
 
 
 # -- evaluate a finished training job ------------------------------------------------------------
-def evaluate_trained_retriever(ws: Any, job_id: str, datasets: Sequence[str], *, turn_sample: int | None = None,
-                               progress: ProgressFn | None = None, stop: threading.Event | None = None
-                               ) -> dict[str, Any]:
-    """Evaluate the retriever of a succeeded training job on `datasets` and store the run, as
-    `python -m crs_core eval --model dense --retriever <job>` does (same loader: model_eval.dense_retriever).
-    Returns {"run_id", "results": {dataset: EvalResult}}."""
-    from . import model_eval, train
+def evaluate_trained_model(ws: Any, job_id: str, datasets: Sequence[str], *, turn_sample: int | None = None,
+                           progress: ProgressFn | None = None, stop: threading.Event | None = None
+                           ) -> dict[str, Any]:
+    """Evaluate the model of a succeeded training job on `datasets` in process, through its kind's
+    evaluator, and store the run, as `python -m crs_core eval --model dense --retriever <job>` does
+    for a retriever (same loader). Returns {"run_id", "results": {dataset: EvalResult}}."""
+    from . import model_eval, model_kinds, train
     from .evaluate import evaluate, store_run
 
-    job = next((m for m in train.trained_models(ws, train.KIND_RETRIEVER) if m["job_id"] == job_id), None)
+    job = next((m for m in train.trained_models(ws) if m["job_id"] == job_id), None)
     if job is None:
-        raise model_eval.ModelNotReadyError(f"{job_id} is not a succeeded retriever job of this workspace")
-    rec, _ref = model_eval.dense_retriever(ws, job_id, list(datasets))
+        raise model_eval.ModelNotReadyError(f"{job_id} is not a succeeded training job of this workspace")
+    entry = model_kinds.get(job["kind"])
+    if entry.evaluated_in_job:
+        raise model_eval.EvalError(f"a {entry.short_label} is evaluated by a job: {entry.evaluator}")
+    rec, _ref = entry.resolve("evaluator")(ws, job_id, list(datasets))
     report(progress, 0, 1000)
     rec.fit(None, progress=scaled(progress, 0.0, 0.4))  # embeds the test sets' items
     results = {}

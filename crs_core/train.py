@@ -100,8 +100,8 @@ from .train_data import (AUGMENTED_INPUT, Example, ITEMS_INPUT, Item, KIND_GENER
     format_target, load_examples, load_items, merge_labels, parse_numbered_list, render_context, title_from_text,
     _config_from)
 from .train_lm import (generate_titles, launch_generation, load_lm, read_generations, run_generate_job, train_sft)
-from .train_loop import (pick_device, soft_label_loss, _LoopSpec, _StageHooks, _hooks_or_default)
-from .train_retriever import (train_retriever, _val_fraction, _validation_split)
+from .train_loop import (pick_device, soft_label_loss, _StageHooks, _hooks_or_default)
+from .train_retriever import train_retriever
 
 __all__ = [
     "KIND_RETRIEVER",
@@ -126,6 +126,7 @@ __all__ = [
     "train_with_labels",
     "merge_labels",
     "soft_label_loss",
+    "run_training_job",
     "run_retriever_job",
     "run_sft_job",
     "trained_models",
@@ -204,15 +205,9 @@ def _job_data(ctx) -> tuple[list[Example], dict[str, Item]]:
     return load_examples(ctx.read_input(TRAIN_INPUT), where), load_items(ctx.read_input(ITEMS_INPUT), where)
 
 
-def run_retriever_job(ctx) -> dict[str, Any]:
-    return _run_training_job(ctx, KIND_RETRIEVER)
-
-
-def run_sft_job(ctx) -> dict[str, Any]:
-    return _run_training_job(ctx, KIND_SFT)
-
-
-def _run_training_job(ctx, kind: str) -> dict[str, Any]:
+def run_training_job(ctx) -> dict[str, Any]:
+    """The job runner of every trained model kind: the job's kind names its config and trainer."""
+    kind = ctx.kind
     cfg = _config_from(model_kinds.get(kind).resolve("config"), ctx.config)
     examples, items = _job_data(ctx)
     augmented = None
@@ -223,21 +218,8 @@ def _run_training_job(ctx, kind: str) -> dict[str, Any]:
     return train_with_labels(kind, examples, augmented, items, cfg, hooks=ctx)
 
 
-def _retriever_units(examples: Sequence[Example], items: Mapping[str, Item], cfg: RetrieverConfig) -> int:
-    train_idx, _ = _validation_split(examples, _val_fraction(cfg, len(examples)), cfg.seed)
-    return sum(min(sum(1 for lab in dict.fromkeys(examples[i].labels) if lab in items), cfg.max_labels_per_context)
-               for i in train_idx)
-
-
-def _planned_steps(kind: str, examples: Sequence[Example], items: Mapping[str, Item], cfg: Any) -> int:
-    """Optimizer steps the trainer will make (the same _LoopSpec the trainers build)."""
-    if kind == KIND_RETRIEVER:
-        n, per, min_last = _retriever_units(examples, items, cfg), cfg.batch_size, 2
-    else:
-        n, per, min_last = sum(1 for ex in examples if any(lab in items for lab in ex.labels)), cfg.batch_size * cfg.grad_accum, 1
-    spec = _LoopSpec(n, max(1, min(per, n)), min_last, cfg.epochs, cfg.seed, cfg.max_steps,
-                     cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
-    return spec.total_steps
+# job folders written before every kind shared one runner record these runner names
+run_retriever_job = run_sft_job = run_training_job
 
 
 def train_with_labels(
@@ -280,7 +262,8 @@ def train_two_stage(
     cls = model_kinds.get(kind).resolve("config")
     cfg = config if isinstance(config, cls) else _config_from(cls, config)
     job = _hooks_or_default(hooks, out_dir)
-    trainer = model_kinds.get(kind).resolve("trainer")
+    entry = model_kinds.get(kind)
+    trainer, planned_steps = entry.resolve("trainer"), entry.resolve("planned_steps")
     plain = dict(labels="real", alpha=0.0, stage1_epochs=None, finetune_lr=None, stage1_model=None)
     s1_cfg = replace(cfg, **plain, epochs=int(cfg.stage1_epochs or cfg.epochs))
     s2_cfg = replace(cfg, **plain, lr=cfg.lr if cfg.finetune_lr is None else float(cfg.finetune_lr))
@@ -290,11 +273,11 @@ def train_two_stage(
         stage1_dir, s1_steps = Path(cfg.stage1_model), 0
     elif out_dir is not None:
         stage1_dir = Path(out_dir).with_name(f"{Path(out_dir).name}-stage1")
-        s1_steps = _planned_steps(kind, stage1_data, items, s1_cfg)
+        s1_steps = planned_steps(stage1_data, items, s1_cfg)
     else:
         stage1_dir = Path(folder) / STAGE1_DIR
-        s1_steps = _planned_steps(kind, stage1_data, items, s1_cfg)
-    s2_steps = _planned_steps(kind, real, items, s2_cfg)
+        s1_steps = planned_steps(stage1_data, items, s1_cfg)
+    s2_steps = planned_steps(real, items, s2_cfg)
     grand = s1_steps + s2_steps
     res1: dict[str, Any] | None = None
     ran_stage1 = False
@@ -321,12 +304,7 @@ def train_two_stage(
         res1 = json.loads(summary_file.read_text())
     job.log(f"stage 2: {len(real)} examples with real labels, {s2_steps} steps, alpha {cfg.alpha:g}")
     hooks2 = _StageHooks(job, 2, s1_steps, grand)
-    if kind == KIND_RETRIEVER:
-        res2 = train_retriever(real, items, replace(s2_cfg, base_model=str(stage1_dir)), hooks=hooks2,
-                               out_dir=out_dir, kl_alpha=cfg.alpha)
-    else:
-        res2 = train_sft(real, items, s2_cfg, hooks=hooks2, out_dir=out_dir, init_from=stage1_dir,
-                         kl_alpha=cfg.alpha)
+    res2 = trainer(real, items, s2_cfg, hooks=hooks2, out_dir=out_dir, init_from=stage1_dir, kl_alpha=cfg.alpha)
     return {
         **res2,
         "labels": "two_stage",
@@ -362,9 +340,10 @@ def trained_models(ws: Any, kind: str | None = None) -> list[dict[str, Any]]:
     model_name, base_model, config (the job's) and the training metrics."""
     from . import jobs
 
+    trained_kinds = {k.kind for k in model_kinds.kinds()}
     out = []
     for st in jobs.list_jobs(ws):
-        if st.kind not in (KIND_RETRIEVER, KIND_SFT) or (kind and st.kind != kind) or st.state != "succeeded":
+        if st.kind not in trained_kinds or (kind and st.kind != kind) or st.state != "succeeded":
             continue
         res = st.result or {}
         out.append({

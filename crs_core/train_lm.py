@@ -71,6 +71,12 @@ def _resolve_student(cfg: SFTConfig) -> Path:
     return models.student_model_dir(cfg.model_cache)
 
 
+def planned_steps(examples: Sequence[Example], items: Mapping[str, Item], cfg: SFTConfig) -> int:
+    """The optimizer steps `train_sft` makes: one unit per example with a known label."""
+    n = sum(1 for ex in examples if any(lab in items for lab in ex.labels))
+    return _LoopSpec.of(n, cfg.batch_size * cfg.grad_accum, 1, cfg).total_steps
+
+
 def train_sft(
     examples: Sequence[Example],
     items: Mapping[str, Item],
@@ -154,8 +160,7 @@ def train_sft(
     params = [p for _, p in _trainable(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     per_step = cfg.batch_size * cfg.grad_accum
-    spec = _LoopSpec(len(data), min(per_step, len(data)), 1, cfg.epochs, cfg.seed, cfg.max_steps,
-                     cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+    spec = _LoopSpec.of(len(data), per_step, 1, cfg)
     total = spec.total_steps
     warmup = max(1, round(cfg.warmup_ratio * total)) if cfg.warmup_ratio > 0 else 0
     scheduler = _linear_warmup_decay(optimizer, warmup, total)

@@ -153,6 +153,13 @@ class _LoopSpec:
     log_every: int
     max_grad_norm: float
 
+    @classmethod
+    def of(cls, n_units: int, units_per_step: int, min_last: int, cfg: Any) -> "_LoopSpec":
+        """The schedule of a run of `cfg` over `n_units`, `units_per_step` a step (a last, smaller
+        step of fewer than `min_last` units is dropped)."""
+        return cls(n_units, max(1, min(units_per_step, n_units)), min_last, cfg.epochs, cfg.seed, cfg.max_steps,
+                   cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+
     @property
     def steps_per_epoch(self) -> int:
         full, rest = divmod(self.n_units, self.units_per_step)

@@ -10,7 +10,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,6 +72,14 @@ def _val_fraction(cfg: "RetrieverConfig", n_examples: int) -> float:
     return float(cfg.val_fraction) if n_examples >= int(cfg.min_val_examples) else 0.0
 
 
+def planned_steps(examples: Sequence[Example], items: Mapping[str, Item], cfg: RetrieverConfig) -> int:
+    """The optimizer steps `train_retriever` makes: one unit per (training context, known label) pair."""
+    train_idx, _ = _validation_split(examples, _val_fraction(cfg, len(examples)), cfg.seed)
+    pairs = sum(min(sum(1 for lab in dict.fromkeys(examples[i].labels) if lab in items), cfg.max_labels_per_context)
+                for i in train_idx)
+    return _LoopSpec.of(pairs, cfg.batch_size, 2, cfg).total_steps
+
+
 class RetrieverProbe:
     """What a validation point sees of the model being trained: `query_text(context)` (the
     training query text), `encode_queries(texts)` and `encode_items(texts)` (L2-normalised
@@ -106,13 +114,14 @@ def train_retriever(
     hooks: Any = None,
     out_dir: str | os.PathLike | None = None,
     *,
+    init_from: str | os.PathLike | None = None,
     kl_alpha: float = 0.0,
     monitor: Callable[[int, RetrieverProbe], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the bi-encoder; saves through `hooks.save_output` (a job) or into `out_dir`.
 
-    `kl_alpha` > 0 (stage 2 of two-stage training): the model as loaded from ``base_model`` is
-    the frozen stage-1 model; the loss is ``CE + kl_alpha * KL(P || y_hat)`` over the in-batch
+    `init_from` (stage 2 of two-stage training): start from that saved model instead of
+    ``base_model``. `kl_alpha` > 0: the model it starts from is also the frozen stage-1 model; the loss is ``CE + kl_alpha * KL(P || y_hat)`` over the in-batch
     candidates, y_hat from the vectors that model gives every training query and label item
     before the first step.
 
@@ -131,6 +140,8 @@ def train_retriever(
     from .recommenders import QUERY_SPEAKERS, dialogue_query
 
     cfg = config if isinstance(config, RetrieverConfig) else _config_from(RetrieverConfig, config)
+    if init_from is not None:
+        cfg = replace(cfg, base_model=str(init_from))
     hooks = _hooks_or_default(hooks, out_dir)
     models.offline_env()
     base = Path(cfg.base_model) if cfg.base_model else models.minilm_path()
@@ -169,8 +180,7 @@ def train_retriever(
     device = pick_device(cfg.device)
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModel.from_pretrained(str(base), dtype=torch.float32).to(device)
-    spec = _LoopSpec(len(pairs), min(cfg.batch_size, len(pairs)), 2, cfg.epochs, cfg.seed, cfg.max_steps,
-                     cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+    spec = _LoopSpec.of(len(pairs), cfg.batch_size, 2, cfg)
     _check_negatives(pairs, label_sets, spec, cfg.hard_negatives)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)]

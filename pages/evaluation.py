@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from crs_core import budget_curve, evaluate, model_eval, recommenders, strategies, studio_actions, train, views
+from crs_core import budget_curve, evaluate, model_kinds, recommenders, strategies, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.teacher import TeacherConfig
 from pages._shared import (StreamlitProgress, authorized, background_run, cached, ensure_navigation, needs,
@@ -191,13 +191,15 @@ if not tests:
     st.stop()
 with st.form("ev_form", border=True):
     c1, c2, c3 = st.columns(3)
-    trained = {f"trained:{m['job_id']}": m for m in train.trained_models(ws, train.KIND_RETRIEVER)
-               if m.get("model_dir")}
+    # trained models that rank in process; the others (the LM) are evaluated by a job, from Training
+    trained = {f"trained:{m['job_id']}": m for m in train.trained_models(ws)
+               if m.get("model_dir") and not model_kinds.get(m["kind"]).evaluated_in_job}
     kinds = {**recommenders.recommender_labels(),
-             **{k: f"Trained retriever {m['job_id']}" for k, m in trained.items()}}
+             **{k: f"Trained {model_kinds.get(m['kind']).short_label.lower()} {m['job_id']}"
+                for k, m in trained.items()}}
     kind = c1.selectbox("Recommender", list(kinds), key="ev_kind", format_func=kinds.get,
                         help="Baselines, and retrievers trained on the Training page. Fine-tuned LMs are "
-                             "evaluated through a generation job, not from this page yet.")
+                             "evaluated through a generation job, from the Training page.")
     test = c2.selectbox("Test set", tests, key="ev_test")
     sample = c3.number_input("Turns (sample; 0 = all)", 0, 100_000, 200, key="ev_sample")
     store = st.checkbox("Store as a run (appears in the charts above)", key="ev_store")
@@ -210,9 +212,9 @@ if go and authorized("evaluate"):
             if kind in trained:
                 job = trained[kind]
                 # the CLI's code path (`python -m crs_core eval --retriever`): the model loaded by
-                # recommenders.load_retriever (query text, truncation and lengths as trained),
-                # items of the test set embedded through the workspace cache
-                rec, _ref = model_eval.dense_retriever(ws, job["job_id"], [test])
+                # its kind's loader (query text, truncation and lengths as trained), items of the
+                # test set embedded through the workspace cache
+                rec, _ref = model_kinds.get(job["kind"]).resolve("evaluator")(ws, job["job_id"], [test])
                 rec.fit(None, progress=bar)
                 meta = {"model": rec.name, "config": {"job_id": job["job_id"]},
                         **{k: job["config"].get(k) for k in ("training_data", "selection_strategy", "budget")}}

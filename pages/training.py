@@ -3,7 +3,7 @@ its progress, loss / learning-rate charts and log; cancel and resume; evaluate a
 
 import streamlit as st
 
-from crs_core import jobs, model_eval, model_kinds, studio_actions, train, views
+from crs_core import jobs, model_kinds, studio_actions, train, views
 from crs_core.errors import CRSError
 from crs_core.evaluate import check_no_test_leakage
 from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error,
@@ -162,11 +162,11 @@ follow()
 selected = next(s for s in states if s.job_id == job_id)
 tests = [d for d in datasets["dataset"].tolist() if d.endswith("_test")]
 EVAL_KEY = f"train-eval:{ws.path}:{job_id}"
-LM_EVAL_KEY = f"tr_lm_eval:{job_id}"
+EVAL_JOB_KEY = f"tr_lm_eval:{job_id}"
 
 
-def _lm_eval_state():
-    eval_job = st.session_state.get(LM_EVAL_KEY)
+def _eval_job_state():
+    eval_job = st.session_state.get(EVAL_JOB_KEY)
     return None if eval_job is None else jobs.job_state(jobs.job_folder(ws, eval_job))
 
 
@@ -184,20 +184,21 @@ def evaluate_this_job() -> None:
                              help="Recall@k / NDCG@k over the recommendation turns of the test set.")
     if c3.button("Evaluate", key="tr_evaluate", type="primary", icon=":material/analytics:", disabled=busy):
         try:
-            if selected.kind == train.KIND_RETRIEVER:
+            entry = model_kinds.get(selected.kind)
+            if entry.evaluated_in_job:  # e.g. the LM: a generation job, imported when it finishes
+                st.session_state[EVAL_JOB_KEY] = entry.resolve("evaluator")(
+                    ws, job_id, [test], turn_sample=int(sample) or "auto")
+            else:
                 def work(progress, stop, job_id=job_id, test=test, sample=int(sample) or None):
-                    return studio_actions.evaluate_trained_retriever(ws, job_id, [test], turn_sample=sample,
-                                                                     progress=progress, stop=stop)
+                    return studio_actions.evaluate_trained_model(ws, job_id, [test], turn_sample=sample,
+                                                                 progress=progress, stop=stop)
 
                 start_background(EVAL_KEY, f"Evaluating {job_id} on {test}", work)
-            else:  # the LM is evaluated by a generation job, imported when it finishes
-                st.session_state[LM_EVAL_KEY] = model_eval.launch_lm_eval(
-                    ws, job_id, [test], turn_sample=int(sample) or "auto")
         except CRSError as exc:
             show_error(exc)
         else:
             st.rerun(scope="app")  # the page polls while the evaluation runs
-    lm_state = _lm_eval_state()
+    job_eval = _eval_job_state()
     if run is not None:
         if run.running:
             show_progress(run.progress_now())
@@ -214,12 +215,12 @@ def evaluate_this_job() -> None:
                                                              "stderr": st.column_config.NumberColumn(format="%.4f")})
             st.page_link("pages/evaluation.py", label="Compare it with other runs on the Evaluation page",
                          icon=":material/arrow_forward:")
-    if lm_state is not None:
-        show_progress(lm_state.progress)
-        if lm_state.state == "succeeded":
+    if job_eval is not None:
+        show_progress(job_eval.progress)
+        if job_eval.state == "succeeded":
             st.page_link("pages/evaluation.py", label="See the run on the Evaluation page",
                          icon=":material/arrow_forward:")
-    running = (run is not None and run.running) or (lm_state is not None and not lm_state.finished)
+    running = (run is not None and run.running) or (job_eval is not None and not job_eval.finished)
     if st.session_state.get("tr_eval_was_running") and not running:
         st.session_state["tr_eval_was_running"] = False
         st.rerun(scope="app")  # stop polling; the jobs table imports the finished evaluation
@@ -228,6 +229,6 @@ def evaluate_this_job() -> None:
 
 if selected.state == "succeeded":
     _run = background_run(EVAL_KEY)
-    _lm = _lm_eval_state()
-    polling = (_run is not None and _run.running) or (_lm is not None and not _lm.finished)
+    _eval_job = _eval_job_state()
+    polling = (_run is not None and _run.running) or (_eval_job is not None and not _eval_job.finished)
     st.fragment(evaluate_this_job, run_every=1.0 if polling else None)()
