@@ -62,7 +62,7 @@ from .jobs_files import (_initial_status, _read_status_quiet, ACTIVE_STATES, CAN
                          JobFormatError, JobImportError, JobNotFoundError, JobRunningError, JobState, LAUNCH_FILE,
                          LOCK_FILE, LOCK_WAIT_S, LOG_FILE, MANIFEST_FILE, MODEL_DIR, PROGRESS_FILE, PROJECT_ROOT,
                          RESULT_FILE, RUNNERS, STATES, STATUS_FILE, default_jobs_root, job_state,
-                         list_checkpoints, read_input, read_log, read_progress, register_importer, runner_for,
+                         list_checkpoints, read_input, read_log, read_progress, runner_for,
                          verify_checkpoint, wait_for_job, _CHILDREN, _CHILDREN_LOCK, _export_input, _folder_pid,
                          _fsync_dir, _now_iso, _pid_alive, _proc_start_time, _read_config, _resolve,
                          _split_target, _write_json_atomic)
@@ -72,7 +72,7 @@ __all__ = [
     "JobRunningError", "CheckpointError", "JobCancelled", "JobImportError", "JobState", "JobContext",
     "launch_job", "job_state", "job_folder", "cancel_job", "resume_job", "wait_for_job",
     "import_finished_jobs", "refresh_jobs", "list_jobs", "list_checkpoints", "verify_checkpoint",
-    "read_input", "read_progress", "read_log", "runner_for", "register_importer", "default_jobs_root",
+    "read_input", "read_progress", "read_log", "runner_for", "default_jobs_root",
     "ACTIVE_STATES", "CANCEL_FILE", "CHECKPOINTS_DIR", "CHECKPOINT_SECONDS", "CONFIG_FILE",
     "DEFAULT_JOBS_ROOT", "ENV_JOBS_ROOT", "IMPORTERS", "INPUTS_DIR", "LAUNCH_FILE", "LOCK_FILE",
     "LOCK_WAIT_S", "LOG_FILE", "MANIFEST_FILE", "MODEL_DIR", "PROGRESS_FILE", "PROJECT_ROOT", "RESULT_FILE",

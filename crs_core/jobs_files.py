@@ -114,13 +114,6 @@ def runner_for(kind: str) -> str | None:
         return RUNNERS.get(kind)
 
 
-def register_importer(kind: str, importer: Callable[..., None] | str) -> None:
-    """Import finished jobs of `kind` with `importer(cursor, state)` (or "module:function")."""
-    if isinstance(importer, str):
-        _split_target(importer)
-    IMPORTERS[kind] = importer
-
-
 def _split_target(target: str) -> tuple[str, str]:
     module, sep, func = target.partition(":")
     if not sep or not module or not func:

@@ -197,13 +197,13 @@ def test_retriever_job_runs_in_background_and_imports_once(reference):
                     [state.job_id, state.result["model_name"], state.config["training_data"],
                      json.dumps({"model_dir": state.result["model_dir"]})])
 
-    jobs.register_importer(train.KIND_RETRIEVER, broken)
+    jobs.IMPORTERS[train.KIND_RETRIEVER] = broken
     try:
         with pytest.raises(jobs.JobImportError, match="importer bug"):
             jobs.import_finished_jobs(w)
         assert w.count("runs") == 0  # rolled back with the imported flag
         assert w.scalar("SELECT imported FROM jobs WHERE job_id = ?", [job_id]) is False
-        jobs.register_importer(train.KIND_RETRIEVER, importer)
+        jobs.IMPORTERS[train.KIND_RETRIEVER] = importer
         assert jobs.import_finished_jobs(w) == [job_id]
         assert jobs.import_finished_jobs(w) == []
     finally:
