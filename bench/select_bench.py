@@ -11,7 +11,7 @@ review:minilm of data/workspaces/default.duckdb, opened read-only) tiled to N ro
 copy c of review r is row c * n_reviews + r, an exact copy (exact ties resolve to the
 lowest index, see crs_core.select).
 JS centres: scikit-learn K-means (n_init fixed) on a seeded subsample.
-The reference (tests/test_select.py) recomputes every score from scratch at
+The reference (tests/select_reference.py) recomputes every score from scratch at
 every pick; it is timed on a prefix of the budget and extrapolated linearly
 (its cost per pick grows slightly with the number selected, so the
 extrapolation flatters the reference).  The benchmark asserts nothing.
@@ -41,7 +41,7 @@ from crs_core.select import kmeans_centers, select  # noqa: E402
 
 
 def load_reference():
-    spec = importlib.util.spec_from_file_location("select_reference", ROOT / "tests" / "test_select.py")
+    spec = importlib.util.spec_from_file_location("select_reference", ROOT / "tests" / "select_reference.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -120,11 +120,6 @@ from .select_features import (DEFAULT_WEIGHTS, KMEANS_N_INIT, SelectionError, Se
     assign_clusters, build_features, cluster_probabilities, entropy, js_divergence, kmeans_centers, _as_int,
     _as_matrix, _as_weights, _blas_threads, _cluster_probabilities, _rows_text, _strategy)
 
-try:  # BLAS thread control (a dependency of scikit-learn)
-    from threadpoolctl import ThreadpoolController
-except Exception:  # pragma: no cover
-    ThreadpoolController = None
-
 __all__ = [
     "DEFAULT_WEIGHTS", "TIE_ATOL", "KMEANS_N_INIT", "SelectionError", "SelectionResult", "select",
     "build_features", "kmeans_centers", "assign_clusters", "cluster_probabilities", "entropy",

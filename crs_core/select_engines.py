@@ -13,11 +13,6 @@ import numpy as np
 from .select_features import (TIE_ATOL, entropy, js_divergence, _BIG_GEMM, _CHUNK, _EPS_JS, _LOG2, _REL_JS,
     _SAFETY, _blas_threads, _js_vec, _xlogx_rowsum)
 
-try:  # BLAS thread control (a dependency of scikit-learn)
-    from threadpoolctl import ThreadpoolController
-except Exception:  # pragma: no cover
-    ThreadpoolController = None
-
 
 # --------------------------------------------------------------------------
 # greedy engines

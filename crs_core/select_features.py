@@ -10,17 +10,11 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import ThreadpoolController  # BLAS thread control (a dependency of scikit-learn)
 
 from crs_core import strategies
 from crs_core.errors import CRSError
 from crs_core.strategies import Strategy
-
-
-try:  # BLAS thread control (a dependency of scikit-learn)
-    from threadpoolctl import ThreadpoolController
-except Exception:  # pragma: no cover
-    ThreadpoolController = None
-
 
 
 #: default block weights (review, metadata, user) for :func:`build_features`
@@ -52,8 +46,6 @@ def _blas_threads(n: int | None):
     select() runs single-threaded and lets only the large refresh GEMMs use all
     threads.
     """
-    if ThreadpoolController is None:
-        return contextlib.nullcontext()
     if _THREADS["ctl"] is None:
         try:
             ctl = ThreadpoolController()
