@@ -22,19 +22,16 @@ Results are stored as runs (`runs` + `metrics` tables) so that runs can be compa
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import inspect
 import json
 import math
-import os
 import re
 import unicodedata
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,7 +66,6 @@ __all__ = [
     "candidate_items",
     "store_run",
     "metrics_frame",
-    "export_metrics_csv",
     "check_no_test_leakage",
     "find_test_leaks",
     "normalize_utterance",
@@ -458,17 +454,13 @@ def evaluate_rankings(
         raise EvalError(f"{len(rankings)} rankings for {len(turns)} turns")
     results: list[TurnResult] = []
     per_turn: list[dict[str, float]] = []
-    names = _metric_names(k_max)
     for t, ranked in zip(turns, rankings):
         clean = _clean_ranking(ranked, t.mentioned, k_max, catalog)
-        label_set = set(t.labels)
-        m = {}
-        for metric in names:
-            kind, k = metric.split("@")
-            m[metric] = (recall_at_k if kind == "recall" else ndcg_at_k)(clean, label_set, int(k))
+        # a turn's labels already exclude what was mentioned (load_eval_turns), so never None here
+        m = turn_metrics(clean, t.labels, t.mentioned, k_max=k_max)
         per_turn.append(m)
         results.append(TurnResult(t.turn_id, t.dialog_id, list(t.labels), clean,
-                                  _positions(clean, label_set, k_max), m))
+                                  _positions(clean, set(t.labels), k_max), m))
     return EvalResult(
         dataset=dataset, recommender=recommender, metrics=aggregate(per_turn),
         n_turns=len(results), n_skipped=n_skipped,
@@ -574,14 +566,6 @@ def metrics_frame(ws: "Workspace", *, wide: bool = False) -> pd.DataFrame:
     wide_df.columns.name = None
     out = info.merge(wide_df, on=["run_id", "dataset"], how="left")
     return out.sort_values(["created_at", "run_id", "dataset"], kind="stable").reset_index(drop=True)
-
-
-def export_metrics_csv(ws: "Workspace", path: str | os.PathLike, *, wide: bool = False) -> Path:
-    """Write `metrics_frame` to a CSV file; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_frame(ws, wide=wide).to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL)
-    return path
 
 
 # ----------------------------------------------------------------------------- leakage guard

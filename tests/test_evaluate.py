@@ -3,7 +3,6 @@ exclusion, skipped turns, standard errors, run storage and the test-leakage guar
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -23,7 +22,6 @@ from crs_core.evaluate import (  # noqa: E402
     candidate_items,
     check_no_test_leakage,
     evaluate,
-    export_metrics_csv,
     metrics_frame,
     ndcg_at_k,
     recall_at_k,
@@ -270,7 +268,7 @@ def test_candidates_limit_the_rankings(ws):
 # ----------------------------------------------------------------------------- runs
 
 
-def test_store_run_metrics_frame_and_csv(ws, tmp_path):
+def test_store_run_and_metrics_frame(ws):
     res = evaluate(ws, FakeRecommender(), "toy_test")
     one = evaluate(ws, FakeRecommender(), "toy_test", turn_sample=1)
     run_id = store_run(ws, {"model": "fake", "training_data": "none", "seed": 3,
@@ -297,9 +295,8 @@ def test_store_run_metrics_frame_and_csv(ws, tmp_path):
     assert ws.count("runs") == 2 and ws.count("metrics") == 16
     with pytest.raises(EvalError, match="model"):
         store_run(ws, {}, {"toy_test": res})
-    path = export_metrics_csv(ws, tmp_path / "out" / "metrics.csv")
-    rows = list(csv.DictReader(path.open()))
-    assert len(rows) == 16 and {"run_id", "model", "dataset", "metric", "value", "stderr"} <= set(rows[0])
+    rows = metrics_frame(ws)
+    assert len(rows) == 16 and {"run_id", "model", "dataset", "metric", "value", "stderr"} <= set(rows.columns)
 
 
 # ----------------------------------------------------------------------------- leakage guard
