@@ -216,14 +216,3 @@ def load_selection(ws: Workspace, selection_id: str) -> pd.DataFrame:
 
 def list_selections(ws: Workspace) -> pd.DataFrame:
     return ws.df("SELECT * FROM selections ORDER BY created_at DESC")
-
-
-def selected_items(ws: Workspace, selection_id: str) -> list[str]:
-    """Distinct items of a selection in pick order (what synthesis consumes)."""
-    info = selection_info(ws, selection_id)
-    picks = load_selection(ws, selection_id)["unit_id"].tolist()
-    if info["unit"] == "review":
-        item_of = ws.df("SELECT review_id, item_id FROM reviews WHERE review_id IN (SELECT unnest(?))", [picks])
-        by_review = dict(zip(item_of["review_id"], item_of["item_id"]))
-        picks = [by_review[p] for p in picks if p in by_review]
-    return list(dict.fromkeys(picks))

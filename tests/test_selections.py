@@ -8,7 +8,7 @@ import pytest
 from crs_core.embed import build_embedding_set, get_encoder
 from crs_core.select import SelectionError
 from crs_core.strategies import names as strategy_names
-from crs_core.selections import (item_factors, list_selections, load_selection, run_selection, selected_items,
+from crs_core.selections import (item_factors, list_selections, load_selection, run_selection,
                                  selection_info)
 from crs_core.store import Workspace
 
@@ -78,6 +78,13 @@ def test_rounds_continue_the_greedy_sequence(ws):
         assert load_selection(ws, continued)["unit_id"].tolist() == load_selection(ws, whole)["unit_id"].tolist()
         assert load_selection(ws, continued)["round"].tolist() == [1] * 5 + [2] * 7
         assert selection_info(ws, continued)["parent_id"] == first
+
+
+def selected_items(ws, selection_id: str) -> list[str]:
+    """The distinct items synthesis takes from a selection, in pick order."""
+    from crs_core.synth import _selection_items
+
+    return _selection_items(ws, selection_info(ws, selection_id))[0]
 
 
 def test_item_unit_and_items_in_pick_order(ws):
