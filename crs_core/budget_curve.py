@@ -218,9 +218,9 @@ def _validate(ws: Workspace, teacher: Any, strategies: list[str], budgets: list[
 
     if any(registry.get(s).needs_centres for s in strategies) and k > len(units):
         raise BudgetCurveError(f"k ({k}) is larger than the number of {unit}s ({len(units)})")
-    if any(registry.get(s).uses_users for s in strategies) and not ws.scalar(
-            "SELECT count(*) FROM interactions WHERE rating IS NOT NULL"):
-        raise BudgetCurveError("USER_* strategies need user-item interactions; the workspace has none")
+    users = [s for s in strategies if registry.get(s).uses_users]
+    if users and not ws.scalar("SELECT count(*) FROM interactions WHERE rating IS NOT NULL"):
+        raise BudgetCurveError(f"{', '.join(users)} need user-item interactions; the workspace has none")
     b = teacher.budget
     zero = [n for n in ("max_calls", "max_tokens", "max_cost") if getattr(b, n, None) is not None and getattr(b, n) <= 0]
     if zero:

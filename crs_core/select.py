@@ -115,6 +115,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import strategies
 from .select_engines import (_FisherEngine, _JSEngine, _Progress)
 from .select_features import (DEFAULT_WEIGHTS, KMEANS_N_INIT, SelectionError, SelectionResult, TIE_ATOL,
     assign_clusters, build_features, cluster_probabilities, entropy, js_divergence, kmeans_centers, _as_int,
@@ -205,9 +206,9 @@ def select(
     if needs_user and user_emb is None:
         raise SelectionError(f"{name} needs user_emb (collaborative factors, one row per row of X)")
     if not needs_meta and meta_emb is not None:
-        raise SelectionError(f"meta_emb is only used by METADATA_* and USER_* strategies, not {name}")
+        raise SelectionError(f"meta_emb is only used by {', '.join(strategies.with_block('metadata'))}, not {name}")
     if not needs_user and user_emb is not None:
-        raise SelectionError(f"user_emb is only used by USER_* strategies, not {name}")
+        raise SelectionError(f"user_emb is only used by {', '.join(strategies.with_block('user'))}, not {name}")
     if needs_meta:
         F = build_features(Xr, meta_emb, user_emb if needs_user else None, w)
     else:

@@ -9,12 +9,13 @@ Every row is scaled to unit length (in float64) before selection: the sentence e
 vectors are meant to be unit vectors, and an item's vector is the direction of the mean of its
 reviews' vectors.
 
-Features of the variants (the paper leaves them open; see `select.build_features` for the
-weighting): METADATA_* add an embedding of the item's text (title, year, genres, plot, cast)
-with the same sentence encoder; USER_* also add the item's collaborative factors, the right
-singular vectors of the mean-centred user x item rating matrix (MovieLens interactions,
-`USER_FACTORS` dimensions, scaled by the singular values). An item without interactions gets
-the mean factor vector, a neutral signal, rather than a zero row (which has no direction).
+Feature blocks of the variants (the paper leaves them open; see `select.build_features` for the
+weighting, and `strategies` for which strategy reads which): the metadata block is an embedding
+of the item's text (title, year, genres, plot, cast) with the same sentence encoder; the user
+block is the item's collaborative factors, the right singular vectors of the mean-centred
+user x item rating matrix (MovieLens interactions, `USER_FACTORS` dimensions, scaled by the
+singular values). An item without interactions gets the mean factor vector, a neutral signal,
+rather than a zero row (which has no direction).
 
 Rounds (Algorithm 1): `run_selection(..., parent_id=...)` continues an earlier selection: the
 parent's picks count as already selected, the greedy state continues from them, and the new
@@ -90,7 +91,8 @@ def item_factors(ws: Workspace, item_ids: list[str], dims: int = USER_FACTORS) -
 
     inter = ws.df("SELECT user_id, item_id, rating FROM interactions WHERE rating IS NOT NULL")
     if inter.empty:
-        raise SelectionError("USER_* strategies need user-item interactions; the workspace has none")
+        raise SelectionError(f"{', '.join(strategies.with_block('user'))} need user-item interactions; "
+                             "the workspace has none")
     users = {u: i for i, u in enumerate(inter["user_id"].unique())}
     cols = {it: j for j, it in enumerate(inter["item_id"].unique())}
     centred = inter["rating"] - inter.groupby("user_id")["rating"].transform("mean")

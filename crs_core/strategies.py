@@ -1,7 +1,8 @@
 """The registry of selection strategies: what each one scores with and which feature blocks it
 reads. `select.select`, `selections.run_selection`, budget curves, the CLI's `--strategy` /
 `--strategies` choices and the Selection and Evaluation pages all read it, so adding a strategy
-is one `register(Strategy(...))` line (and, for a new scoring rule, its engine in select.py).
+is one `register(Strategy(...))` line (and, for a new scoring rule, its engine in select_engines.py
+dispatched from `select.select`).
 
 Engines (arXiv 2504.15476, §3.2; exact formulas in select.py):
 - ``random``: a seeded uniform permutation;
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Strategy", "ENGINES", "BLOCKS", "register", "get", "names", "labels"]
+__all__ = ["Strategy", "ENGINES", "BLOCKS", "register", "get", "names", "labels", "with_block", "help_text"]
 
 ENGINES = ("random", "js", "fisher")
 BLOCKS = ("review", "metadata", "user")
@@ -76,12 +77,26 @@ def labels() -> dict[str, str]:
     return {s.name: s.label for s in _STRATEGIES.values()}
 
 
+def with_block(block: str) -> tuple[str, ...]:
+    """The strategies that read a feature block (for messages that name them)."""
+    return tuple(s.name for s in _STRATEGIES.values() if block in s.blocks)
+
+
+def help_text() -> str:
+    """One line per strategy, its label and what it prefers (the pages' help on the choice)."""
+    return "\n\n".join(f"**{s.label}**" + (f": {s.help}" if s.help else "") for s in _STRATEGIES.values())
+
+
 register(Strategy("RANDOM_UNIFORM", "Random (uniform)", "random", help="A seeded uniform sample: the baseline."))
 register(Strategy("JS", "Jensen-Shannon (JS)", "js",
                   help="Reviews whose cluster membership is uncertain and unlike the picks so far."))
 register(Strategy("FISHER", "Fisher information", "fisher",
                   help="Reviews that add new directions to the embedding space."))
-register(Strategy("METADATA_JS", "JS + item metadata", "js", ("review", "metadata")))
-register(Strategy("METADATA_FISHER", "Fisher + item metadata", "fisher", ("review", "metadata")))
-register(Strategy("USER_JS", "JS + metadata + users", "js", ("review", "metadata", "user")))
-register(Strategy("USER_FISHER", "Fisher + metadata + users", "fisher", ("review", "metadata", "user")))
+register(Strategy("METADATA_JS", "JS + item metadata", "js", ("review", "metadata"),
+                  help="JS over the review and the item's text (title, year, genres, plot, cast)."))
+register(Strategy("METADATA_FISHER", "Fisher + item metadata", "fisher", ("review", "metadata"),
+                  help="Fisher over the review and the item's text (title, year, genres, plot, cast)."))
+register(Strategy("USER_JS", "JS + metadata + users", "js", ("review", "metadata", "user"),
+                  help="JS over the review, the item's text and who rated the item (collaborative factors)."))
+register(Strategy("USER_FISHER", "Fisher + metadata + users", "fisher", ("review", "metadata", "user"),
+                  help="Fisher over the review, the item's text and who rated the item (collaborative factors)."))

@@ -27,7 +27,8 @@ with st.form("selection_form", border=True):
     set_id = c1.selectbox("Review embedding set", sets["set_id"].tolist(), key="sel_set")
     unit = c2.selectbox("Pick", ["review", "item"], key="sel_unit",
                         format_func={"review": "reviews", "item": "items (mean of their reviews)"}.get)
-    strategy = c3.selectbox("Strategy", list(LABELS), format_func=LABELS.get, key="sel_strategy")
+    strategy = c3.selectbox("Strategy", list(LABELS), format_func=LABELS.get, key="sel_strategy",
+                            help=strategies.help_text())
     n_rows = int(sets.set_index("set_id").loc[set_id, "n"])
     budget = c4.number_input("Budget B (picks)", 1, max(1, n_rows), min(100, n_rows), step=10, key="sel_budget")
     c5, c6, c7 = st.columns(3)

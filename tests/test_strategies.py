@@ -11,7 +11,8 @@ from crs_core.selections import run_selection, selection_info
 from crs_core.store import Workspace
 from crs_core.strategies import Strategy
 
-NEW = Strategy("TEST_METADATA_FISHER", "Test: Fisher + metadata", "fisher", ("review", "metadata"))
+NEW = Strategy("TEST_METADATA_FISHER", "Test: Fisher + metadata", "fisher", ("review", "metadata"),
+               help="A test entry.")
 
 
 def test_builtin_strategies_say_what_they_need():
@@ -37,6 +38,8 @@ def test_a_registered_strategy_reaches_the_cli_the_pages_and_runs(monkeypatch, s
         sel = run_selection(ws, NEW.name, 5, unit="item", k=4)
         info = selection_info(ws, sel)
     assert info["strategy"] == NEW.name and info["params"]["weights"] == [1.0, 1.0, 1.0]
-    assert NEW.label in studio_page(monkeypatch, path, "pages/selection.py").selectbox(key="sel_strategy").options
+    assert NEW.name in strategies.with_block("metadata") and NEW.name not in strategies.with_block("user")
+    choice = studio_page(monkeypatch, path, "pages/selection.py").selectbox(key="sel_strategy")
+    assert NEW.label in choice.options and f"**{NEW.label}**: {NEW.help}" in choice.help
     at = studio_page(monkeypatch, path, "pages/evaluation.py")
     assert NEW.label in at.multiselect(key="ev_bc_strategies").options
