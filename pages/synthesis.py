@@ -6,7 +6,7 @@ import streamlit as st
 from crs_core import synth, views
 from crs_core.errors import CRSError
 from crs_core.teacher import ENV_API_KEY, Budget, Teacher, TeacherConfig, endpoint_of, env_key_endpoint
-from crs_core.teacher_providers import provider_labels
+from crs_core.teacher import provider_labels
 from pages._shared import (authorized, background_run, cached, ensure_navigation, needs, show_error, start_background,
                            workspace)
 

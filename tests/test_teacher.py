@@ -356,11 +356,11 @@ def test_workspace_writes_are_grouped_while_requests_are_in_flight(stub, tmp_pat
 def test_the_writer_paces_itself_only_while_more_results_are_on_their_way(monkeypatch, expecting):
     import asyncio
 
-    from crs_core.teacher import _CacheWriter
+    from crs_core.teacher.cache import CacheWriter
 
-    monkeypatch.setattr(_CacheWriter, "max_wait", 0.5)
+    monkeypatch.setattr(CacheWriter, "max_wait", 0.5)
     cache = SlowCache(delay=0.1)
-    writer = _CacheWriter(cache, expecting=lambda: expecting)
+    writer = CacheWriter(cache, expecting=lambda: expecting)
     entry = {"request": {}, "response": {"text": "x"}}
 
     async def main():
@@ -386,9 +386,9 @@ def test_the_writer_paces_itself_only_while_more_results_are_on_their_way(monkey
 
 
 def test_the_writer_thread_ends_when_idle_and_comes_back(stub, monkeypatch):
-    from crs_core.teacher import _CacheWriter
+    from crs_core.teacher.cache import CacheWriter
 
-    monkeypatch.setattr(_CacheWriter, "idle_exit", 0.1)
+    monkeypatch.setattr(CacheWriter, "idle_exit", 0.1)
     teacher = make_teacher(stub)
     teacher.chat(msgs("first"))
     writer = teacher._writer

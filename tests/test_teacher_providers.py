@@ -1,4 +1,4 @@
-"""crs_core.teacher_providers: each provider's answers, and a provider registered once reaching
+"""crs_core.teacher.providers: each provider's answers, and a provider registered once reaching
 TeacherConfig, a real call through the Teacher wrapper, and the Synthesis page's choices."""
 
 from __future__ import annotations
@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import copy_workspace, studio_page
-from crs_core import teacher_providers
 from crs_core.teacher import Teacher, TeacherConfig, TeacherSetupError
-from crs_core.teacher_providers import LocalLlama, OpenAICompatible
+from crs_core.teacher.providers import PROVIDERS, LocalLlama, OpenAICompatible, provider_labels
 from openai_stub_server import OpenAIStubServer
 
 
@@ -21,12 +20,12 @@ class GatewayProvider(OpenAICompatible):
 
 @pytest.fixture()
 def gateway(monkeypatch):
-    monkeypatch.setitem(teacher_providers._REGISTRY, GatewayProvider.name, GatewayProvider)
+    monkeypatch.setitem(PROVIDERS, GatewayProvider.name, GatewayProvider)
     return GatewayProvider
 
 
 def test_builtin_providers():
-    assert list(teacher_providers.provider_labels())[:2] == ["openai", "local"]
+    assert list(provider_labels())[:2] == ["openai", "local"]
     assert LocalLlama.free and LocalLlama.default_concurrency == 1
     assert not OpenAICompatible.free and OpenAICompatible.default_concurrency == 8
     assert TeacherConfig.openai("http://127.0.0.1:9/v1", "m").default_concurrency == 8

@@ -1,24 +1,25 @@
 """Where teacher replies are kept: the cache protocol and its three homes (memory, the
-workspace's ``llm_cache`` table with in-flight marks, a JSONL file in a job folder). Used through
-`crs_core.teacher`, which re-exports every public name."""
+workspace's ``llm_cache`` table with in-flight marks, a JSONL file in a job folder), and the
+writer thread that commits a teacher's results off its event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import json
-import logging
 import os
+import queue
 import random
 import threading
+import time
+import weakref
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+from .errors import TeacherSetupError
 
 
-log = logging.getLogger("crs_core.teacher")
-
-
-# ==============================================================================================
-# caches
-# ==============================================================================================
 class LLMCache(Protocol):
     """What a cache needs; ``get_many`` / ``put_many`` (one query / one commit for many keys) are
     used when a cache has them. ``put`` returns once the entry is durable; a key already there
@@ -292,3 +293,156 @@ def as_cache(cache: Any) -> LLMCache:
     if hasattr(cache, "transaction") and hasattr(cache, "cursor"):
         return WorkspaceCache(cache)
     raise TypeError(f"not a cache or workspace: {cache!r}")
+
+
+class CacheWriter:
+    """A teacher's cache commits, off the event loop: one writer thread takes every entry queued
+    so far, writes them with one ``put_many`` (one transaction for the workspace, one fsync for a
+    JSON-lines file) and then resolves their futures on the loop, while the loop goes on sending
+    and receiving. Entries that arrive during a write go into the next one (group commit).
+
+    A write costs the workspace milliseconds of CPU whatever its size, so while more results are
+    on their way (``expecting()``: requests in flight) the next write starts no sooner than
+    ``pace`` times the last one's duration after its start (at most ``max_wait`` later): the
+    writer is busy at most 1/pace of the time and its batches grow with the rate, instead of
+    one transaction per result. A lone result (nothing in flight) is written at once.
+
+    The thread starts on the first entry and ends after ``idle_exit`` seconds without any, on
+    ``stop()`` (``Teacher.close``) or at interpreter exit, once the entries queued are written.
+
+    It also writes the in-flight marks of a cache that has ``record`` (the workspace):
+    ``start(key)`` before a request is sent (written at once, never paced: a request waits for
+    it) and ``end(key)`` for a request that ended without an entry; an entry clears its mark in
+    the same transaction."""
+
+    idle_exit = 5.0
+    max_batch = 1000
+    pace = 3.0
+    max_wait = 0.05  # seconds
+
+    def __init__(self, cache: Any, expecting: Callable[[], bool] = lambda: False):
+        self.cache = cache
+        self.expecting = expecting
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (op, key, entry, future); None: stop
+        self._urgent = threading.Event()  # a start is queued: no pacing
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._next_start = 0.0  # monotonic; see pace
+        self.commits = 0  # put_many calls made (tests, benchmarks)
+        _WRITERS.add(self)
+
+    def write(self, key: str, entry: dict[str, Any]) -> asyncio.Future:
+        """On the loop: queue an entry; the future is done once it is committed (or carries the
+        TeacherSetupError that says why it could not be). The entry is handed over after the
+        callbacks ready now, so that the next call's request (its slot was just released) is
+        sent before the writer wakes up and competes with it for the GIL."""
+        loop = asyncio.get_running_loop()
+        written = loop.create_future()
+        loop.call_soon(self._enqueue, ("put", key, entry, written))
+        return written
+
+    def start(self, key: str) -> asyncio.Future:
+        """On the loop: mark a request in flight; the future is done once the mark is committed."""
+        marked = asyncio.get_running_loop().create_future()
+        self._enqueue(("start", key, None, marked))
+        self._urgent.set()
+        return marked
+
+    def end(self, key: str) -> asyncio.Future:
+        """On the loop: clear the mark of a request that ended without an entry; the future is
+        done once that is committed."""
+        cleared = asyncio.get_running_loop().create_future()
+        self._enqueue(("end", key, None, cleared))
+        return cleared
+
+    def _enqueue(self, item: tuple[str, str, dict[str, Any] | None, asyncio.Future]) -> None:
+        self._queue.put(item)
+        with self._lock:  # after the put: a writer about to exit has seen the entry, or is gone
+            if self._thread is None or self._pid != os.getpid():  # (none in a forked child)
+                self._thread = threading.Thread(target=self._run, name="teacher-cache-writer", daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Let the thread end now (after writing what is queued); a later write starts a new one."""
+        with self._lock:
+            thread = self._thread if self._pid == os.getpid() else None
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            if stopping:  # idle or asked to stop: end, unless entries came meanwhile
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+            try:
+                first = self._queue.get(timeout=self.idle_exit)
+            except queue.Empty:
+                stopping = True
+                continue
+            if first is None:
+                stopping = True
+                continue
+            wait = min(self._next_start - time.monotonic(), self.max_wait)
+            if wait > 0 and self.expecting() and first[0] != "start":  # entries arriving meanwhile join this write
+                self._urgent.wait(wait)
+            self._urgent.clear()
+            batch = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < self.max_batch:
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        stopping = True
+                    else:
+                        batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[str, str, dict[str, Any] | None, asyncio.Future]]) -> None:
+        error: Exception | None = None
+        started = time.monotonic()
+        last: dict[str, bool] = {}  # key -> still in flight after this batch (its last op wins)
+        for op, key, _, _ in batch:
+            last[key] = op == "start"
+        items = [(key, entry) for op, key, entry, _ in batch if op == "put"]
+        try:
+            record = getattr(self.cache, "record", None)
+            if record is not None:
+                record([k for k, v in last.items() if v], items, [k for k, v in last.items() if not v])
+            elif items:
+                cache_put_many(self.cache, items)
+        except Exception as exc:  # noqa: BLE001 - every call of the batch reports it
+            error = exc
+        self._next_start = started + self.pace * (time.monotonic() - started)
+        self.commits += 1
+        loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for *_, written in batch:
+            loops.setdefault(written.get_loop(), []).append(written)
+        for loop, futures in loops.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle_writes, futures, error)
+
+
+_WRITERS: "weakref.WeakSet[CacheWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_writers() -> None:
+    """At interpreter exit: writer threads end (and release their cache cursors) first."""
+    for writer in list(_WRITERS):
+        with contextlib.suppress(Exception):
+            writer.stop(timeout=5.0)
+
+
+def _settle_writes(futures: list[asyncio.Future], error: Exception | None) -> None:
+    for written in futures:
+        if written.done():  # its caller was cancelled meanwhile
+            continue
+        if error is None:
+            written.set_result(None)
+        else:
+            written.set_exception(TeacherSetupError(f"could not write the LLM cache: {error}"))

@@ -7,14 +7,19 @@ concurrency and a budget.
     results = teacher.chat_many(requests, concurrency=16)          # -> [Completion | TeacherFailure]
     teacher.tally()                                                # live, thread-safe counters
 
-Providers (crs_core.teacher_providers: one class each, and the registry): ``openai``, any
-OpenAI-compatible endpoint; ``local``, a llama.cpp server started on 127.0.0.1 (the default when
-no endpoint is configured, ``TeacherConfig.from_env()``). Requests always go through the
-``openai`` client (v1+ API) with ``max_retries=0``: retries are done here (exponential backoff
-with jitter on 429, 5xx, timeouts, connection errors and unreadable responses, honouring
-``Retry-After``), because a call must count its attempts, stop between attempts when its run is
-cancelled, stop at once on 401/403, and move on to the next structured-output form when one is
-refused, none of which the client's own retry loop exposes.
+Providers (``crs_core.teacher.providers``: one module each, and the registry ``PROVIDERS``):
+``openai``, any OpenAI-compatible endpoint; ``local``, a llama.cpp server started on 127.0.0.1
+(the default when no endpoint is configured, ``TeacherConfig.from_env()``). A provider sends one
+request; everything here (cache, budget, concurrency, retries, idempotency, the structured-output
+fallback) is the same for every provider.
+
+Retries are made here, not by the openai client (it runs with ``max_retries=0``): exponential
+backoff with jitter on 429, 5xx, timeouts, connection errors and unusable responses, honouring
+``Retry-After`` up to ``max_retry_after``. The client's own loop cannot do what the tests in
+tests/test_teacher.py require of a call: retry a 200 whose body is unusable, count each attempt
+(``Completion.attempts``, ``TeacherError.attempts``, ``Tally.requests`` / ``retries``), back off
+by the config's ``backoff_base`` / ``backoff_max``, stop between attempts when its run is
+cancelled, and not retry a 500 that refuses a response_format form while probing.
 
 Concurrency: the HTTP calls of every teacher of the process run as coroutines on one asyncio
 event loop in a background thread (``openai.AsyncOpenAI``): a call in flight costs a coroutine,
@@ -59,36 +64,24 @@ import queue
 import random
 import threading
 import time
-import weakref
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .teacher_cache import (JsonlCache, LLMCache, MemoryCache, WorkspaceCache, as_cache, cache_get_many,
-    cache_put_many, import_cache_entries, process_owner)
-from .teacher_calls import (ChatRequest, FORMAT_REFUSED_STATUS, RequestLike, as_request, estimate_tokens,
-    forget_structured_formats, response_format_for, _CacheWriter, _FORMATS, _FORMATS_LOCK, _FORMAT_LOCKS,
-    _close_soon, _error_detail, _message_text, _on_loop, _pause, _retry_after_seconds, _teacher_loop)
-from .teacher_config import (Budget, BudgetExceeded, BudgetExhausted, CACHE_KEY_VERSION, Completion,
-    DEFAULT_MAX_TOKENS, DEFAULT_PRICES, DEFAULT_TEMPERATURE, ENV_API_KEY, ENV_BASE_URL, ENV_MODEL, FREE, Messages,
-    PROVIDER_LOCAL, PROVIDER_OPENAI, Price, RECENT_ENTRIES, REDACTED, Result, Secret, Tally, TeacherAuthError,
-    TeacherConfig, TeacherError, TeacherFailure, TeacherSetupError, endpoint_of, env_key_endpoint, price_for,
-    redact_secrets, _Ledger, _ZERO_COUNTS, _is_loopback)
-from .teacher_providers import (DEFAULT_BASE_URL, FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA, FORMAT_NONE, FORMATS,
-                                NO_KEY, Provider, provider_class)
+from .budget import FREE, Budget, Ledger, Price, Tally, ZERO_COUNTS, price_for
+from .cache import CacheWriter, LLMCache, as_cache, cache_get_many
+from .completion import BudgetExhausted, Completion, Generation, Result, TeacherFailure
+from .config import TeacherConfig
+from .errors import BudgetExceeded, CallFailed, TeacherAuthError, TeacherError, TeacherSetupError
+from .loop import on_loop, pause, teacher_loop
+from .providers import Provider, provider_class
+from .request import ChatRequest, Messages, RequestLike, as_request, estimate_tokens, message_text
+from .secrets import redact_secrets
+from .structured import FORMAT_REFUSED_STATUS, decide_form, decided_form, probe_lock, response_format_for
 
 log = logging.getLogger(__name__)
 
-__all__ = [  # everything callers import from crs_core.teacher, wherever it is defined
-    "Budget", "BudgetExceeded", "BudgetExhausted", "CACHE_KEY_VERSION", "ChatRequest", "Completion",
-    "DEFAULT_BASE_URL", "DEFAULT_MAX_TOKENS", "DEFAULT_PRICES", "DEFAULT_TEMPERATURE", "ENV_API_KEY",
-    "ENV_BASE_URL", "ENV_MODEL", "FORMATS", "FORMAT_JSON_OBJECT", "FORMAT_JSON_SCHEMA", "FORMAT_NONE",
-    "FORMAT_REFUSED_STATUS", "FREE", "JsonlCache", "LLMCache", "MemoryCache", "Messages", "NO_KEY",
-    "PROVIDER_LOCAL", "PROVIDER_OPENAI", "Price", "RECENT_ENTRIES", "REDACTED", "RequestLike", "Result",
-    "Secret", "Tally", "Teacher", "TeacherAuthError", "TeacherConfig", "TeacherError", "TeacherFailure",
-    "TeacherSetupError", "WorkspaceCache", "as_cache", "as_request", "cache_get_many", "cache_put_many",
-    "default_teacher", "endpoint_of", "env_key_endpoint", "estimate_tokens", "forget_structured_formats",
-    "import_cache_entries", "price_for", "process_owner", "redact_secrets", "response_format_for", "summarize",
-]
+CACHE_KEY_VERSION = 1
+RECENT_ENTRIES = 4096  # committed entries a teacher remembers (see Teacher._recent)
 
 
 # ==============================================================================================
@@ -118,14 +111,11 @@ class Teacher:
             self.config = self.config.with_api_key(api_key)
         self.cache: LLMCache = as_cache(cache)
         self.provider: Provider = provider_class(self.config.provider)(self.config, server)
-        self._client: Any = None  # openai.AsyncOpenAI, used on the teacher loop
-        self._finalizer: weakref.finalize | None = None
-        self._base_url: str | None = None
-        self._key: Secret | None = None  # the key the client sends (for redacting messages)
+        self._loaded = False  # provider.load() has run
         self._refused: TeacherAuthError | None = None  # the endpoint refused the key: nothing more is sent
-        self._client_lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._counts: dict[str, Any] = dict(_ZERO_COUNTS)  # Tally's fields, under self._lock
+        self._counts: dict[str, Any] = dict(ZERO_COUNTS)  # Tally's fields, under self._lock
         # on the teacher loop only: calls in flight by cache key (done with the committed cache
         # entry, or None if the call failed)
         self._inflight: dict[str, asyncio.Future] = {}
@@ -134,12 +124,12 @@ class Teacher:
         # committed is answered from that entry, not paid again
         self._recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         # cache commits, in their own thread; they pace themselves while requests are in flight
-        self._writer = _CacheWriter(self.cache, lambda: self._counts["in_flight"] > 0)
+        self._writer = CacheWriter(self.cache, lambda: self._counts["in_flight"] > 0)
         # requests are marked in flight in the workspace before they are sent (not for the
         # local server, which bills nothing); keys an earlier process left marked, read once
         self._marks_inflight = not self.provider.free and hasattr(self.cache, "interrupted_keys")
         self._interrupted: frozenset[str] | None = None
-        self._ledger = _Ledger(budget)
+        self._ledger = Ledger(budget)
         self._check_budget_pricing(budget)
         self._sleep = sleep
 
@@ -149,12 +139,12 @@ class Teacher:
 
     @property
     def model(self) -> str:
-        return self.provider.model()
+        return self.provider.model_name
 
     @property
     def endpoint(self) -> str:
         """Where calls go, as part of the cache key (see the provider's `endpoint`)."""
-        return self.provider.endpoint()
+        return self.provider.endpoint
 
     @property
     def _server(self) -> Any:
@@ -178,7 +168,7 @@ class Teacher:
     def set_budget(self, budget: Budget | None) -> None:
         """Replace the budget; the new one counts from now."""
         self._check_budget_pricing(budget)
-        self._ledger = _Ledger(budget)
+        self._ledger = Ledger(budget)
 
     @property
     def budget(self) -> Budget:
@@ -197,7 +187,7 @@ class Teacher:
     def reset_tally(self) -> None:
         with self._lock:
             in_flight = self._counts["in_flight"]
-            self._counts = {**_ZERO_COUNTS, "in_flight": in_flight}
+            self._counts = {**ZERO_COUNTS, "in_flight": in_flight}
 
     def _bump(self, **delta: Any) -> None:
         with self._lock:
@@ -216,19 +206,15 @@ class Teacher:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Teacher":
-        """Make the client now (and start the local server), instead of at the first call."""
-        self._ensure_client()
+        """Connect now (and start the local server), instead of at the first call."""
+        self._load()
         return self
 
     def close(self) -> None:
         self._writer.stop()  # nothing is left to write: every call returns after its commit
-        with self._client_lock:
-            if self._client is not None:
-                self._finalizer.detach()
-                with contextlib.suppress(Exception):
-                    _on_loop(self._client.close(), timeout=10)
-                self._client = None
+        with self._load_lock:
             self.provider.close()
+            self._loaded = False
 
     def __enter__(self) -> "Teacher":
         return self
@@ -236,52 +222,26 @@ class Teacher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _ensure_client(self) -> Any:
-        if self._client is not None:
-            return self._client
-        with self._client_lock:
-            if self._client is not None:
-                return self._client
-            try:
-                import openai
-            except ImportError as exc:  # pragma: no cover - environment problem
-                raise TeacherSetupError(
-                    "the openai package is not installed; run the README setup (pip install -r requirements.txt)"
-                ) from exc
-            cfg = self.config
-
-            def key_for(base_url: str) -> str:
-                key = cfg.resolve_api_key()
-                if key is not None:
-                    return key
-                if _is_loopback(base_url):
-                    return NO_KEY
-                raise TeacherSetupError(f"no API key for {base_url}: {cfg.missing_key_reason()}")
-
-            base_url, key = self.provider.connect(key_for)
-            self._base_url = base_url
-            self._key = Secret(key)
-            self._client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout, max_retries=0)
-            # a teacher dropped without close() still closes its connections
-            self._finalizer = weakref.finalize(self, _close_soon, self._client)
-            return self._client
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        with self._load_lock:
+            if not self._loaded:
+                self.provider.load()
+                self._loaded = True
 
     def ping(self) -> list[str]:
         """The endpoint's model ids (GET /models); raises TeacherError if it does not answer."""
-        client = self._ensure_client()
-
-        async def model_ids() -> list[str]:
-            return [m.id for m in (await client.models.list()).data]
-
+        self._load()
         try:
-            return _on_loop(model_ids())
-        except Exception as exc:
-            raise TeacherError(self.redact(f"{self._base_url} does not answer: {_error_detail(exc)}"),
+            return on_loop(self.provider.amodels())
+        except CallFailed as exc:
+            raise TeacherError(self.redact(f"{self.provider.where} does not answer: {exc.message}"),
                                kind="connection") from exc
 
     def redact(self, text: str) -> str:
         """``text`` without this teacher's key or anything else that looks like a key."""
-        return redact_secrets(text, self._key, self.config.api_key)
+        return redact_secrets(text, self.provider.api_key, self.config.api_key)
 
     # -- cache keys -------------------------------------------------------------------------
     def request_record(self, req: ChatRequest) -> dict[str, Any]:
@@ -397,8 +357,7 @@ class Teacher:
 
     def structured_format(self) -> str | None:
         """The response_format form this endpoint accepts (FORMATS), None until decided."""
-        with _FORMATS_LOCK:
-            return _FORMATS.get(self._format_key())
+        return decided_form(self._format_key())
 
     def structured_candidates(self) -> tuple[str, ...]:
         """Forms to try, best first: the local llama.cpp server is known to take json_object with
@@ -415,10 +374,7 @@ class Teacher:
         (FORMAT_REFUSED_STATUS) moves on to the next form without retries; any other error is
         returned and decides nothing. One probe per endpoint at a time; requests that wait for
         it use the decision."""
-        key = self._format_key()
-        with _FORMATS_LOCK:
-            lock = _FORMAT_LOCKS[key]
-        with lock:
+        with probe_lock(self._format_key()):
             if self.structured_format() is not None:
                 outcome = None
             else:
@@ -445,8 +401,7 @@ class Teacher:
                 log.info("teacher: %s refuses response_format %s; trying the next form", self.endpoint, form)
                 continue
             if isinstance(outcome, Completion):
-                with _FORMATS_LOCK:
-                    _FORMATS[self._format_key()] = form
+                decide_form(self._format_key(), form)
                 if refusals:
                     log.info("teacher: %s takes structured replies as %s", self.endpoint, form)
             return outcome
@@ -498,7 +453,7 @@ class Teacher:
 
             await asyncio.gather(*(one(i) for i in todo))
 
-        running = asyncio.run_coroutine_threadsafe(call_all(), _teacher_loop())
+        running = asyncio.run_coroutine_threadsafe(call_all(), teacher_loop())
         try:
             for _ in todo:
                 i, outcome = arrived.get()
@@ -555,7 +510,7 @@ class Teacher:
         (None when store is False)."""
         params = record["params"]
         price = self.price
-        est_prompt = estimate_tokens(_message_text(req.messages)) + 4 * len(req.messages)
+        est_prompt = estimate_tokens(message_text(req.messages)) + 4 * len(req.messages)
         worst_tokens = est_prompt + params["max_tokens"]
         worst_cost = price.cost(est_prompt, params["max_tokens"]) if price is not None else 0.0
         ledger = self._ledger  # settle where reserved, even if set_budget replaces it meanwhile
@@ -577,8 +532,8 @@ class Teacher:
                 reservation = got
                 self._bump(in_flight=1)
                 try:
-                    # making the client may start the local server: not on the loop
-                    client = self._client or await asyncio.to_thread(self._ensure_client)
+                    if not self._loaded:  # loading may start the local server: not on the loop
+                        await asyncio.to_thread(self._load)
                     if store and self._marks_inflight:
                         marked = True
                         await self._writer.start(key)  # committed before the request is sent
@@ -586,30 +541,30 @@ class Teacher:
                             self._bump(resent=1)
                     made = True
                     t0 = time.monotonic()
-                    raw, (text, finish, model_name, usage), attempts = await self._request_with_retries(
-                        client, req, params, cancelled, idempotency_key=key if store else None)
+                    reply, attempts = await self._request_with_retries(
+                        req, params, cancelled, idempotency_key=key if store else None)
                 finally:
                     self._bump(in_flight=-1)
-            if usage is not None:
-                pt, ct = usage
+            if reply.usage is not None:
+                pt, ct = reply.usage
             else:  # an endpoint that reports no usage: count estimates (budget stays honest)
-                pt, ct = est_prompt, estimate_tokens(text)
+                pt, ct = est_prompt, estimate_tokens(reply.text)
             cost = price.cost(pt, ct) if price is not None else None
             spent_tokens, spent_cost = pt + ct, cost or 0.0
             if reservation is not None:  # spent now, whatever the commit does
                 ledger.settle(reservation, spent_tokens, spent_cost, made=made)
                 reservation = None
             completion = Completion(
-                text=text, prompt_tokens=pt, completion_tokens=ct, cost=cost, cached=False,
-                model=model_name or self.model, finish_reason=finish, cache_key=key,
+                text=reply.text, prompt_tokens=pt, completion_tokens=ct, cost=cost, cached=False,
+                model=reply.model or self.model, finish_reason=reply.finish_reason, cache_key=key,
                 attempts=attempts, seconds=time.monotonic() - t0,
             )
             entry = None
             if store:
                 entry = {
                     "provider": self.config.provider, "model": self.model, "request": record,
-                    "response": {"text": text, "finish_reason": finish, "model": model_name,
-                                 "id": raw.get("id"), "usage": raw.get("usage")},
+                    "response": {"text": reply.text, "finish_reason": reply.finish_reason, "model": reply.model,
+                                 "id": reply.response_id, "usage": reply.raw_usage},
                     "prompt_tokens": pt, "completion_tokens": ct, "cost": cost,
                 }
                 await self._writer.write(key, entry)  # committed before the call counts as done
@@ -629,62 +584,37 @@ class Teacher:
                     await self._writer.end(key)
 
     async def _request_with_retries(
-        self, client: Any, req: ChatRequest, params: dict[str, Any], cancelled: Callable[[], bool],
+        self, req: ChatRequest, params: dict[str, Any], cancelled: Callable[[], bool],
         *, idempotency_key: str | None = None,
-    ) -> tuple[dict[str, Any], tuple[str, str | None, str | None, tuple[int, int] | None], int]:
-        """The decoded response, what ``_read_completion`` reads from it, and the attempts made.
+    ) -> tuple[Generation, int]:
+        """The provider's answer and the attempts made (see the module note on retries).
         ``idempotency_key`` (the cache key) goes out as an ``Idempotency-Key`` header, the same
         for every attempt and for a rerun after a crash: an endpoint or gateway that honours it
         answers a repeated request without billing it again; others ignore it."""
-        import openai
-
         cfg = self.config
-        kwargs: dict[str, Any] = {
+        body: dict[str, Any] = {
             "model": self.model, "messages": req.messages,
             "temperature": params["temperature"], "max_tokens": params["max_tokens"],
         }
         if "response_format" in params:
-            kwargs["response_format"] = params["response_format"]
+            body["response_format"] = params["response_format"]
         if "seed" in params:
-            kwargs["seed"] = params["seed"]
-        where = self._base_url or self.endpoint
-        options: dict[str, Any] = {"headers": {"Idempotency-Key": f"crs-{idempotency_key}"}} if idempotency_key else {}
+            body["seed"] = params["seed"]
+        headers = {"Idempotency-Key": f"crs-{idempotency_key}"} if idempotency_key else {}
         attempt = 0
         while True:
             if cancelled():
                 raise TeacherError("cancelled", kind="cancelled", attempts=attempt)
             attempt += 1
             self._bump(requests=1, retries=1 if attempt > 1 else 0)
-            retry_after: float | None = None
             try:
-                # The openai client's own request path (auth, base URL, timeout, its error
-                # classes) with the chat-completions body as is: `client.post(..., cast_to=object)`
-                # returns the decoded JSON. It skips `chat.completions.create`'s parameter
-                # transformation and response models (~40% of the client's CPU per call, which
-                # caps calls/s at high concurrency) and passes server-specific parameters through.
-                resp = await client.post("/chat/completions", cast_to=object, body=kwargs, options=options)
-                raw = self._as_dict(resp)
-                return raw, self._read_completion(raw), attempt  # raises _BadResponse
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                detail = _error_detail(exc)
-                kind, retryable = "http", status == 429 or status >= 500
-                retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
-                message = f"the teacher endpoint {where} answered HTTP {status}: {detail}"
-                if req.probe and status in FORMAT_REFUSED_STATUS:  # this form is refused: the next one
-                    kind, retryable = "format_refused", False
-            except openai.APITimeoutError:
-                status, kind, retryable = None, "timeout", True
-                message = f"the teacher endpoint {where} did not answer within {cfg.timeout:g} s"
-            except openai.APIConnectionError as exc:
-                status, kind, retryable = None, "connection", True
-                cause = exc.__cause__ or exc.__context__
-                message = f"could not reach the teacher endpoint {where}: {_error_detail(exc)}" + (
-                    f" ({type(cause).__name__}: {cause})" if cause is not None else "")
-            except (_BadResponse, openai.APIResponseValidationError, ValueError) as exc:
-                status, kind, retryable = None, "bad_response", True
-                message = f"the teacher endpoint {where} sent an unusable response: {exc}"
-            message = self.redact(message)  # endpoints echo keys in error messages
+                return await self.provider.agenerate(body, headers=headers), attempt
+            except CallFailed as exc:
+                failed = exc
+            kind, retryable, status = failed.kind, failed.retryable, failed.status
+            if req.probe and status in FORMAT_REFUSED_STATUS:  # this form is refused: the next one
+                kind, retryable = "format_refused", False
+            message = self.redact(failed.message)  # endpoints echo keys in error messages
             if status in (401, 403):
                 self._refused = TeacherAuthError(f"{message} (the endpoint refused the API key: no call can "
                                                  "succeed; check the key and the base URL)", status=status,
@@ -693,11 +623,11 @@ class Teacher:
             if not retryable or attempt >= cfg.max_attempts:
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                 raise TeacherError(message + tries, kind=kind, status=status, attempts=attempt)
-            delay = self._backoff(attempt, retry_after)
+            delay = self._backoff(attempt, failed.retry_after)
             log.info("teacher: %s; retry %d/%d in %.2f s", message, attempt, cfg.max_attempts - 1, delay)
             if self._sleep is not None:
                 await asyncio.to_thread(self._sleep, delay)
-            elif await _pause(delay, cancelled):
+            elif await pause(delay, cancelled):
                 raise TeacherError("cancelled", kind="cancelled", attempts=attempt)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -706,34 +636,6 @@ class Teacher:
             return min(retry_after, cfg.max_retry_after)
         ceiling = min(cfg.backoff_max, cfg.backoff_base * (2 ** (attempt - 1)))
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter"
-
-    @staticmethod
-    def _as_dict(resp: Any) -> dict[str, Any]:
-        if isinstance(resp, dict):
-            return resp
-        if isinstance(resp, (str, bytes)):
-            raise _BadResponse(f"not JSON: {str(resp)[:120]!r}")
-        dump = getattr(resp, "model_dump", None)
-        if dump is None:
-            raise _BadResponse(f"unexpected object {type(resp).__name__}")
-        return dump()
-
-    @staticmethod
-    def _read_completion(raw: dict[str, Any]) -> tuple[str, str | None, str | None, tuple[int, int] | None]:
-        choices = raw.get("choices")
-        if not choices:
-            raise _BadResponse("no choices in the response")
-        first = choices[0] or {}
-        message = first.get("message") or {}
-        text = message.get("content")
-        if text is None:
-            refusal = message.get("refusal")
-            raise _BadResponse(f"the model refused: {refusal}" if refusal else "the response has no message content")
-        usage = raw.get("usage") or None
-        counts = None
-        if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
-            counts = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        return str(text), first.get("finish_reason"), raw.get("model"), counts
 
     def _from_cache(self, key: str, entry: dict[str, Any]) -> Completion:
         resp = entry.get("response") or {}
@@ -751,10 +653,6 @@ def _failure(exc: TeacherError) -> TeacherFailure:
     if isinstance(exc, BudgetExceeded):
         return BudgetExhausted(str(exc))
     return TeacherFailure(str(exc), kind=exc.kind, status=exc.status, attempts=exc.attempts)
-
-
-class _BadResponse(Exception):
-    pass
 
 
 # ==============================================================================================
