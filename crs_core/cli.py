@@ -147,7 +147,10 @@ def _teacher(ws: Workspace, args: argparse.Namespace):
     from .teacher import Budget, Teacher, TeacherConfig
 
     budget = Budget(max_calls=args.max_calls, max_tokens=args.max_tokens, max_cost=args.max_cost)
-    if args.base_url:
+    if args.provider:
+        config = TeacherConfig(provider=args.provider, base_url=args.base_url, model=args.model or "",
+                               temperature=args.temperature)
+    elif args.base_url:
         config = TeacherConfig.openai(args.base_url, args.model or "gpt-4o", temperature=args.temperature)
     else:
         config = TeacherConfig.from_env(temperature=args.temperature)
@@ -351,8 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an earlier selection by another round (Algorithm 1)")
     p.add_argument("--list", action="store_true", help="list stored selections and exit")
 
+    from .teacher.providers import PROVIDERS  # the registry: a provider added there is a choice here
+
     def teacher_options(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("teacher (default: $CRS_TEACHER_BASE_URL, else the local llama.cpp server)")
+        g.add_argument("--provider", choices=list(PROVIDERS), help="the teacher provider (default: openai with "
+                       "--base-url, else from the environment)")
         g.add_argument("--base-url", help="an OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY, "
                        "which is sent only to $CRS_TEACHER_BASE_URL (default https://api.openai.com/v1)")
         g.add_argument("--model", dest="model", help="the endpoint's model name")

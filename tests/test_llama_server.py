@@ -21,7 +21,8 @@ if str(ROOT) not in sys.path:
 
 from crs_core import llama_server as ls  # noqa: E402
 from crs_core.errors import CRSError  # noqa: E402
-from crs_core.llama_server import LlamaServer, LlamaServerError, smollm2_gguf_path  # noqa: E402
+from crs_core.llama_server import LlamaServer, LlamaServerError  # noqa: E402
+from crs_core.models import smollm2_gguf_path  # noqa: E402
 from crs_core.teacher import Completion, MemoryCache, Teacher, TeacherConfig  # noqa: E402
 
 
@@ -124,9 +125,9 @@ def test_structured_replies_with_the_real_server(requirements):
 
 def test_teacher_owns_and_stops_its_server(requirements):
     teacher = Teacher(TeacherConfig.local(requirements))
-    assert teacher._server is None  # started on first need, not before
+    assert teacher.provider.server is None  # started on first need, not before
     teacher.start()
-    server = teacher._server
+    server = teacher.provider.server
     pid = server.pid
     assert _pid_alive(pid) and teacher.ping()
     teacher.close()

@@ -1037,7 +1037,8 @@ def test_structured_form_is_detected_once_per_endpoint(ws, accepts, status, sent
 # ----------------------------------------------------------------------------------------------
 def test_prompt_injection_with_the_local_model(ws):
     pytest.importorskip("llama_cpp")
-    from crs_core.llama_server import LlamaServerError, smollm2_gguf_path
+    from crs_core.llama_server import LlamaServerError
+    from crs_core.models import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()

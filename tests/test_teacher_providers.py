@@ -49,3 +49,16 @@ def test_a_registered_provider_is_usable_by_name_end_to_end(gateway, monkeypatch
     assert radio.value == "local" and "Company LLM gateway" in radio.options
     radio.set_value("gateway").run()
     assert at.text_input(key="syn_base_url")  # an endpoint provider asks for its URL, model and key
+
+
+def test_a_registered_provider_is_a_cli_choice(gateway):
+    from crs_core.cli import _teacher, build_parser
+
+    with OpenAIStubServer(reply=lambda messages: "noted") as stub:
+        args = build_parser().parse_args(["synth", "--selection", "s1", "--provider", "gateway",
+                                          "--base-url", stub.base_url, "--model", "gw-model"])
+        with _teacher(None, args) as teacher:
+            assert isinstance(teacher.provider, GatewayProvider) and teacher.model == "gw-model"
+            assert teacher.chat([{"role": "user", "content": "hi"}]).text == "noted"
+    with pytest.raises(SystemExit):  # an unregistered name is not a choice
+        build_parser().parse_args(["synth", "--selection", "s1", "--provider", "magic"])

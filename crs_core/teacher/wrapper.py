@@ -1,11 +1,5 @@
-"""The teacher LLM: one interface to chat completions, with token counts, cache, retries,
-concurrency and a budget.
-
-    teacher = Teacher(TeacherConfig.openai("http://host/v1", "gpt-4o-mini"), cache=workspace,
-                      budget=Budget(max_cost=2.0))
-    c = teacher.chat([{"role": "user", "content": "hi"}])         # -> Completion
-    results = teacher.chat_many(requests, concurrency=16)          # -> [Completion | TeacherFailure]
-    teacher.tally()                                                # live, thread-safe counters
+"""`Teacher`, the one wrapper around any provider: chat completions with token counts, cache,
+retries, concurrency, idempotency, structured replies and a budget.
 
 Providers (``crs_core.teacher.providers``: one module each, and the registry ``PROVIDERS``):
 ``openai``, any OpenAI-compatible endpoint; ``local``, a llama.cpp server started on 127.0.0.1
@@ -22,7 +16,7 @@ by the config's ``backoff_base`` / ``backoff_max``, stop between attempts when i
 cancelled, and not retry a 500 that refuses a response_format form while probing.
 
 Concurrency: the HTTP calls of every teacher of the process run as coroutines on one asyncio
-event loop in a background thread (``openai.AsyncOpenAI``): a call in flight costs a coroutine,
+event loop in a background thread (``crs_core.teacher.loop``): a call in flight costs a coroutine,
 not a thread. ``chat`` and ``chat_many`` block their calling thread, which receives the results
 (and runs ``on_result`` / ``progress``); they may be called from any number of threads.
 
@@ -32,10 +26,9 @@ messages, parameters, optional salt), never the API key. With a workspace the ca
 tallied, reported to ``progress``): a crash or restart repeats no paid call that was reported
 done. Commits run in a writer thread, off the event loop: a call's concurrency slot is free as
 soon as its response is read, and the results that arrive together are committed together (one
-transaction; while requests are in flight the writer paces itself, see ``_CacheWriter``).
+transaction; while requests are in flight the writer paces itself, see ``cache.CacheWriter``).
 Identical requests in flight at the same time are made once. A background job, which must not
-open the workspace, uses a
-``JsonlCache`` in its folder (fsynced before a result counts as done; ``import_cache_entries``
+open the workspace, uses a ``JsonlCache`` in its folder (fsynced before a result counts as done; ``import_cache_entries``
 copies it into the workspace later). Without either, an in-memory ``MemoryCache``.
 
 Budget: limits on calls, tokens and money (price table, $ per 1M input / output tokens; local
@@ -145,11 +138,6 @@ class Teacher:
     def endpoint(self) -> str:
         """Where calls go, as part of the cache key (see the provider's `endpoint`)."""
         return self.provider.endpoint
-
-    @property
-    def _server(self) -> Any:
-        """The local llama.cpp server, when the provider runs one (None until started)."""
-        return getattr(self.provider, "server", None)
 
     @property
     def price(self) -> Price | None:
