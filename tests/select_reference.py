@@ -70,41 +70,45 @@ def ref_js(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
     return 0.5 * ref_kl(P, M) + 0.5 * ref_kl(Q, M)
 
 
-def ref_select_js(X, C, budget, lam=1.0, already=()):
-    P = ref_probabilities(X, C)
-    H = ref_entropy(P)
+def _ref_greedy(scores_of, budget, already):
+    """Greedy picks: at every step score every row from scratch (`scores_of(selected)`) and
+    take the best row not selected yet under the tie rule."""
     selected = list(already)
     picks, scores = [], []
     for _ in range(budget):
-        if not selected:
-            s = H.copy()
-        else:
-            m = P[selected].mean(axis=0)
-            s = H + lam * ref_js(P, m)
+        s = scores_of(selected)
         s[selected] = -np.inf
         i = ref_pick(s)
         picks.append(i)
         scores.append(s[i])
         selected.append(i)
     return np.array(picks), np.array(scores)
+
+
+def ref_select_js(X, C, budget, lam=1.0, already=()):
+    P = ref_probabilities(X, C)
+    H = ref_entropy(P)
+
+    def scores_of(selected):
+        if not selected:
+            return H.copy()
+        m = P[selected].mean(axis=0)
+        return H + lam * ref_js(P, m)
+
+    return _ref_greedy(scores_of, budget, already)
 
 
 def ref_select_fisher(X, budget, already=()):
     X = np.asarray(X, dtype=np.float64)
     d = X.shape[1]
-    selected = list(already)
-    picks, scores = [], []
-    for _ in range(budget):
+
+    def scores_of(selected):
         Xs = X[selected]
         Lam = np.linalg.inv(np.eye(d) + Xs.T @ Xs)  # (I + sum_{selected} x x^T)^-1
         q = np.einsum("ij,ij->i", X @ Lam, X)
-        s = np.log(1.0 + q)
-        s[selected] = -np.inf
-        i = ref_pick(s)
-        picks.append(i)
-        scores.append(s[i])
-        selected.append(i)
-    return np.array(picks), np.array(scores)
+        return np.log(1.0 + q)
+
+    return _ref_greedy(scores_of, budget, already)
 
 
 def sherman_morrison_lambda(X, order):
