@@ -56,9 +56,9 @@ def unit_matrix(ws: Workspace, set_id: str, unit: str) -> tuple[list[str], np.nd
     if unit not in UNITS:
         raise SelectionError(f"unit must be one of {UNITS}, got {unit!r}")
     review_ids, X = _embedding_rows(ws, set_id)
-    item_of = ws.df("SELECT review_id, item_id FROM reviews")
-    item_by_review = dict(zip(item_of["review_id"], item_of["item_id"]))
-    items = [item_by_review.get(r) for r in review_ids]
+    items = ws.df("SELECT r.item_id FROM embedding_rows e LEFT JOIN reviews r ON r.review_id = e.unit_id "
+                  "WHERE e.set_id = ? ORDER BY e.pos", [set_id])["item_id"].astype(object)
+    items = items.where(items.notna(), None).tolist()
     if unit == "review":
         return review_ids, _unit_rows(X), items
     frame = pd.DataFrame({"item": items, "row": np.arange(len(items))}).dropna()
@@ -70,9 +70,9 @@ def unit_matrix(ws: Workspace, set_id: str, unit: str) -> tuple[list[str], np.nd
 def _unit_rows(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length in float64 (encoders normalise only to float32 precision,
     which would otherwise decide Fisher's first pick among rows that all score log 2)."""
-    X = X.astype(np.float64)
+    X = X.astype(np.float64)  # a copy, so it is scaled in place: one float64 matrix, not two, at 1 M rows
     norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
+    return np.divide(X, norms, out=X, where=norms > 0)  # zero rows stay zero
 
 
 def item_text_matrix(ws: Workspace, item_ids: list[str], model: str = "minilm") -> np.ndarray:

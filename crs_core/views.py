@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -56,9 +57,49 @@ def genres(ws: Workspace) -> list[str]:
     return sorted(g for g in frame["g"].dropna().astype(str) if g.strip())
 
 
-def items_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (), only_reviewed: bool = False,
-                limit: int = 500) -> pd.DataFrame:
-    """Catalog items with review / interaction counts, best known first."""
+@dataclass(frozen=True)
+class TablePage:
+    """One page of a table read from DuckDB (LIMIT / OFFSET): its rows, the number of rows that
+    match the filters, and the page shown (0-based), so a page never loads every matching row."""
+
+    rows: pd.DataFrame
+    total: int
+    page: int
+    page_size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+    def caption(self, what: str) -> str:
+        """'Rows 501–1,000 of 12,345 matching reviews (page 2 of 25)' for the table's caption."""
+        if not len(self.rows):
+            return f"No matching {what}"
+        first = self.page * self.page_size + 1
+        return (f"Rows {first:,}–{first + len(self.rows) - 1:,} of {self.total:,} matching {what} "
+                f"(page {self.page + 1:,} of {self.pages:,})")
+
+
+def _page_bounds(page: int, page_size: int, total: int) -> tuple[int, int]:
+    """(page, page size) with the page clamped to the pages there are: a page number left over
+    from a wider filter shows the last page rather than nothing."""
+    page_size = int(page_size)
+    if page_size < 1:
+        raise ViewError(f"page size must be at least 1, got {page_size}")
+    last = max(0, -(-int(total) // page_size) - 1)
+    return min(max(0, int(page)), last), page_size
+
+
+_ITEMS_FROM = (
+    "WITH r AS (SELECT item_id, count(*) AS n_reviews, avg(rating) AS avg_rating FROM reviews GROUP BY item_id), "
+    "x AS (SELECT item_id, count(*) AS n_interactions FROM interactions GROUP BY item_id) "
+    "SELECT {cols} FROM items i LEFT JOIN r USING (item_id) LEFT JOIN x USING (item_id) "
+)
+_ITEMS_COLS = ("i.item_id, i.title, i.year, i.genres, coalesce(r.n_reviews, 0) AS n_reviews, r.avg_rating, "
+               "coalesce(x.n_interactions, 0) AS n_interactions, i.directors, i.sources")
+
+
+def _items_where(search: str, genre_filter: Sequence[str], only_reviewed: bool) -> tuple[str, list]:
     where, params = [], []
     if search.strip():
         clause, args = contains_clause(search, "i.title", "i.item_id", "coalesce(i.plot, '')")
@@ -69,16 +110,32 @@ def items_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (
         params.append(str(g))
     if only_reviewed:
         where.append("coalesce(r.n_reviews, 0) > 0")
-    sql = (
-        "WITH r AS (SELECT item_id, count(*) AS n_reviews, avg(rating) AS avg_rating FROM reviews GROUP BY item_id), "
-        "x AS (SELECT item_id, count(*) AS n_interactions FROM interactions GROUP BY item_id) "
-        "SELECT i.item_id, i.title, i.year, i.genres, coalesce(r.n_reviews, 0) AS n_reviews, r.avg_rating, "
-        "coalesce(x.n_interactions, 0) AS n_interactions, i.directors, i.sources "
-        "FROM items i LEFT JOIN r USING (item_id) LEFT JOIN x USING (item_id) "
-        + ("WHERE " + " AND ".join(where) + " " if where else "")
-        + "ORDER BY n_reviews DESC, n_interactions DESC, i.title LIMIT ?"
-    )
-    return ws.df(sql, params + [int(limit)])
+    return ("WHERE " + " AND ".join(where) + " " if where else ""), params
+
+
+def items_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (), only_reviewed: bool = False,
+                limit: int = 500, offset: int = 0) -> pd.DataFrame:
+    """Catalog items with review / interaction counts, best known first."""
+    where, params = _items_where(search, genre_filter, only_reviewed)
+    sql = (_ITEMS_FROM.format(cols=_ITEMS_COLS) + where
+           + "ORDER BY n_reviews DESC, n_interactions DESC, i.title, i.item_id LIMIT ? OFFSET ?")
+    return ws.df(sql, params + [int(limit), max(0, int(offset))])
+
+
+def items_count(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (), only_reviewed: bool = False) -> int:
+    """How many items `items_table` would list without a limit."""
+    where, params = _items_where(search, genre_filter, only_reviewed)
+    return int(ws.scalar(_ITEMS_FROM.format(cols="count(*)") + where, params))
+
+
+def items_page(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (), only_reviewed: bool = False,
+               page: int = 0, page_size: int = 500) -> TablePage:
+    """Page ``page`` (0-based, clamped to the last page) of `items_table` and the number of
+    matching items."""
+    total = items_count(ws, search, genre_filter, only_reviewed)
+    page, page_size = _page_bounds(page, page_size, total)
+    rows = items_table(ws, search, genre_filter, only_reviewed, page_size, page * page_size)
+    return TablePage(rows, total, page, page_size)
 
 
 def item_detail(ws: Workspace, item_id: str) -> dict[str, Any] | None:
@@ -96,15 +153,10 @@ def rating_range(ws: Workspace) -> tuple[float, float]:
     return (float(lo), float(hi)) if lo is not None else (0.0, 10.0)
 
 
-def reviews_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (),
-                  rating: tuple[float, float] | None = None, clustering_id: str | None = None,
-                  clusters: Sequence[int] = (), item_id: str | None = None, unit_ids: Sequence[str] | None = None,
-                  limit: int = 500, snippet: int | None = None) -> pd.DataFrame:
-    """Reviews joined with their item (and cluster, given a clustering), filtered.
-
-    With ``snippet``, ``text`` holds at most that many characters (plus an ellipsis when cut):
-    a table of 500 full reviews is megabytes the browser must receive and lay out, while a reader
-    opens one review at a time (`review_text`). Search still looks at the whole text."""
+def _reviews_query(search: str, genre_filter: Sequence[str], rating: tuple[float, float] | None,
+                   clustering_id: str | None, clusters: Sequence[int], item_id: str | None,
+                   unit_ids: Sequence[str] | None) -> tuple[str, str, list]:
+    """(cluster column, FROM ... WHERE ... clause, its parameters) of the reviews table's filters."""
     where, params = [], []
     if search.strip():
         clause, args = contains_clause(search, "r.text", "i.title")
@@ -131,17 +183,52 @@ def reviews_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] =
         if clusters:
             where.append("a.cluster IN (SELECT unnest(?::INTEGER[]))")
             params.append([int(c) for c in clusters])
+    body = ("FROM reviews r LEFT JOIN items i ON i.item_id = r.item_id " + join
+            + ("WHERE " + " AND ".join(where) + " " if where else ""))
+    return cluster_sql, body, params
+
+
+def reviews_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (),
+                  rating: tuple[float, float] | None = None, clustering_id: str | None = None,
+                  clusters: Sequence[int] = (), item_id: str | None = None, unit_ids: Sequence[str] | None = None,
+                  limit: int = 500, snippet: int | None = None, offset: int = 0) -> pd.DataFrame:
+    """Reviews joined with their item (and cluster, given a clustering), filtered, in review id
+    order from row ``offset`` on.
+
+    With ``snippet``, ``text`` holds at most that many characters (plus an ellipsis when cut):
+    a table of 500 full reviews is megabytes the browser must receive and lay out, while a reader
+    opens one review at a time (`review_text`). Search still looks at the whole text."""
+    cluster_sql, body, params = _reviews_query(search, genre_filter, rating, clustering_id, clusters, item_id,
+                                               unit_ids)
     text_sql = "r.text"
     if snippet is not None:
         text_sql = (f"CASE WHEN length(r.text) > {int(snippet)} THEN left(r.text, {int(snippet)}) || '…' "
                     "ELSE r.text END AS text")
-    sql = (
-        f"SELECT r.review_id, i.title, i.year, r.rating, {cluster_sql}, {text_sql}, r.item_id, r.user_id, r.source "
-        "FROM reviews r LEFT JOIN items i ON i.item_id = r.item_id " + join
-        + ("WHERE " + " AND ".join(where) + " " if where else "")
-        + "ORDER BY r.review_id LIMIT ?"
-    )
-    return ws.df(sql, params + [int(limit)])
+    sql = (f"SELECT r.review_id, i.title, i.year, r.rating, {cluster_sql}, {text_sql}, r.item_id, r.user_id, r.source "
+           + body + "ORDER BY r.review_id LIMIT ? OFFSET ?")
+    return ws.df(sql, params + [int(limit), max(0, int(offset))])
+
+
+def reviews_count(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (),
+                  rating: tuple[float, float] | None = None, clustering_id: str | None = None,
+                  clusters: Sequence[int] = (), item_id: str | None = None,
+                  unit_ids: Sequence[str] | None = None) -> int:
+    """How many reviews `reviews_table` would list without a limit."""
+    _, body, params = _reviews_query(search, genre_filter, rating, clustering_id, clusters, item_id, unit_ids)
+    return int(ws.scalar("SELECT count(*) " + body, params))
+
+
+def reviews_page(ws: Workspace, search: str = "", genre_filter: Sequence[str] = (),
+                 rating: tuple[float, float] | None = None, clustering_id: str | None = None,
+                 clusters: Sequence[int] = (), page: int = 0, page_size: int = 500,
+                 snippet: int | None = None) -> TablePage:
+    """Page ``page`` (0-based, clamped to the last page) of `reviews_table` and the number of
+    matching reviews."""
+    total = reviews_count(ws, search, genre_filter, rating, clustering_id, clusters)
+    page, page_size = _page_bounds(page, page_size, total)
+    rows = reviews_table(ws, search, genre_filter, rating, clustering_id, clusters, None, None, page_size, snippet,
+                         page * page_size)
+    return TablePage(rows, total, page, page_size)
 
 
 def review_text(ws: Workspace, review_id: str) -> str | None:
@@ -234,9 +321,18 @@ def hover_texts(titles: Sequence[Any], years: Sequence[Any], snippets: Sequence[
     return (title + " (" + year + ")<br>" + snippet + "…").to_numpy(dtype=object)
 
 
-def map_points(ws: Workspace, set_id: str, clustering_id: str | None = None, snippet: int = SNIPPET) -> pd.DataFrame:
+MAP_MAX_POINTS = 50_000  # the map draws a sample past this: every point's hover text travels to the browser
+
+
+def map_points(ws: Workspace, set_id: str, clustering_id: str | None = None, snippet: int = SNIPPET,
+               max_points: int | None = None) -> pd.DataFrame:
     """The 2-D projection of a set with cluster, item title, a text snippet and the hover text
-    (`hover_texts`) per point."""
+    (`hover_texts`) per point.
+
+    With ``max_points``, a set with more points gives a deterministic sample of that many
+    (the points of lowest hash of their unit id: the same points at every call, and a point
+    stays in the sample as the set grows unless lower hashes crowd it out); `embedding_sets`
+    tells how many points the map has in all (``n_projected``)."""
     unit = ws.scalar("SELECT unit FROM embedding_sets WHERE set_id = ?", [set_id]) or "review"
     cluster = "a.cluster" if clustering_id else "NULL::INTEGER"
     params: list[Any] = []
@@ -244,13 +340,17 @@ def map_points(ws: Workspace, set_id: str, clustering_id: str | None = None, sni
     if clustering_id:
         join = "LEFT JOIN cluster_assignments a ON a.unit_id = p.unit_id AND a.clustering_id = ? "
         params.append(clustering_id)
+    source = "projections p "
+    if max_points is not None:
+        source = "(SELECT * FROM projections WHERE set_id = ? ORDER BY hash(unit_id), unit_id LIMIT ?) p "
+        params = [set_id, max(1, int(max_points))] + params
     if unit == "review":
         sql = (f"SELECT p.unit_id, p.x, p.y, {cluster} AS cluster, r.item_id, i.title, i.year, "
-               f"left(r.text, {int(snippet)}) AS snippet FROM projections p "
+               f"left(r.text, {int(snippet)}) AS snippet FROM {source}"
                "LEFT JOIN reviews r ON r.review_id = p.unit_id LEFT JOIN items i ON i.item_id = r.item_id " + join)
     else:
         sql = (f"SELECT p.unit_id, p.x, p.y, {cluster} AS cluster, i.item_id, i.title, i.year, "
-               f"left(coalesce(i.plot, ''), {int(snippet)}) AS snippet FROM projections p "
+               f"left(coalesce(i.plot, ''), {int(snippet)}) AS snippet FROM {source}"
                "LEFT JOIN items i ON i.item_id = p.unit_id " + join)
     frame = ws.df(sql + "WHERE p.set_id = ? ORDER BY p.unit_id", params + [set_id])
     frame["hover"] = hover_texts(frame["title"], frame["year"], frame["snippet"])

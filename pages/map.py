@@ -39,8 +39,11 @@ overlay = c3.selectbox("Overlay a selection", [None] + list(labels), key="map_ov
 
 # big maps get shorter hover snippets: every point's hover text travels to the browser
 n_mapped = int(mapped.set_index("set_id").loc[set_id, "n_projected"])
-points = cached(views.map_points, set_id, clustering, 160 if n_mapped <= 20_000 else 80)
-st.caption(f"{len(points):,} points. Hover for the review and its film; drag a box or lasso to inspect a region.")
+points = cached(views.map_points, set_id, clustering, 160 if n_mapped <= 20_000 else 80, views.MAP_MAX_POINTS)
+drawn = (f"{len(points):,} points" if len(points) >= n_mapped else
+         f"A fixed sample of {len(points):,} of the {n_mapped:,} points (maps past {views.MAP_MAX_POINTS:,} points "
+         "draw a sample; the selection overlay and the cluster table count every point)")
+st.caption(f"{drawn}. Hover for the review and its film; drag a box or lasso to inspect a region.")
 
 # a seeded sample of 3,000 texts: all 16.7k default reviews take ~15 s (the cold page's largest
 # cost) for words that a sample of ~150 texts per cluster finds as well

@@ -22,6 +22,7 @@ c[2].metric("Interactions", f"{counts['interactions']:,}")
 c[3].metric("Dialogue turns", f"{counts['dialogue_turns']:,}")
 
 REVIEW_SNIPPET = 300
+PAGE_SIZE = 500  # rows a table page reads from the workspace (LIMIT / OFFSET), whatever the matches
 
 
 def items_tab() -> None:
@@ -29,13 +30,14 @@ def items_tab() -> None:
         needs("No items yet. Build the default workspace on Home, or add an items file in the "
               "'Add your own file' tab.", "pages/home.py", "Home")
     else:
-        f1, f2, f3 = st.columns([0.45, 0.4, 0.15], vertical_alignment="bottom")
+        f1, f2, f3, f4 = st.columns([0.4, 0.35, 0.13, 0.12], vertical_alignment="bottom")
         search = f1.text_input("Search title, id or plot", key="seeds_item_search")
         genre = f2.multiselect("Genres (all of)", cached(views.genres), key="seeds_item_genres")
         reviewed = f3.checkbox("Only reviewed", key="seeds_item_reviewed")
-        items = cached(views.items_table, search, tuple(genre), reviewed, 500)
-        st.caption(f"{len(items):,} items shown (first 500 matches, most reviewed first). "
-                   "Select a row to see the whole item.")
+        page_no = f4.number_input("Page", min_value=1, step=1, key="seeds_item_page")
+        page = cached(views.items_page, search, tuple(genre), reviewed, int(page_no) - 1, PAGE_SIZE)
+        items = page.rows
+        st.caption(f"{page.caption('items')}, most reviewed first. Select a row to see the whole item.")
         event = st.dataframe(items, hide_index=True, width="stretch", key="seeds_items_table",
                              on_select="rerun", selection_mode="single-row",
                              column_config={"avg_rating": st.column_config.NumberColumn(format="%.1f"),
@@ -60,7 +62,7 @@ def reviews_tab() -> None:
         search = f1.text_input("Search review text or title", key="seeds_review_search")
         genre = f2.multiselect("Genres (all of)", cached(views.genres), key="seeds_review_genres")
         lo, hi = cached(views.rating_range)
-        f3, f4, f5 = st.columns([0.4, 0.35, 0.25])
+        f3, f4, f5, f6 = st.columns([0.35, 0.3, 0.23, 0.12])
         rating = f3.slider("Rating", lo, hi, (lo, hi), key="seeds_review_rating") if hi > lo else None
         clusterings = cached(views.clusterings)
         options = [None] + clusterings["clustering_id"].tolist()
@@ -71,10 +73,12 @@ def reviews_tab() -> None:
         if clustering:
             sizes = cached(views.cluster_sizes, clustering)
             clusters = f5.multiselect("Clusters", sizes["cluster"].tolist(), key="seeds_review_clusters")
-        reviews = cached(views.reviews_table, search, tuple(genre), tuple(rating) if rating else None,
-                         clustering, tuple(clusters), None, None, 500, REVIEW_SNIPPET)
-        st.caption(f"{len(reviews):,} reviews shown (first 500 matches, texts cut at {REVIEW_SNIPPET} "
-                   "characters). Select a row to read it in full.")
+        page_no = f6.number_input("Page", min_value=1, step=1, key="seeds_review_page")
+        page = cached(views.reviews_page, search, tuple(genre), tuple(rating) if rating else None,
+                      clustering, tuple(clusters), int(page_no) - 1, PAGE_SIZE, REVIEW_SNIPPET)
+        reviews = page.rows
+        st.caption(f"{page.caption('reviews')}, texts cut at {REVIEW_SNIPPET} characters. "
+                   "Select a row to read it in full.")
         event = st.dataframe(reviews, hide_index=True, width="stretch", key="seeds_reviews_table",
                              on_select="rerun", selection_mode="single-row",
                              column_config={"text": st.column_config.TextColumn(width="large")})

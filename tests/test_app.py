@@ -201,6 +201,34 @@ def test_map_hover_shows_each_clusters_top_terms_and_the_cluster_table_is_whole(
     assert table["share"].str.endswith("%").all()
 
 
+def test_map_past_the_point_cap_draws_a_fixed_sample_and_says_so(monkeypatch, studio_workspace):
+    from crs_core import views
+
+    monkeypatch.setattr(views, "MAP_MAX_POINTS", 10)
+    at = open_page(monkeypatch, studio_workspace, "pages/map.py")
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    drawn = [u for t in spec["data"] if t["name"].startswith("cluster ") for u in t["customdata"]]
+    with Workspace(studio_workspace) as ws:
+        n_mapped = ws.scalar("SELECT count(*) FROM projections")
+    assert len(drawn) == 10 < n_mapped
+    assert any(f"A fixed sample of 10 of the {n_mapped:,} points" in c.value for c in at.caption)
+
+
+def test_seeds_reviews_table_pages_through_every_review(monkeypatch, studio_workspace):
+    from crs_core import views
+
+    at = open_page(monkeypatch, studio_workspace, "pages/seeds.py")
+    at.session_state["seeds_tab"] = "Reviews"
+    at.run()
+    at.number_input(key="seeds_review_page").set_value(2).run()
+    assert_clean(at)
+    with Workspace(studio_workspace) as ws:
+        expected = views.reviews_table(ws, limit=500, offset=500)
+        total = ws.count("reviews")
+    assert list(at.dataframe(key="seeds_reviews_table").value["review_id"]) == list(expected["review_id"])
+    assert any(c.value.startswith(f"Rows 501–1,000 of {total:,} matching reviews (page 2 of ") for c in at.caption)
+
+
 def test_seeds_reviews_tab_lists_snippets_as_text(monkeypatch, studio_workspace):
     at = open_page(monkeypatch, studio_workspace, "pages/seeds.py")
     assert at.get("arrow_data_frame") or at.dataframe, "the Items tab shows its table"

@@ -94,3 +94,59 @@ def test_cluster_hover_lines_escape_the_terms():
     assert lines[0] == "<b>cluster 0</b>: love, story"
     assert "<b>x" not in lines[1] and "%{" not in lines[1] and "&lt;b&gt;x&lt;/b&gt;" in lines[1]
     assert views.cluster_hover_lines(None) == {}
+
+
+# -- issue 16: tables page from DuckDB, big maps draw a sample --------------------------------------
+def test_reviews_page_reads_one_page_and_counts_every_match(ws):
+    every = views.reviews_table(ws, limit=100_000, snippet=30)
+    second = views.reviews_page(ws, page=1, page_size=7, snippet=30)
+    assert second.total == len(every) == ws.count("reviews") and second.pages == -(-len(every) // 7)
+    assert list(second.rows["review_id"]) == list(every["review_id"][7:14])
+    assert list(second.rows["text"]) == list(every["text"][7:14])
+    assert second.caption("reviews") == f"Rows 8–14 of {len(every):,} matching reviews (page 2 of {second.pages:,})"
+
+
+def test_reviews_page_counts_the_filtered_rows_and_clamps_a_page_past_the_end(ws):
+    word = "good"
+    matches = views.reviews_table(ws, search=word, limit=100_000)
+    assert 3 < len(matches) < ws.count("reviews")
+    last = views.reviews_page(ws, search=word, page=10_000, page_size=3)
+    assert last.total == len(matches) and last.page == last.pages - 1
+    assert list(last.rows["review_id"]) == list(matches["review_id"][last.page * 3:])
+    none = views.reviews_page(ws, search="no review says zxqv", page=4)
+    assert none.total == 0 and none.page == 0 and none.rows.empty and none.caption("reviews") == "No matching reviews"
+
+
+def test_reviews_page_filters_by_cluster_like_the_table(ws):
+    clustering = ws.scalar("SELECT clustering_id FROM clusterings LIMIT 1")
+    page = views.reviews_page(ws, clustering_id=clustering, clusters=(0,), page_size=1000)
+    expected = ws.scalar("SELECT count(*) FROM cluster_assignments WHERE clustering_id = ? AND cluster = 0",
+                         [clustering])
+    assert page.total == len(page.rows) == expected > 0 and set(page.rows["cluster"]) == {0}
+
+
+def test_items_page_reads_one_page_in_a_stable_order(ws):
+    every = views.items_table(ws, only_reviewed=True, limit=100_000)
+    page = views.items_page(ws, only_reviewed=True, page=2, page_size=5)
+    assert page.total == len(every) == ws.scalar("SELECT count(DISTINCT item_id) FROM reviews")
+    assert list(page.rows["item_id"]) == list(every["item_id"][10:15])
+
+
+def test_a_page_of_no_rows_is_an_error(ws):
+    with pytest.raises(views.ViewError, match="page size"):
+        views.reviews_page(ws, page_size=0)
+
+
+def test_map_points_past_the_cap_are_a_fixed_sample_of_the_map(ws):
+    set_id = ws.scalar("SELECT set_id FROM projections LIMIT 1")
+    clustering = ws.scalar("SELECT clustering_id FROM clusterings WHERE set_id = ?", [set_id])
+    every = views.map_points(ws, set_id, clustering)
+    assert len(every) == views.embedding_sets(ws).set_index("set_id").loc[set_id, "n_projected"] > 10
+    sample = views.map_points(ws, set_id, clustering, max_points=10)
+    assert len(sample) == 10 and sample["unit_id"].is_unique
+    assert list(sample["unit_id"]) == sorted(sample["unit_id"])
+    assert sample.equals(views.map_points(ws, set_id, clustering, max_points=10))  # the same points every time
+    full = every.set_index("unit_id").loc[sample["unit_id"]]
+    assert list(full["x"]) == list(sample["x"]) and list(full["cluster"]) == list(sample["cluster"])
+    assert list(full["hover"]) == list(sample["hover"])
+    assert views.map_points(ws, set_id, clustering, max_points=len(every)).equals(every)
