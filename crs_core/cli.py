@@ -90,11 +90,36 @@ def _ingest(ws: Workspace, args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine(args: argparse.Namespace):
+    """The engine the step runs on, joined now: a cluster that does not answer stops the command
+    before it starts anything."""
+    from .engines import get_engine
+
+    if args.ray_address and args.engine != "ray":
+        raise CRSError("--ray-address is for --engine ray")
+    engine = get_engine(args.engine, args.ray_address)
+    if engine.name != "local":
+        engine.connect()
+    return engine
+
+
+def engine_options(p: argparse.ArgumentParser) -> None:
+    from .engines import DEFAULT_ENGINE, ENGINES, ENV_RAY_ADDRESS
+
+    g = p.add_argument_group("engine (where the work runs; this process stores the results either way)")
+    g.add_argument("--engine", choices=list(ENGINES), default=DEFAULT_ENGINE,
+                   help="; ".join(f"{k}: {v}" for k, v in ENGINES.items()))
+    g.add_argument("--ray-address", metavar="HOST:PORT",
+                   help=f"a running Ray cluster (`ray start --head` prints it; default ${ENV_RAY_ADDRESS}, "
+                        "else a local Ray starts)")
+
+
 @command("embed")
 def _embed(ws: Workspace, args: argparse.Namespace) -> int:
     from .embed import build_embedding_set, get_encoder
     from .catalog import item_text
 
+    engine = _engine(args)
     if args.unit == "review":
         frame = ws.df("SELECT review_id AS id, text FROM reviews ORDER BY review_id")
         ids, texts = frame["id"].tolist(), frame["text"].tolist()
@@ -104,7 +129,8 @@ def _embed(ws: Workspace, args: argparse.Namespace) -> int:
     if not ids:
         raise CRSError(f"no {args.unit}s in the workspace; run `python -m crs_core init` first")
     with TqdmProgress(f"Embedding {args.unit}s", unit=args.unit) as bar:
-        set_id = build_embedding_set(ws, args.unit, ids, texts, get_encoder(args.model), progress=bar)
+        set_id = build_embedding_set(ws, args.unit, ids, texts, get_encoder(args.model), progress=bar,
+                                     engine=engine)
     print(f"embedding set {set_id}: {len(ids):,} vectors")
     return 0
 
@@ -161,6 +187,7 @@ def _teacher(ws: Workspace, args: argparse.Namespace):
 def _synth(ws: Workspace, args: argparse.Namespace) -> int:
     from .synth import run_synthesis
 
+    engine = _engine(args)
     with _teacher(ws, args) as teacher:
         if teacher.interrupted_calls():
             print(f"warning: {teacher.interrupted_calls()} teacher request(s) were in flight when an earlier run on "
@@ -168,7 +195,7 @@ def _synth(ws: Workspace, args: argparse.Namespace) -> int:
                   "twice", file=sys.stderr, flush=True)
         with TqdmProgress("Synthesizing", unit="query") as bar:
             report = run_synthesis(ws, args.selection, teacher, k_queries=args.k_queries, gt_mode=args.gt_mode,
-                                   items_limit=args.items, seed=args.seed, progress=bar)
+                                   items_limit=args.items, seed=args.seed, progress=bar, engine=engine)
     print("\n".join(report.lines()), flush=True)
     if not report.complete:
         print(f"error: {report.reason()}", file=sys.stderr)
@@ -329,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", choices=["review", "item"], default="review")
     p.add_argument("--model", choices=["minilm", "smollm2-mean"], default="minilm",
                    help="minilm: sentence model (default); smollm2-mean: the student LM's mean last hidden state")
+    engine_options(p)
 
     p = sub.add_parser("cluster", help="K-means clusters and the 2-D UMAP map of an embedding set")
     p.add_argument("--set", default="review:minilm", help="embedding set id (default review:minilm)")
@@ -378,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, help="only the first N items of the selection")
     p.add_argument("--seed", type=int, default=0)
     teacher_options(p)
+    engine_options(p)
 
     p = sub.add_parser("export", help="write synthetic dialogues as training data (JSONL or Parquet)")
     p.add_argument("path")

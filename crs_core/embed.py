@@ -608,6 +608,17 @@ def _encode_with(encoder, texts: list[str], batch_size: int, progress: ProgressF
     return encoder.encode(texts, **kwargs)
 
 
+def encode_block(encoder, texts: list[str], batch_size: int = 32, progress: ProgressFn | None = None) -> np.ndarray:
+    """The embedding step on one block of texts: float32 (len(texts), dim), checked. Every
+    engine runs this (in process, or in a Ray worker holding the encoder)."""
+    mat = np.asarray(_encode_with(encoder, list(texts), batch_size, progress), dtype=np.float32)
+    if mat.shape != (len(texts), int(encoder.dim)):
+        raise CRSError(
+            f"encoder {encoder.name} returned shape {mat.shape}, expected {(len(texts), int(encoder.dim))}"
+        )
+    return mat
+
+
 def embed_texts(
     ws: Workspace,
     encoder: Encoder,
@@ -616,13 +627,18 @@ def embed_texts(
     *,
     chunk_size: int = CHUNK,
     batch_size: int = 32,
+    engine=None,
 ) -> np.ndarray:
     """Vectors for ``texts`` (float32 (n, dim), input order), encoding only uncached texts.
 
-    Identical texts are encoded once. Misses are encoded ``chunk_size`` at a time and each
-    chunk is committed to ``embedding_cache`` before the next starts, so a killed run loses at
-    most one chunk. ``progress(done, total)`` counts distinct texts, cached ones included.
+    Identical texts are encoded once. Misses are encoded in blocks of ``chunk_size`` by the
+    engine (``crs_core.engines``; None: in this process) and each block is committed to
+    ``embedding_cache`` as it finishes, here, the workspace's one writer: a killed run loses
+    at most the blocks in flight. ``progress(done, total)`` counts distinct texts, cached ones
+    included.
     """
+    from .engines import get_engine
+
     texts = [_check_text(t) for t in texts]
     chunk_size = max(1, int(chunk_size))
     dim = int(encoder.dim)
@@ -636,20 +652,13 @@ def embed_texts(
     misses = [h for h in unique if h not in vectors]
     done = total - len(misses)
     report(progress, done, total)
-    for start in range(0, len(misses), chunk_size):
-        chunk = misses[start : start + chunk_size]
-        base = done
-        sub = (lambda d, _t, base=base: progress(base + d, total)) if progress else None
-        mat = np.asarray(
-            _encode_with(encoder, [texts[first[h]] for h in chunk], batch_size, sub), dtype=np.float32
-        )
-        if mat.shape != (len(chunk), dim):
-            raise CRSError(
-                f"encoder {encoder.name} returned shape {mat.shape}, expected {(len(chunk), dim)}"
-            )
-        _write_cache(ws, encoder.name, chunk, mat)
-        vectors.update(zip(chunk, mat))
-        done += len(chunk)
+    blocks = [misses[start : start + chunk_size] for start in range(0, len(misses), chunk_size)]
+    sub = (lambda d, _t: progress(done + d, total)) if progress else None
+    runner = engine if engine is not None else get_engine()
+    for index, mat in runner.embed_blocks(encoder, [[texts[first[h]] for h in b] for b in blocks], batch_size, sub):
+        _write_cache(ws, encoder.name, blocks[index], mat)
+        vectors.update(zip(blocks[index], mat))
+        done += len(blocks[index])
         report(progress, done, total)
     if not texts:
         return np.zeros((0, dim), dtype=np.float32)
@@ -737,6 +746,7 @@ def build_embedding_set(
     *,
     chunk_size: int = CHUNK,
     batch_size: int = 32,
+    engine=None,
 ) -> str:
     """Embed ``texts`` (one per unit) and record them as the set ``f"{unit}:{encoder.name}"``.
 
@@ -754,7 +764,7 @@ def build_embedding_set(
         dup = pd.Series(unit_ids)[pd.Series(unit_ids).duplicated()].iloc[0]
         raise CRSError(f"duplicate {unit} id {dup!r}: each unit may appear once in a set")
     set_id = f"{unit}:{encoder.name}"
-    embed_texts(ws, encoder, texts, progress, chunk_size=chunk_size, batch_size=batch_size)
+    embed_texts(ws, encoder, texts, progress, chunk_size=chunk_size, batch_size=batch_size, engine=engine)
     hashes = [text_hash(t) for t in texts]
     rows = pa.table(
         {

@@ -66,7 +66,6 @@ the teacher's answer and the store makes no call twice.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import math
 import random
@@ -85,6 +84,7 @@ from .llm_output import (ChoiceParse, QueryParse, normalize_query, parse_choice_
 from .prompts import (CHOICE_PROMPT, QUERY_PROMPT, QUERY_SCHEMA, QUERY_SYSTEM, RECS_PROMPT, RELEVANCE_PROMPT,
                       TITLES_SCHEMA, choice_schema, score_schema)
 from .embed import TextEncoder
+from .engines import EngineError, SynthWork, get_engine, remove_spool, run_concurrently, spool_folder
 from .progress import ProgressFn, report as _report
 from .style_templates import SAMPLE_SIZE, load_templates
 from .teacher import Budget, BudgetExceeded, Completion, TeacherError, TeacherSetupError
@@ -459,6 +459,69 @@ class _Run:
         return scored, prompts, unparsed
 
 
+@dataclass
+class SynthSpec:
+    """What a synthesis worker away from the workspace needs: picklable, with no workspace and
+    no API key (a worker's key comes from its own environment)."""
+
+    teacher_config: dict[str, Any]
+    sel: dict[str, Any]
+    gt_mode: str
+    seed: int
+    relevance_threshold: float
+    score_batch: int
+    query_attempts: int
+    n_candidates: int
+    n_choice: int
+    limit: int  # teacher calls in flight per worker
+    catalog: pd.DataFrame
+    encoder: Any  # None: the project's MiniLM; else the encoder object run_synthesis was given
+    cooc_weight: float
+    item_matrix: np.ndarray | None  # the retriever's item vectors, as the driver computed them
+    known_replies: dict[str, dict[str, Any]]  # the workspace's cache entries of this teacher
+
+
+class SynthWorker:
+    """Produces blocks of units away from the workspace with the same ``_Run`` as a local run
+    (see ``crs_core.engines``): returns outcomes, writes nothing but its teacher cache."""
+
+    def __init__(self, spec: SynthSpec, cache: Any):
+        from .teacher import Teacher, TeacherConfig
+
+        self.spec = spec
+        self.teacher = Teacher(TeacherConfig.from_dict(spec.teacher_config), cache=cache)
+        catalog = spec.catalog
+        matcher = retriever = None
+        if spec.gt_mode == "llm":
+            matcher = TitleMatcher(zip(catalog["item_id"].astype(str), catalog["title"], catalog["year"]))
+        else:
+            retriever = CatalogRetriever(None, catalog, TextEncoder(None, spec.encoder), spec.cooc_weight,
+                                         matrix=spec.item_matrix)
+        self.run = _Run(None, self.teacher, spec.sel, gt_mode=spec.gt_mode, seed=spec.seed, stop=threading.Event(),
+                        matcher=matcher, retriever=retriever, relevance_threshold=spec.relevance_threshold,
+                        score_batch=spec.score_batch, query_attempts=spec.query_attempts,
+                        n_candidates=spec.n_candidates, n_choice=spec.n_choice)
+
+    def produce_block(self, payload: dict[str, Any], budget: Budget | None) -> list[_Outcome]:
+        """The outcomes of ``payload['units']`` in unit order; the block stops early once the
+        budget (its share of the run's) or a cancellation stops a unit."""
+        self.teacher.set_budget(budget)
+        if self.run.retriever is not None:
+            self.run.retriever.remember_cooc(payload["cooc"])
+        plans, units = payload["plans"], [tuple(u) for u in payload["units"]]
+        halted: list[str] = []
+
+        def produce(item_id: str, k: int) -> _Outcome:
+            out = self.run.produce(plans[item_id], k)
+            if out.kind in ("budget", "cancelled"):
+                halted.append(out.kind)
+            return out
+
+        order = {u: i for i, u in enumerate(units)}
+        outcomes = run_concurrently(produce, units, self.spec.limit, lambda: bool(halted))
+        return sorted(outcomes, key=lambda o: order[(o.item_id, o.k)])
+
+
 class _DuplicateIndex:
     """Earlier queries of the workspace: exact (normalised text) and near (embedding cosine)."""
 
@@ -561,6 +624,7 @@ def run_synthesis(
     n_reviews: int = N_REVIEWS,
     max_review_chars: int = MAX_REVIEW_CHARS,
     dedup_embeddings: bool = True,
+    engine: Any = None,
 ) -> SynthReport:
     """Algorithm 2 over a selection; see the module docstring.
 
@@ -571,7 +635,10 @@ def run_synthesis(
     encoder: an object with ``.encode(texts) -> array`` (and ``.name``) for retrieval and
     near-duplicate detection; None = the project's MiniLM (via crs_core.embed when present).
     dedup_embeddings: False = exact-text duplicates only (no encoder needed in 'llm' mode).
-    concurrency: queries in flight at once (None: the teacher's default, 1 for the local model).
+    concurrency: queries in flight at once (None: the teacher's default, 1 for the local model);
+    with the ray engine, per worker.
+    engine: where the queries are produced (``crs_core.engines``; None: in this process). This
+    process stores them either way, each as its block finishes.
     """
     t_start = time.monotonic()
     if gt_mode not in GT_MODES:
@@ -721,34 +788,51 @@ def run_synthesis(
     _report(progress, done_count, total)
 
     limit = max(1, int(concurrency or teacher.config.default_concurrency))
+    spool = spool_folder(ws.path, f"synth|{selection_id}")
+    budget_at_start = teacher.budget
+
+    def spec() -> SynthSpec:
+        if teacher.config.api_key is not None:
+            raise EngineError("a remote engine's workers never receive a typed API key: give them the key in their "
+                              "environment ($OPENAI_API_KEY with $CRS_TEACHER_BASE_URL), or use the local engine")
+        if teacher.provider.free:
+            raise EngineError(f"the {teacher.config.provider} teacher runs on this machine; a remote engine needs an "
+                              "endpoint its workers can reach (--base-url, e.g. a vLLM server)")
+        from .teacher.cache import WorkspaceCache
+
+        return SynthSpec(teacher.config.to_dict(), sel, gt_mode, seed, relevance_threshold, score_batch,
+                         query_attempts, n_candidates, n_choice, limit, catalog,
+                         None if encoder is False else encoder, cooc_weight,
+                         None if retriever is None else retriever.matrix,
+                         WorkspaceCache(ws).entries_for(teacher.config.provider, teacher.model))
+
+    def payload(block: list[tuple[str, int]]) -> dict[str, Any]:
+        items = list(dict.fromkeys(i for i, _ in block))
+        cooc = {i: retriever.cooc(i) for i in items} if retriever is not None and retriever.cooc_weight > 0 else {}
+        return {"units": block, "plans": {i: plan_for(i) for i in items}, "cooc": cooc}
+
+    def remaining() -> Budget | None:
+        b = budget_at_start
+        if b is None or (b.max_calls is None and b.max_tokens is None and b.max_cost is None):
+            return None
+        tokens = rep.prompt_tokens + rep.completion_tokens
+        return Budget(max_calls=None if b.max_calls is None else max(0, b.max_calls - rep.calls),
+                      max_tokens=None if b.max_tokens is None else max(0, b.max_tokens - tokens),
+                      max_cost=None if b.max_cost is None else max(0.0, b.max_cost - rep.cost))
+
+    def commit_replies(entries: list[tuple[str, dict[str, Any]]]) -> None:
+        from .teacher.cache import import_cache_entries
+
+        if entries:
+            import_cache_entries(ws, entries)
+
+    runner = engine if engine is not None else get_engine()
     try:
-        if limit == 1:
-            for item_id, k in runnable:
-                if should_stop():
-                    break
-                handle(produce(item_id, k))
-        else:
-            pool = cf.ThreadPoolExecutor(max_workers=limit, thread_name_prefix="synth")
-            try:
-                pending: set[cf.Future] = set()
-                it = iter(runnable)
-                exhausted = False
-                while True:
-                    while not exhausted and len(pending) < limit and not should_stop():
-                        nxt = next(it, None)
-                        if nxt is None:
-                            exhausted = True
-                            break
-                        pending.add(pool.submit(produce, *nxt))
-                    if not pending:
-                        break
-                    finished, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
-                    for fut in finished:
-                        handle(fut.result())
-                    should_stop()
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+        runner.synthesize(SynthWork(runnable, limit, produce, handle, should_stop, spec, payload, commit_replies,
+                                    remaining, spool))
         should_stop()
+        if rep.stopped is None:
+            remove_spool(spool)  # every reply is in the workspace now
     finally:
         rep.seconds = time.monotonic() - t_start
         _note_interrupted(rep, teacher)

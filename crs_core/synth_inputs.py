@@ -222,7 +222,10 @@ _ITEM_MATRIX_LOCK = threading.Lock()
 class CatalogRetriever:
     """Dense retrieval over the catalog's item texts, blended with co-occurrence in interactions."""
 
-    def __init__(self, ws: Any, items: pd.DataFrame, embedder: TextEncoder, cooc_weight: float = DEFAULT_COOC_WEIGHT):
+    def __init__(self, ws: Any, items: pd.DataFrame, embedder: TextEncoder, cooc_weight: float = DEFAULT_COOC_WEIGHT,
+                 *, matrix: np.ndarray | None = None):
+        """ws None (a worker away from the workspace): give the item ``matrix`` and the seed items'
+        co-occurrence (``remember_cooc``) computed where the workspace is."""
         if not 0.0 <= cooc_weight <= 1.0:
             raise SynthesisError(f"cooc_weight must be in [0, 1], got {cooc_weight}")
         self.ws = ws
@@ -233,8 +236,11 @@ class CatalogRetriever:
         self.cooc_weight = float(cooc_weight)
         self._cooc: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
-        texts = [item_text(r) for r in self.items.to_dict("records")]
         embedder.ensure()
+        if matrix is not None:
+            self.matrix = np.asarray(matrix, dtype=np.float32)
+            return
+        texts = [item_text(r) for r in self.items.to_dict("records")]
         key = (str(getattr(ws, "path", id(ws))), embedder.name, id(embedder.encoder), len(texts), hash(tuple(texts)))
         with _ITEM_MATRIX_LOCK:
             mat = _ITEM_MATRIX_CACHE.get(key)
@@ -247,11 +253,17 @@ class CatalogRetriever:
                 _ITEM_MATRIX_CACHE[key] = mat
         self.matrix = mat
 
+    def remember_cooc(self, vectors: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            self._cooc.update(vectors)
+
     def cooc(self, seed_item: str) -> np.ndarray:
         """Co-occurrence of every catalog item with the seed item, scaled to [0, 1]."""
         with self._lock:
             if seed_item in self._cooc:
                 return self._cooc[seed_item]
+        if self.ws is None:
+            raise SynthesisError(f"no co-occurrence of item {seed_item} was given to this worker")
         vec = np.zeros(len(self.ids), np.float32)
         df = self.ws.df(
             "WITH seed AS (SELECT DISTINCT user_id FROM interactions WHERE item_id = ?), "

@@ -97,6 +97,13 @@ class WorkspaceCache:
                 out[row[0]] = self._entry(row)
         return out
 
+    def entries_for(self, provider: str, model: str) -> dict[str, dict[str, Any]]:
+        """Every entry of one provider's model (the only ones its requests can hit), by key:
+        what a worker away from the workspace reads instead of the table."""
+        rows = self.ws.cursor().execute(
+            f"SELECT {self._COLUMNS} FROM llm_cache WHERE provider = ? AND model = ?", [provider, model]).fetchall()
+        return {row[0]: self._entry(row) for row in rows}
+
     @staticmethod
     def _entry(row: Sequence[Any]) -> dict[str, Any]:
         _, provider, model, request, response, pt, ct, cost = row
