@@ -24,11 +24,13 @@ cluster     ``cluster.run_kmeans`` (k=20), which the Map colours by. The 2-D map
 select      ``selections.run_selection("JS", B)`` from the stored vectors (K-means centres,
             the exact greedy JS, the summary, the stored picks).
 map         what pages/map.py asks crs_core for: embedding sets, clusterings, selections,
-            ``views.map_points`` (with the page's point cap), the clusters' top terms, the
-            selection overlay (``views.selection_picks``) and the cluster sizes.
-seeds       what pages/seeds.py asks for: counts, genres, the items table, the rating range,
-            clusterings, and the reviews table's first page, its 10th page and its match count,
-            unfiltered and with a text search.
+            ``views.map_points`` with the page's cap (a fixed sample past ``views.MAP_MAX_POINTS``),
+            the clusters' top terms, the selection overlay (``views.selection_picks``) and the
+            cluster sizes.
+map_all     the same with every point, as the page drew it before it sampled: the fix's baseline.
+seeds       what pages/seeds.py asks for: counts, genres, the items table's first page, the rating
+            range, clusterings, and the reviews table's first and 10th pages with their match
+            count (``views.reviews_page``), unfiltered and with a text search.
 export      ``synth.export_synthetic`` of the selection's synthetic queries (chat JSONL). No
             teacher is run: before the timer, one query per distinct item of the first
             ``--export-queries`` picks is stored by SQL (its text the first 200 characters of the
@@ -69,7 +71,7 @@ BUNDLED_REVIEWS = ROOT / "data" / "bundled" / "imdb_reviews" / "imdb_reviews_cat
 SET_ID = "review:random384"
 DIM = 384
 K = 20
-STEPS = ("ingest", "vectors", "cluster", "select", "map", "seeds", "export")
+STEPS = ("ingest", "vectors", "cluster", "select", "map", "map_all", "seeds", "export")
 SUPERLINEAR = 1.5  # a step whose big/base ratio exceeds this many times the row ratio is flagged
 
 
@@ -164,14 +166,15 @@ def step_select(ws, ctx: dict) -> dict:
                                                     [sel]))}
 
 
-def step_map(ws, ctx: dict) -> dict:
+def step_map(ws, ctx: dict, max_points="page") -> dict:
     from crs_core import views
 
     sets = views.embedding_sets(ws)
     n_mapped = int(sets.set_index("set_id").loc[SET_ID, "n_projected"])
     clustering = views.clusterings(ws, SET_ID)["clustering_id"].iloc[0]
     selection = views.selections(ws)["selection_id"].iloc[0]
-    points = views.map_points(ws, SET_ID, clustering, 160 if n_mapped <= 20_000 else 80, **ctx["map_kwargs"])
+    cap = views.MAP_MAX_POINTS if max_points == "page" else max_points
+    points = views.map_points(ws, SET_ID, clustering, 160 if n_mapped <= 20_000 else 80, cap)
     terms = views.cluster_top_terms(ws, clustering, 8, 3000)
     views.cluster_hover_lines(terms)
     picks = views.selection_picks(ws, selection, clustering)
@@ -180,20 +183,25 @@ def step_map(ws, ctx: dict) -> dict:
     return {"mapped": n_mapped, "points_drawn": len(points), "picks_drawn": int(picks["x"].notna().sum())}
 
 
+def step_map_every_point(ws, ctx: dict) -> dict:
+    """The map as the page drew it before it sampled: every point (the baseline of the fix)."""
+    return step_map(ws, ctx, max_points=None)
+
+
 def step_seeds(ws, ctx: dict) -> dict:
     from crs_core import views
 
     views.counts(ws)
     views.genres(ws)
-    views.items_table(ws, "", (), False, 500)
+    views.items_page(ws, "", (), False, 0, 500)
     views.rating_range(ws)
     views.clusterings(ws)
-    shown = {}
+    matches = {}
     for search in ("", "soundtrack"):
-        first = views.reviews_table(ws, search, (), None, None, (), None, None, 500, 300)
-        shown[search or "all"] = len(first)
-        shown.update(ctx["seeds_paging"](ws, search))
-    return shown
+        for page in (0, 9):  # the first page and a deep one: OFFSET must not read every row into Python
+            shown = views.reviews_page(ws, search, (), None, None, (), page, 500, 300)
+        matches[f"{search or 'all'}_matches"] = shown.total
+    return matches
 
 
 def step_export(ws, ctx: dict) -> dict:
@@ -201,16 +209,6 @@ def step_export(ws, ctx: dict) -> dict:
 
     info = export_synthetic(ws, ctx["export_path"], shape="chat", statuses="all", selection_id=ctx["selection"])
     return {"exported": info["rows"]}
-
-
-def _seeds_paging(ws, search: str) -> dict:
-    """The Seeds page's 10th page and match count, where crs_core offers them (views.reviews_page)."""
-    from crs_core import views
-
-    if not hasattr(views, "reviews_page"):
-        return {}
-    page = views.reviews_page(ws, search=search, page=9, page_size=500, snippet=300)
-    return {f"{search or 'all'}_matches": page.total}
 
 
 def store_export_queries(ws, selection: str, n_picks: int) -> int:
@@ -231,7 +229,7 @@ def store_export_queries(ws, selection: str, n_picks: int) -> int:
 
 
 STEP_FUNCTIONS = {"ingest": step_ingest, "vectors": step_vectors, "cluster": step_cluster, "select": step_select,
-                  "map": step_map, "seeds": step_seeds, "export": step_export}
+                  "map": step_map, "map_all": step_map_every_point, "seeds": step_seeds, "export": step_export}
 
 
 def run_child(step: str, workspace: str, ctx: dict) -> None:
@@ -243,7 +241,6 @@ def run_child(step: str, workspace: str, ctx: dict) -> None:
     import crs_core.views  # noqa: F401
     from crs_core.store import Workspace
 
-    ctx = {**ctx, "seeds_paging": _seeds_paging}
     with Workspace(workspace) as ws:
         if step == "export":
             ctx["selection"] = ws.scalar("SELECT selection_id FROM selections ORDER BY created_at DESC LIMIT 1")
@@ -282,8 +279,7 @@ def run_size(rows: int, reviews: list[dict], template: Path, tmp: Path, args) ->
     reviews_file = folder / "reviews.jsonl"
     write_tiled_reviews(reviews_file, rows, reviews)
     ctx = {"reviews_file": str(reviews_file), "seed": args.seed, "budget": args.budget,
-           "export_path": str(folder / "export.jsonl"), "export_queries": args.export_queries,
-           "map_kwargs": {}}
+           "export_path": str(folder / "export.jsonl"), "export_queries": args.export_queries}
     out = {}
     for step in STEPS:
         out[step] = measure(step, workspace, ctx)

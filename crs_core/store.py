@@ -422,7 +422,11 @@ class Workspace:
         return {t: self.count(t) for t in tables}
 
 
-_DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+# checkpoint_threshold: DuckDB checkpoints (rewriting each table's index whole) whenever the WAL
+# passes it; at the 16 MB default, embedding a million reviews (a commit per 512 vectors) made
+# ~100 checkpoints of an ever larger cache, so the step grew quadratically (bench/scale_bench.py)
+_DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                  "checkpoint_threshold": "256MB"}
 _DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
 _KNOWN_HEADERS = [(b"SQLite format 3\x00", "a SQLite database"), (b"\x1f\x8b", "a gzip file"),
                   (b"PAR1", "a Parquet file"), (b"PK\x03\x04", "a zip archive")]

@@ -191,3 +191,21 @@ def test_opening_leaves_no_transaction_open(tmp_path):
     """The file-backed check must not hold a transaction (CHECKPOINT would refuse to run)."""
     with Workspace(tmp_path / "w.duckdb") as ws:
         ws.cursor().execute("CHECKPOINT")
+
+
+def test_many_small_commits_do_not_checkpoint_at_every_16_mb_of_wal(tmp_path):
+    """Each checkpoint rewrites a table's index whole: a big WAL threshold keeps a million-vector
+    embedding run (a commit per 512 vectors) from checkpointing ~100 times (issue #16)."""
+    path = tmp_path / "w.duckdb"
+    with Workspace(path) as ws:
+        assert ws.scalar("SELECT current_setting('checkpoint_threshold')") == "244.1 MiB"  # 256 MB
+        blob = b"\0" * 1536  # a 384-d float32 vector
+        for chunk in range(12):  # ~18 MB of vectors, past DuckDB's default 16 MB threshold
+            with ws.transaction() as cur:
+                cur.executemany("INSERT INTO embedding_cache VALUES ('m', ?, ?)",
+                                [(f"{chunk}-{i}", blob) for i in range(1000)])
+        wal = path.with_name(path.name + ".wal")
+        assert wal.exists() and wal.stat().st_size > 16 * 2**20  # no checkpoint yet
+    assert not wal.exists() or wal.stat().st_size == 0  # a clean close checkpoints
+    with Workspace(path) as ws:
+        assert ws.count("embedding_cache") == 12_000
