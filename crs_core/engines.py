@@ -238,6 +238,11 @@ class RayEngine:
             return max(1, int(self.workers))
         return max(1, int(self.cluster_cpus() // max(cpus_each, 1e-9)))
 
+    @property
+    def running_workers(self) -> int:
+        """Actors in the current pool."""
+        return len(self._actors)
+
     def worker_pids(self) -> list[int]:
         """The process ids of the current pool's actors (tests kill one)."""
         ray = self.connect()
