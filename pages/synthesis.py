@@ -3,7 +3,7 @@ ground-truth lists (Algorithm 2), with live progress, tokens and cost; stop and 
 
 import streamlit as st
 
-from crs_core import synth, views
+from crs_core import engines, synth, views
 from crs_core.errors import CRSError
 from crs_core.teacher import ENV_API_KEY, Budget, Teacher, TeacherConfig, endpoint_of, env_key_endpoint
 from crs_core.teacher import provider_labels
@@ -115,6 +115,12 @@ with st.container(border=True):
     max_cost = c6.number_input("Budget: max cost in $ (0 = no limit)", 0.0, 10_000.0, 0.0, step=0.5, key="syn_max_cost")
     dedup = st.checkbox("Flag near-duplicate queries with embeddings (loads the MiniLM encoder)", True,
                         key="syn_dedup", help="Off: only exact duplicates are detected.")
+    e1, e2 = st.columns(2)
+    engine_name = e1.selectbox("Engine", list(engines.ENGINES), key="syn_engine",
+                               help="; ".join(f"{k}: {v}" for k, v in engines.ENGINES.items())
+                               + ". The studio stores the queries either way, block by block.")
+    ray_address = e2.text_input("Ray address (empty: a local Ray on this machine)", key="syn_ray_address",
+                                disabled=engine_name != "ray", placeholder="head-node:6379")
 
 plan = (selection_id, int(k_queries), int(items_limit) or None)
 
@@ -125,16 +131,17 @@ def start_run() -> None:
         return
     budget = Budget(max_calls=int(max_calls) or None, max_cost=float(max_cost) or None)
     try:
+        engine = engines.get_engine(engine_name, ray_address.strip() or None if engine_name == "ray" else None)
         teacher = Teacher(config, cache=ws)
     except CRSError as exc:
         show_error(exc)
     else:
-        def work(progress, stop_event, teacher=teacher):
+        def work(progress, stop_event, teacher=teacher, engine=engine):
             try:
                 return synth.run_synthesis(ws, selection_id, teacher, k_queries=int(k_queries), gt_mode=gt_mode,
                                            items_limit=int(items_limit) or None, dedup_embeddings=dedup,
                                            budget=None if budget.unlimited else budget,
-                                           progress=progress, stop_event=stop_event)
+                                           progress=progress, stop_event=stop_event, engine=engine)
             finally:
                 teacher.close()
 
