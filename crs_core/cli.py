@@ -294,6 +294,8 @@ def _train(ws: Workspace, args: argparse.Namespace) -> int:
             config[key] = getattr(args, key)
     if entry.method is not None:
         config["method"] = args.method
+    if args.nproc != 1:
+        config["nproc"] = args.nproc
     job_id, info = launch_training_job(ws, entry.kind, args.data,
                                        labels=args.labels, config=config, aug_dataset=args.aug_dataset,
                                        aug_scorer=args.aug_scorer, statuses=args.statuses)
@@ -478,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aug-dataset", help="dataset whose augmented labels are used (default: --data)")
     p.add_argument("--aug-scorer", help="scorer of those labels (default: the only one stored)")
     p.add_argument("--stage1-model", help="two_stage: reuse a finished stage-1 / mixed model folder, skip stage 1")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine (torchrun, DDP: gloo on CPU, nccl on GPUs); "
+                        "the batch size is per process, so N processes take N times the examples a step")
 
     p = sub.add_parser("users", help="studio accounts for team mode (CRS_STUDIO_MODE=team): add, list, role, remove",
                        description="Accounts live in data/accounts.json (or $CRS_ACCOUNTS). The CLI acts as the "

@@ -9,6 +9,10 @@ Stopping: a ``cancel`` flag file is honoured between steps (the runner saves a c
 stops); SIGTERM stops at once (the last periodic checkpoint stays); SIGKILL is detected by the
 app from the dead pid. Exit codes: 0 succeeded or cancelled, 1 failed, 2 unreadable folder,
 3 another worker holds the folder.
+
+A training job whose config has ``nproc`` > 1 runs this module under torchrun
+(`crs_core.train_dist`): rank 0 is the worker described above; the other ranks run the same
+runner with hooks that read the folder and write nothing (`_follow`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,31 @@ def _offline_env() -> None:
 
 def run(folder: str | os.PathLike, *, install_signals: bool = True) -> int:
     """Run the job in `folder` in this process; returns the exit code."""
+    from . import train_dist
+
     _offline_env()
     folder = Path(folder)
+    if not train_dist.world().distributed:
+        return _run(folder, install_signals, lambda go: None)
+    train_dist.init_job_group()
+    if not train_dist.world().is_main:
+        return _follow(folder)
+    told: list[bool] = []
+
+    def tell_followers(go: bool) -> None:
+        """Whether the other ranks run the runner too (once: not when the job is done or refused)."""
+        if not told:
+            told.append(go)
+            train_dist.main_says(go)
+
+    try:
+        return _run(folder, install_signals, tell_followers)
+    finally:
+        tell_followers(False)
+        train_dist.shutdown()
+
+
+def _run(folder: Path, install_signals: bool, tell_followers) -> int:
     try:
         ctx = jobs.JobContext(folder)
     except jobs.JobError as exc:
@@ -64,6 +91,7 @@ def run(folder: str | os.PathLike, *, install_signals: bool = True) -> int:
             return 0
         ctx.check_cancel()
         runner = jobs._resolve(ctx.meta.get("runner") or jobs.runner_for(ctx.kind) or "")
+        tell_followers(True)
         result = runner(ctx)
         ctx.finish(result or {}, drop_checkpoints=drop_checkpoints)
         ctx.log("job succeeded")
@@ -78,6 +106,27 @@ def run(folder: str | os.PathLike, *, install_signals: bool = True) -> int:
         msg = str(exc).strip() or repr(exc)
         ctx.fail(f"{type(exc).__name__}: {msg}")
         return 1
+
+
+def _follow(folder: Path) -> int:
+    """A rank other than 0 of a job run across processes: the runner's share of the work; rank 0
+    reports the job's state, and its failure ends this process (torchrun stops every rank)."""
+    from . import train_dist
+
+    try:
+        if not train_dist.main_says(False):
+            return 0
+        ctx = jobs.JobContext(folder)
+        runner = jobs._resolve(ctx.meta.get("runner") or jobs.runner_for(ctx.kind) or "")
+        runner(train_dist.rank_hooks(ctx))
+        return 0
+    except jobs.JobCancelled:  # with rank 0, which records it; exiting 0 lets it finish doing so
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - rank 0 writes the job's error; one line here
+        print(f"job worker rank {train_dist.world().rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        train_dist.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,17 @@ def _new_job_id(kind: str) -> str:
     return f"{safe}-{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
+def _worker_command(folder: Path, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The worker's command line and environment: one process, or torchrun's `nproc` of them
+    for a job whose config asks for more (crs_core.train_dist)."""
+    from . import train_dist
+
+    nproc = train_dist.check_nproc(((_read_config(folder).get("config") or {}).get(train_dist.NPROC_KEY, 1)))
+    if nproc == 1:
+        return [sys.executable, "-m", "crs_core.job_worker", str(folder)], env
+    return train_dist.launch_command(nproc, "crs_core.job_worker", str(folder)), train_dist.launch_env(env)
+
+
 def _start_worker(folder: Path, attempt: int) -> int:
     env = os.environ.copy()
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,11 +106,12 @@ def _start_worker(folder: Path, attempt: int) -> int:
     # make oversubscribed torch 5-10x slower; passive waiting costs little when the CPU is free
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    argv, env = _worker_command(folder, env)
     with open(folder / LOG_FILE, "ab") as log:
         log.write(f"[{_now_iso()}] launching worker (attempt {attempt})\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "crs_core.job_worker", str(folder)],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

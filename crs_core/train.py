@@ -93,7 +93,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import model_kinds
+from . import model_kinds, train_dist
 from .prompts import (DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_INSTRUCTION)
 from .train_data import (AUGMENTED_INPUT, Example, ITEMS_INPUT, Item, KIND_GENERATE, KIND_RETRIEVER, KIND_SFT,
     LABEL_MODES, RetrieverConfig, SFTConfig, STAGE1_DIR, TRAIN_INPUT, TrainingError, build_messages,
@@ -195,6 +195,7 @@ def validate_config(kind: str, config: Mapping[str, Any] | None) -> RetrieverCon
         entry = model_kinds.get(kind)
     except KeyError as exc:
         raise TrainingError(str(exc.args[0])) from None
+    train_dist.check_nproc((config or {}).get(train_dist.NPROC_KEY, 1))
     return _config_from(entry.resolve("config"), config)
 
 
@@ -291,13 +292,14 @@ def train_two_stage(
         res1 = trainer(stage1_data, items, s1_cfg, hooks=_StageHooks(job, 1, 0, grand, STAGE1_DIR),
                        out_dir=stage1_dir if out_dir is not None else None)
         ran_stage1 = True
-        tmp = summary_file.with_name(f".{summary_file.name}.tmp")
-        tmp.write_text(json.dumps({k: v for k, v in res1.items() if k != "config"}, default=str))
-        os.replace(tmp, summary_file)
-        if folder is not None:
-            _drop_checkpoints_of_stage(Path(folder), 1)
+        if train_dist.world().is_main:
+            tmp = summary_file.with_name(f".{summary_file.name}.tmp")
+            tmp.write_text(json.dumps({k: v for k, v in res1.items() if k != "config"}, default=str))
+            os.replace(tmp, summary_file)
+            if folder is not None:
+                _drop_checkpoints_of_stage(Path(folder), 1)
     else:
-        if folder is not None:  # died between saving stage1/ and dropping its checkpoints
+        if folder is not None and train_dist.world().is_main:  # died between saving stage1/ and dropping its checkpoints
             _drop_checkpoints_of_stage(Path(folder), 1)
         job.log(f"stage 1 already done ({stage1_dir})")
     if res1 is None and summary_file.is_file():

@@ -30,7 +30,8 @@ GENERATIONS_FILE = "generations.jsonl"
 # job-config keys that describe the run (for the runs table) rather than set a hyperparameter
 METADATA_KEYS = frozenset(
     {"name", "notes", "training_data", "selection_strategy", "budget", "model_name", "source",
-     "keep_checkpoints_after_success", "augmentation", "checkpoint_seconds"}  # (the last: jobs.JobContext's)
+     "keep_checkpoints_after_success", "augmentation", "checkpoint_seconds",  # (the last: jobs.JobContext's)
+     "nproc"}  # processes the job's worker runs on (torchrun; crs_core.train_dist), not a hyperparameter
 )
 
 

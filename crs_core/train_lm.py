@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from . import train_dist
 from .errors import CRSError, InputError
 from .train_data import (CONTEXTS_INPUT, Example, GENERATIONS_FILE, Item, KIND_GENERATE, KIND_SFT, SFTConfig,
     TrainingError, build_messages, format_target, parse_numbered_list, render_context, _config_from)
@@ -98,7 +99,7 @@ def train_sft(
     from . import models
 
     cfg = config if isinstance(config, SFTConfig) else _config_from(SFTConfig, config)
-    hooks = _hooks_or_default(hooks, out_dir)
+    hooks = train_dist.rank_hooks(_hooks_or_default(hooks, out_dir))
     models.offline_env()
     base = _resolve_student(cfg)
     init_path = Path(init_from) if init_from is not None else None
@@ -130,6 +131,7 @@ def train_sft(
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     device = pick_device(cfg.device)
+    world = train_dist.init(device)
     teacher = None
     if kl_alpha:  # loaded before seeding: the run's random stream (dropout) does not depend on alpha
         teacher = load_lm(init_path, str(device))[0]
@@ -155,6 +157,7 @@ def train_sft(
         if cfg.method == "lora":
             model.enable_input_require_grads()
     model.to(device)
+    forward = train_dist.wrap(model, device)  # training passes; `model` is what is saved
     n_train = sum(p.numel() for _, p in _trainable(model))
     n_all = sum(p.numel() for p in model.parameters())
     params = [p for _, p in _trainable(model)]
@@ -169,15 +172,21 @@ def train_sft(
         f"SFT ({cfg.method}) of {base.name}: {len(data)} examples, {n_train:,} of {n_all:,} parameters trained, "
         f"lr {cfg.learning_rate:g}, {cfg.batch_size} x {cfg.grad_accum} per step, "
         f"{min(lens)}-{max(lens)} tokens, device {device}"
+        + (f", {world.size} processes of {cfg.batch_size} x {cfg.grad_accum} each" if world.distributed else "")
     )
     pad_id = tok.pad_token_id
 
     def step_fn(idx: list[int]) -> tuple[float, int]:
         chunk = [data[i] for i in idx]
+        # the mean over the target tokens of the WHOLE step (every process counts them all), so
+        # that with DDP's gradient average (times grad_scale) the step's gradient is the one a
+        # single process computes on the same examples: per-token, independent of the split
         n_tok = sum(sum(1 for t in lab[1:] if t != -100) for _, lab in chunk)
+        mine = [data[i] for i in train_dist.shard(idx)]
+        starts = list(range(0, len(mine), cfg.batch_size))
         total_loss = 0.0
-        for s in range(0, len(chunk), cfg.batch_size):
-            mb = chunk[s : s + cfg.batch_size]
+        for s in starts:
+            mb = mine[s : s + cfg.batch_size]
             width = max(len(x) for x, _ in mb)
             ids = torch.full((len(mb), width), pad_id, dtype=torch.long)
             labels = torch.full((len(mb), width), -100, dtype=torch.long)
@@ -187,19 +196,20 @@ def train_sft(
                 labels[r, : len(lab)] = torch.tensor(lab)
                 att[r, : len(x)] = 1
             ids, labels, att = ids.to(device), labels.to(device), att.to(device)
-            with _autocast(device):
-                logits = model(input_ids=ids, attention_mask=att).logits
-            sel = labels[:, 1:] != -100  # position t predicts token t+1: target tokens only
-            rows, target = logits[:, :-1][sel], labels[:, 1:][sel]
-            soft = None
-            if teacher is not None:
-                with torch.no_grad(), _autocast(device):
-                    soft = teacher(input_ids=ids, attention_mask=att).logits[:, :-1][sel]
-            ce, kl = soft_label_loss(rows, target, soft, kl_alpha)
-            loss_sum = ce.sum() + kl_alpha * kl.sum()
-            (loss_sum / n_tok).backward()
+            with train_dist.sync_gradients(forward, s == starts[-1]):
+                with _autocast(device):
+                    logits = forward(input_ids=ids, attention_mask=att).logits
+                sel = labels[:, 1:] != -100  # position t predicts token t+1: target tokens only
+                rows, target = logits[:, :-1][sel], labels[:, 1:][sel]
+                soft = None
+                if teacher is not None:
+                    with torch.no_grad(), _autocast(device):
+                        soft = teacher(input_ids=ids, attention_mask=att).logits[:, :-1][sel]
+                ce, kl = soft_label_loss(rows, target, soft, kl_alpha)
+                loss_sum = ce.sum() + kl_alpha * kl.sum()
+                (loss_sum * train_dist.grad_scale() / n_tok).backward()
             total_loss += float(loss_sum.detach())
-        return total_loss / max(1, n_tok), len(chunk)
+        return train_dist.all_sum(total_loss) / max(1, n_tok), len(chunk)
 
     stats = _run_loop(spec, hooks=hooks, model=model, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn)
     model.eval()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import train_dist
 from .train_data import (TrainingError)
 
 class _NoJob:
@@ -65,7 +66,7 @@ def pick_device(preference: str | None = "auto"):
     if preference and preference != "auto":
         return torch.device(preference)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", train_dist.cuda_device_index()) if train_dist.world().distributed else torch.device("cuda")
     return torch.device("cpu")
 
 
@@ -155,10 +156,12 @@ class _LoopSpec:
 
     @classmethod
     def of(cls, n_units: int, units_per_step: int, min_last: int, cfg: Any) -> "_LoopSpec":
-        """The schedule of a run of `cfg` over `n_units`, `units_per_step` a step (a last, smaller
-        step of fewer than `min_last` units is dropped)."""
-        return cls(n_units, max(1, min(units_per_step, n_units)), min_last, cfg.epochs, cfg.seed, cfg.max_steps,
-                   cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
+        """The schedule of a run of `cfg` over `n_units`, `units_per_step` a step on each process
+        (a last, smaller step of fewer than `min_last` units is dropped). Across processes a step
+        takes `units_per_step` x world size units, and a step needs one unit per process."""
+        size = train_dist.world().size
+        return cls(n_units, max(1, min(units_per_step * size, n_units)), max(min_last, size), cfg.epochs, cfg.seed,
+                   cfg.max_steps, cfg.checkpoint_every, cfg.keep_checkpoints, cfg.log_every, cfg.max_grad_norm)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -265,6 +268,10 @@ def _run_loop(
 ) -> dict[str, Any]:
     """The optimizer-step loop shared by both trainers: resume, steps, report, checkpoints, cancel.
 
+    `step_fn(idx)` gets the units of the whole step (the same on every process; each process
+    computes its `train_dist.shard`), runs the backward passes and returns (the step's loss over
+    all processes, units). `hooks` are `train_dist.rank_hooks`: only rank 0 writes.
+
     `after_step(done)` runs after each optimizer step (validation); True stops training there
     (early stopping). `extra_state` = (write(folder), read(folder)) keeps the caller's own state
     (e.g. the best weights so far) in every checkpoint.
@@ -280,6 +287,9 @@ def _run_loop(
     spe = spec.steps_per_epoch
     if total < 1:
         raise TrainingError(f"not enough training data for one step ({spec.n_units} units, {spec.units_per_step} per step)")
+    if spec.units_per_step < train_dist.world().size:
+        raise TrainingError(f"{spec.n_units} training units cannot feed {train_dist.world().size} processes "
+                            "(each needs at least one a step); use fewer processes")
     params = _trainable(model)
     names = [n for n, _ in params]
     shapes = {n: tuple(p.shape) for n, p in params}
@@ -334,13 +344,15 @@ def _run_loop(
             extra_state[1](loaded_path)
         hooks.truncate_progress(start)
     hooks.set_total(total, start)
-    hooks.log(f"training: {total} steps ({spe} per epoch, {spec.epochs} epoch(s)), starting at step {start}")
+    size = train_dist.world().size
+    hooks.log(f"training: {total} steps ({spe} per epoch, {spec.epochs} epoch(s)), starting at step {start}"
+              + (f", on {size} processes ({spec.units_per_step} units a step in all)" if size > 1 else ""))
 
     model.train()
     order_epoch, order = -1, []
     t_start = time.time()
     for step in range(start, total):
-        if hooks.cancel_requested():
+        if train_dist.main_says(hooks.cancel_requested()):  # every rank stops at the same step
             if step > 0 and hooks.last_checkpoint_step != step:
                 save(step)
             raise JobCancelled(f"cancelled on request at step {step}/{total}")

@@ -14,6 +14,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from . import train_dist
+
 from .train_data import (Example, Item, KIND_RETRIEVER, RetrieverConfig, TrainingError, _config_from)
 from .train_loop import (pick_device, soft_label_loss, _LoopSpec, _autocast, _epoch_order, _hooks_or_default,
     _linear_warmup_decay, _run_loop, _seed_everything)
@@ -142,7 +144,7 @@ def train_retriever(
     cfg = config if isinstance(config, RetrieverConfig) else _config_from(RetrieverConfig, config)
     if init_from is not None:
         cfg = replace(cfg, base_model=str(init_from))
-    hooks = _hooks_or_default(hooks, out_dir)
+    hooks = train_dist.rank_hooks(_hooks_or_default(hooks, out_dir))
     models.offline_env()
     base = Path(cfg.base_model) if cfg.base_model else models.minilm_path()
     if not (base / "config.json").is_file():
@@ -178,8 +180,14 @@ def train_retriever(
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     device = pick_device(cfg.device)
+    world = train_dist.init(device)
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModel.from_pretrained(str(base), dtype=torch.float32).to(device)
+    if getattr(model, "pooler", None) is not None:
+        # BERT's [CLS] pooler is not in the mean-pooled vector and never gets a gradient; frozen,
+        # because DDP needs a gradient for every trainable parameter
+        model.pooler.requires_grad_(False)
+    forward = train_dist.wrap(model, device)  # training passes; `model` is what is saved and validated
     spec = _LoopSpec.of(len(pairs), cfg.batch_size, 2, cfg)
     _check_negatives(pairs, label_sets, spec, cfg.hard_negatives)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not (n.endswith("bias") or "LayerNorm" in n)]
@@ -193,11 +201,11 @@ def train_retriever(
     hooks.log(f"dense retriever: {len(pairs)} pairs from {len(train_idx)} examples"
               + (f" ({len(val_rows)} held out for validation)" if val_idx else "") + f", base {base}, device {device}")
 
-    def encode(texts: list[str], max_len: int, side: str):
+    def encode(texts: list[str], max_len: int, side: str, net=model):
         tok.truncation_side = side
         enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
         with _autocast(device):
-            out = model(**enc).last_hidden_state
+            out = net(**enc).last_hidden_state
         return F.normalize(_mean_pool(out.float(), enc["attention_mask"]), dim=-1)
 
     def encode_eval(texts: list[str], max_len: int, side: str, bs: int = 64):
@@ -243,15 +251,33 @@ def train_retriever(
                   f"({len(hard_pool)} queries)")
 
     def step_fn(idx: list[int]) -> tuple[float, int]:
+        # Across processes each encodes its block of the step and the vectors are gathered (with
+        # gradient), so every item of the whole step is a negative for every query, as on one
+        # process: 2 x batch b optimise the same InfoNCE as 1 x batch 2b. Every rank computes that
+        # same global loss; the gather's backward sums its world copies of each gradient and DDP
+        # averages them, which gives exactly the single-process gradient.
         batch = [pairs[i] for i in idx]
         b = len(batch)
         docs = [it for _, it in batch]
-        for e, _ in batch:
+        hard_counts = []
+        for e, _ in batch:  # drawn for the whole step on every rank: the same draws as one process
             pool = hard_pool.get(e)
+            hard_counts.append(cfg.hard_negatives if pool else 0)
             if pool:
                 docs.extend(random.choice(pool) for _ in range(cfg.hard_negatives))
-        q = encode([queries[e] for e, _ in batch], cfg.query_max_len, "left")
-        d = encode([items[it].text for it in docs], cfg.item_max_len, "right")
+        sizes = train_dist.shard_sizes(b)
+        lo = sum(sizes[: world.rank])
+        hi = lo + sizes[world.rank]
+        q_mine = encode([queries[e] for e, _ in batch[lo:hi]], cfg.query_max_len, "left", forward)
+        d_mine = encode([items[it].text for it in docs[lo:hi]], cfg.item_max_len, "right", forward)
+        q, d = train_dist.gather_rows(q_mine, sizes), train_dist.gather_rows(d_mine, sizes)
+        if len(docs) > b:
+            hard_sizes = [sum(hard_counts[a : a + n]) for a, n in zip([sum(sizes[:r]) for r in range(len(sizes))], sizes)]
+            h_lo = b + sum(hard_sizes[: world.rank])
+            h_texts = [items[it].text for it in docs[h_lo : h_lo + hard_sizes[world.rank]]]
+            # a rank without hard negatives in this step still takes part in the gather, with 0 rows
+            h_mine = encode(h_texts, cfg.item_max_len, "right", forward) if h_texts else d_mine[:0]
+            d = torch.cat([d, train_dist.gather_rows(h_mine, hard_sizes)])
         sim = q @ d.T / cfg.temperature
         mask = torch.zeros(b, len(docs), dtype=torch.bool)
         for i, (e, _) in enumerate(batch):
@@ -387,6 +413,17 @@ def _check_negatives(pairs: Sequence[tuple[int, str]], label_sets: Sequence[set[
 
 
 def _save_final(hooks: Any, out_dir: str | os.PathLike | None, write: Callable[[Path], None]) -> Path:
+    """The final model, written by rank 0 only; every rank returns once it is complete."""
+    if not train_dist.world().is_main:
+        train_dist.barrier()
+        return Path(out_dir) if out_dir is not None else Path(getattr(hooks, "folder", ".")) / "model"
+    try:
+        return _write_final(hooks, out_dir, write)
+    finally:
+        train_dist.barrier()
+
+
+def _write_final(hooks: Any, out_dir: str | os.PathLike | None, write: Callable[[Path], None]) -> Path:
     if out_dir is None:
         return hooks.save_output(write)
     out = Path(out_dir)
