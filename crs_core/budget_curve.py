@@ -22,17 +22,23 @@ Choices (the paper leaves them open or they are not affordable here):
   is available: then B reviews give at most B items, and an item whose reviews are picked both
   before and after B was prompted with all its picked reviews of the largest selection (the
   synthesis of the largest selection is reused), a small, documented approximation.
-- Recommender: NBCRS (`crs_core.recommenders.NBCRS`, 50 neighbours) trained on the synthetic
-  queries, not the paper's per-point LLM fine-tuning: fine-tuning a model for each of
-  strategies x budgets points is not affordable on CPU, while NBCRS is trained and evaluated in
-  seconds and reacts to the same thing (which items and queries the selection brought in).
+- Student (the recommender trained per point, ``student=``; see `STUDENTS`): NBCRS by default
+  (`crs_core.recommenders.NBCRS`, 50 neighbours), trained and evaluated in seconds and reacting
+  to the same thing as any student (which items and queries the selection brought in);
+  ``retriever``: the dense bi-encoder fine-tuned on the point's queries (`crs_core.train.
+  train_retriever`, the default recipe with the experiment's seed, ``student_config`` overrides
+  it), minutes per point on CPU; ``retriever-hybrid``: the hybrid ranker over that fine-tuned
+  retriever; ``hybrid``: the hybrid over zero-shot MiniLM. Not the paper's per-point LLM
+  fine-tuning, which is not affordable for strategies x budgets points on CPU. A fine-tuned
+  retriever lives in a temporary folder for its point only, and its item vectors stay in memory
+  (never in the workspace's embedding cache: one set of ~8k vectors per point would swell it).
 - Training data: the experiment's queries whose review status is pending or approved (an
   annotator's rejection removes a query from later points; existing points are kept).
 - Ground truth: ``gt_mode="retrieve"`` by default (dense retrieval, no LLM call), so a point
   costs one teacher call per query.
 - Reuse: the experiment id is a hash of everything that defines a point except the strategy,
   the budget and the test set (unit, embedding set, seed, k, lambda, K, ground-truth mode,
-  teacher provider / model / temperature, evaluation sample, recommender). A rerun with the same
+  teacher provider / model / temperature, evaluation sample, student and its training settings). A rerun with the same
   parameters reuses every stored point and computes only the missing ones; a larger budget
   re-selects (same prefix) and synthesises only the new items with real calls.
 - Completeness: points are computed only from a complete synthesis; if the teacher's budget
@@ -42,12 +48,14 @@ Choices (the paper leaves them open or they are not affordable here):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -61,6 +69,8 @@ DEFAULT_DATASETS = ("redial_test", "inspired_test")
 CHART_METRICS = ("recall@5", "ndcg@5")
 TRAIN_STATUSES = ("pending", "approved")
 N_NEIGHBORS = 50
+DEFAULT_STUDENT = "nbcrs"
+RETRIEVER_STUDENTS = ("retriever", "retriever-hybrid")  # fine-tune a dense retriever per point
 
 
 class BudgetCurveError(CRSError):
@@ -163,6 +173,46 @@ def _canonical_strategies(strategies: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def students() -> dict[str, str]:
+    """The recommenders a point can train (name -> label): NBCRS and the hybrid of the
+    recommenders registry, the fine-tuned dense retriever of the model-kinds registry, and the
+    hybrid over that retriever."""
+    from .model_kinds import RETRIEVER
+    from .recommenders import RECOMMENDERS
+
+    return {"nbcrs": RECOMMENDERS["nbcrs"].label,
+            "retriever": f"{RETRIEVER.label}, fine-tuned on the point's queries",
+            "retriever-hybrid": f"{RECOMMENDERS['hybrid'].label}, over the retriever fine-tuned on the point's queries",
+            "hybrid": RECOMMENDERS["hybrid"].label + " (zero-shot MiniLM)"}
+
+
+def _student_params(student: str, student_config: dict[str, Any] | None, encoder_name: str,
+                    seed: int) -> dict[str, Any]:
+    """The experiment's "recommender" parameters (NBCRS keeps the dict of the experiments stored
+    before students existed, so their ids do not change)."""
+    if student not in students():
+        raise BudgetCurveError(f"unknown student {student!r}; choose from {', '.join(students())}")
+    if student_config and student not in RETRIEVER_STUDENTS:
+        raise BudgetCurveError(f"student settings are for {' / '.join(RETRIEVER_STUDENTS)} (a training recipe), "
+                               f"not {student!r}")
+    if student == "nbcrs":
+        return {"kind": "nbcrs", "n_neighbors": N_NEIGHBORS, "encoder": encoder_name}
+    if student == "hybrid":
+        return {"kind": "hybrid", "encoder": encoder_name, "val_seed": seed}
+    from .train import KIND_RETRIEVER, validate_config
+    from .train_data import TrainingError
+
+    overrides = {"seed": seed, **dict(student_config or {})}
+    try:
+        cfg = validate_config(KIND_RETRIEVER, overrides)
+    except (TrainingError, TypeError, ValueError) as exc:
+        raise BudgetCurveError(f"retriever settings: {exc}") from None
+    if cfg.labels != "real":
+        raise BudgetCurveError(f"retriever settings: a point trains on its synthetic labels only (labels='real'), "
+                               f"got labels={cfg.labels!r}")
+    return {"kind": student, "train": overrides, **({"val_seed": seed} if student == "retriever-hybrid" else {})}
+
+
 def teacher_label(teacher: Any) -> str:
     return f"{teacher.config.provider}:{teacher.model}"
 
@@ -239,6 +289,53 @@ def _selection_for(ws: Workspace, exp_id: str, strategy: str, budget: int) -> st
                      "ORDER BY budget DESC, created_at DESC LIMIT 1", [selection_name(exp_id, strategy), budget])
 
 
+def _fine_tuned_retriever(examples: Sequence[Any], catalog: Any, overrides: dict[str, Any], folder: str) -> Any:
+    """A dense retriever fine-tuned on the point's queries (the one training path,
+    `crs_core.train.train_retriever`), loaded with the one retriever loader."""
+    from .model_kinds import RETRIEVER
+    from .train import train_retriever
+    from .train_data import load_examples, load_items
+
+    labels = dict.fromkeys(i for e in examples for i in e.labels if i in catalog.index)
+    result = train_retriever(
+        load_examples([{"context": list(e.context), "labels": list(e.labels)} for e in examples], "the point's queries"),
+        load_items([{"item_id": i, "text": catalog.texts[catalog.index[i]]} for i in labels], "the point's items"),
+        overrides, out_dir=folder)
+    return RETRIEVER.load(result["model_dir"])
+
+
+@contextlib.contextmanager
+def _trained_student(ws: Workspace, student: str, recommender: dict[str, Any], examples: list[Any], *, memo: Any,
+                     base_encoder: Any, catalog: Any, rankable: Any) -> Iterator[tuple[Any, int]]:
+    """(the point's recommender fitted on `examples`, its number of training examples); raises
+    RecommenderError / TrainingError when it cannot be trained. A fine-tuned retriever's folder
+    lives until the block ends (its weights load lazily)."""
+    from .recommenders import NBCRS, DenseRetrieval, TrainingSet, item_embeddings, make_recommender
+
+    if student == "nbcrs":
+        rec = NBCRS(ws, n_neighbors=N_NEIGHBORS, encoder=memo, catalog=catalog)
+        rec.fit(examples)
+        yield rec, rec.n_train
+        return
+    train = TrainingSet(examples, name="synthetic")
+    if student == "hybrid":
+        rec = make_recommender("hybrid", ws, encoder=base_encoder, catalog=rankable, seed=recommender["val_seed"])
+        rec.fit(train)
+        yield rec, len(examples)
+        return
+    with tempfile.TemporaryDirectory(prefix="crs-budget-curve-") as folder:
+        encoder = _fine_tuned_retriever(examples, catalog, recommender["train"], folder)
+        # the item vectors in memory only (ws=None): the hybrid's dense part, which would write
+        # them to the workspace cache, finds them in the process's item cache instead
+        item_embeddings(rankable, encoder, None)
+        if student == "retriever":
+            rec = DenseRetrieval(None, encoder=encoder, catalog=rankable)
+        else:
+            rec = make_recommender("hybrid", ws, encoder=encoder, catalog=rankable, seed=recommender["val_seed"])
+        rec.fit(train)
+        yield rec, len(examples)
+
+
 # ------------------------------------------------------------------------------------- run
 def run_budget_curve(
     ws: Workspace,
@@ -256,6 +353,8 @@ def run_budget_curve(
     k: int = 20,
     lam: float = 1.0,
     store_runs: bool = False,
+    student: str = DEFAULT_STUDENT,
+    student_config: dict[str, Any] | None = None,
     encoder: Any = None,
     progress: ProgressFn | None = None,
     stop: threading.Event | None = None,
@@ -266,13 +365,18 @@ def run_budget_curve(
     `teacher`: a `crs_core.teacher.Teacher` (its budget bounds the synthesis). `store_runs`:
     also store every (strategy, budget) as a run (`crs_core.evaluate.store_run`), so it can be
     compared with other runs; off by default (one experiment is dozens of runs).
-    `encoder`: for retrieval ground truth and NBCRS (None: the project's MiniLM).
+    `student`: the recommender each point trains (`students()`; default NBCRS);
+    `student_config`: RetrieverConfig overrides for the retriever students (default: the
+    default recipe with `seed`).
+    `encoder`: for retrieval ground truth, NBCRS and the zero-shot hybrid (None: the project's MiniLM).
     `stop`: when set, the run ends after the point (or the synthesis request) in progress; the
     points stored so far are kept and a rerun resumes (`report.stopped`). `on_experiment(id)`
     is called once the experiment is recorded, before any point (a UI follows its points).
     """
     from .evaluate import evaluate, store_run
-    from .recommenders import NBCRS, Catalog, RecommenderError, default_encoder, training_set_from_synthetic
+    from .evaluate import candidate_items
+    from .recommenders import Catalog, RecommenderError, default_encoder, training_set_from_synthetic
+    from .train_data import TrainingError
     from .selections import load_selection, run_selection
     from .strategies import names as strategy_names
     from .synth import run_synthesis
@@ -284,10 +388,11 @@ def run_budget_curve(
               queries_per_item=queries_per_item, gt_mode=gt_mode, datasets=datasets, turn_sample=turn_sample)
     queries_per_item = int(queries_per_item)
     base_encoder = encoder if encoder is not None else default_encoder()
+    recommender = _student_params(student, student_config, base_encoder.name, int(seed))
     params = {"unit": unit, "set_id": set_id, "seed": int(seed), "k": int(k), "lam": float(lam),
               "queries_per_item": queries_per_item, "gt_mode": gt_mode, "teacher": teacher_label(teacher),
               "temperature": teacher.config.temperature, "turn_sample": turn_sample,
-              "recommender": {"kind": "nbcrs", "n_neighbors": N_NEIGHBORS, "encoder": base_encoder.name},
+              "recommender": recommender,
               "train_statuses": list(TRAIN_STATUSES)}
     exp_id = experiment_id(params)
     rep = BudgetCurveReport(exp_id, params)
@@ -299,6 +404,7 @@ def run_budget_curve(
 
     memo = _MemoEncoder(ws, base_encoder)
     catalog: Catalog | None = None
+    rankable: Catalog | None = None  # the items the test sets rank: dense students embed only these
     label = teacher_label(teacher)
     n = len(strategies)
     report(progress, 0, 1000)
@@ -345,6 +451,7 @@ def run_budget_curve(
             "SELECT query_id, item_id FROM synthetic_queries WHERE selection_id = ?", [sel_id]).fetchall())
         if catalog is None:
             catalog = Catalog.from_workspace(ws)
+            rankable = catalog.subset(set().union(*(candidate_items(ws, d) for d in datasets)))
         for b_idx, budget in enumerate(todo):
             if stop is not None and stop.is_set():
                 rep.stopped = True
@@ -352,27 +459,27 @@ def run_budget_curve(
             point_step = scaled(step, 0.7 + 0.3 * b_idx / len(todo), 0.7 + 0.3 * (b_idx + 1) / len(todo))
             wanted = set(items_upto[budget])
             examples = [e for e in train_all.examples if item_of_query.get(e.example_id) in wanted]
-            rec = NBCRS(ws, n_neighbors=N_NEIGHBORS, encoder=memo, catalog=catalog)
+            missing = [d for d in datasets if (budget, d) not in done]
             try:
-                rec.fit(examples)
-            except RecommenderError as exc:
+                with _trained_student(ws, student, recommender, examples, memo=memo, base_encoder=base_encoder,
+                                      catalog=catalog, rankable=rankable) as (rec, n_train):
+                    results = {}
+                    for d_idx, dataset in enumerate(missing):
+                        results[dataset] = evaluate(ws, rec, dataset, turn_sample=turn_sample, seed=seed,
+                                                    progress=scaled(point_step, d_idx / len(missing),
+                                                                    (d_idx + 1) / len(missing)))
+            except (RecommenderError, TrainingError) as exc:
                 rep.notes.append(f"{strategy} B={budget}: no point ({exc})")
                 continue
-            results = {}
-            missing = [d for d in datasets if (budget, d) not in done]
-            for d_idx, dataset in enumerate(missing):
-                results[dataset] = evaluate(ws, rec, dataset, turn_sample=turn_sample, seed=seed,
-                                            progress=scaled(point_step, d_idx / len(missing),
-                                                            (d_idx + 1) / len(missing)))
             run_id = None
             if store_runs:
                 run_id = store_run(ws, {"model": rec.name, "run_id": f"{exp_id}-{strategy}-B{budget}",
                                         "training_data": f"synthetic:{sel_id}[first {budget}]",
                                         "selection_strategy": strategy, "budget": budget, "seed": seed,
                                         "config": {"budget_curve": exp_id, "selection_id": sel_id,
-                                                   "n_train": rec.n_train, **params}}, results)
+                                                   "n_train": n_train, **params}}, results)
             rows = [[exp_id, strategy, budget, int(seed), dataset, metric, float(v),
-                     None if s is None or math.isnan(s) else float(s), int(res.n_turns), int(rec.n_train),
+                     None if s is None or math.isnan(s) else float(s), int(res.n_turns), int(n_train),
                      label, gt_mode, sel_id, run_id]
                     for dataset, res in results.items() for metric, (v, s) in res.metrics.items()]
             with ws.transaction() as cur:
@@ -402,8 +509,9 @@ def describe_params(params: str | dict[str, Any]) -> str:
     """One line for a UI: teacher, ground truth, K, unit, evaluation sample."""
     p = json.loads(params) if isinstance(params, str) else dict(params)
     sample = f"{p['turn_sample']} sampled turns" if p.get("turn_sample") else "all turns"
-    return (f"teacher {p.get('teacher')}, ground truth {p.get('gt_mode')}, K={p.get('queries_per_item')} "
-            f"per {p.get('unit')}, seed {p.get('seed')}, {sample}")
+    student = (p.get("recommender") or {}).get("kind", DEFAULT_STUDENT)
+    return (f"student {student}, teacher {p.get('teacher')}, ground truth {p.get('gt_mode')}, "
+            f"K={p.get('queries_per_item')} per {p.get('unit')}, seed {p.get('seed')}, {sample}")
 
 
 def budget_curve_frame(ws: Workspace, experiment_id: str | None = None, *, strategies: Sequence[str] | None = None,

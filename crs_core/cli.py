@@ -120,6 +120,7 @@ def _embed(ws: Workspace, args: argparse.Namespace) -> int:
     from .catalog import item_text
 
     engine = _engine(args)
+
     if args.unit == "review":
         frame = ws.df("SELECT review_id AS id, text FROM reviews ORDER BY review_id")
         ids, texts = frame["id"].tolist(), frame["text"].tolist()
@@ -268,6 +269,17 @@ def _print_run(results: dict, run_id: str) -> None:
     print(f"stored as run {run_id}")
 
 
+def _json_object(text: str) -> dict:
+    """An argparse type: a JSON object (a bad one is argparse's one-line usage error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"epochs\": 1}}', got {text!r}")
+    return value
+
+
 @command("budget-curve")
 def _budget_curve(ws: Workspace, args: argparse.Namespace) -> int:
     from .budget_curve import run_budget_curve
@@ -277,7 +289,8 @@ def _budget_curve(ws: Workspace, args: argparse.Namespace) -> int:
                                   queries_per_item=args.queries_per_item, gt_mode=args.gt_mode,
                                   datasets=args.datasets, turn_sample=args.turn_sample, seed=args.seed,
                                   set_id=args.embedding_set, unit=args.unit, k=args.k, lam=args.lam,
-                                  store_runs=args.store_runs, progress=bar)
+                                  store_runs=args.store_runs, student=args.student,
+                                  student_config=args.student_config, progress=bar)
     print("\n".join(report.lines()))
     return 0 if report.complete else 1
 
@@ -441,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm: return once the generation job has started; `jobs` imports the run later")
     p.add_argument("--seed", type=int, default=0)
 
+    from .budget_curve import DEFAULT_STUDENT, RETRIEVER_STUDENTS, students
+
     p = sub.add_parser("budget-curve", help="Recall@5 / NDCG@5 against the selection budget for each strategy "
-                       "(select, synthesise, train NBCRS, evaluate; reuses finished points)")
+                       "(select, synthesise, train a student, evaluate; reuses finished points)")
     p.add_argument("--strategies", nargs="+", type=str.upper, choices=strategy_names(),
                    default=list(strategy_names()), metavar="STRATEGY",
                    help=f"default: all ({' '.join(strategy_names())})")
@@ -460,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="K-means clusters for the JS strategies (default 20)")
     p.add_argument("--lam", type=float, default=1.0, help="JS weight lambda (default 1)")
     p.add_argument("--store-runs", action="store_true", help="also store every point as a run (runs table)")
+    p.add_argument("--student", choices=list(students()), default=DEFAULT_STUDENT,
+                   help=f"the recommender each point trains (default {DEFAULT_STUDENT}): "
+                        + "; ".join(f"{k}: {v}" for k, v in students().items()))
+    p.add_argument("--student-config", type=_json_object, metavar="JSON",
+                   help=f"{' / '.join(RETRIEVER_STUDENTS)}: RetrieverConfig overrides, e.g. '{{\"epochs\": 1}}'")
     teacher_options(p)
 
     p = sub.add_parser("train", help="train the dense retriever or fine-tune the student LM as a background job")

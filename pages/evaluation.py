@@ -77,13 +77,17 @@ def budget_curve_figure(points, dataset: str, title: str):
 with st.form("ev_bc_form", border=True):
     st.markdown("#### Run a budget curve")
     st.caption("Per strategy: select once with the largest budget, synthesise queries for the picks, then for "
-               "each budget B train NBCRS on the queries of the first B picks and evaluate it. Each point is "
+               "each budget B train the student on the queries of the first B picks and evaluate it. Each point is "
                "stored when it is done and appears on the chart; a stopped run resumes where it stopped.")
     f1, f2 = st.columns(2)
     bc_strategies = f1.multiselect("Strategies", list(strategies.names()), ["RANDOM_UNIFORM", "JS"],
                                    key="ev_bc_strategies", format_func=strategies.labels().get)
     bc_tests = f2.multiselect("Test sets", tests, [t for t in tests if t == "inspired_test"] or tests[:1],
                               key="ev_bc_tests")
+    bc_students = budget_curve.students()
+    bc_student = st.selectbox("Student", list(bc_students), key="ev_bc_student", format_func=bc_students.get,
+                              help="What each point trains. NBCRS takes seconds per point; the fine-tuned "
+                                   "retriever (and the hybrid over it) minutes.")
     f3, f4, f5, f6 = st.columns(4)
     bc_budgets = f3.text_input("Budgets B", "10, 25, 50", key="ev_bc_budgets", help="Picks per point, e.g. 10, 25, 50.")
     bc_seeds = f4.text_input("Seeds", "0", key="ev_bc_seeds", help="One experiment per seed, e.g. 0, 1, 2.")
@@ -110,12 +114,13 @@ if bc_start and not bc_busy:
         follow = {"experiments": []}  # filled by the run (a non-empty dict: BackgroundRun keeps it as extra)
 
         def bc_work(progress, stop, follow=follow, strategies=tuple(bc_strategies), budgets=tuple(budgets_list),
-                    seeds=tuple(seeds_list), datasets=tuple(bc_tests), sample=int(bc_sample) or None, gt=bc_gt):
+                    seeds=tuple(seeds_list), datasets=tuple(bc_tests), sample=int(bc_sample) or None, gt=bc_gt,
+                    student=bc_student):
             return studio_actions.run_budget_curves(ws, strategies=strategies, budgets=budgets, seeds=seeds,
                                                     datasets=datasets, turn_sample=sample, gt_mode=gt,
-                                                    progress=progress, stop=stop, follow=follow)
+                                                    student=student, progress=progress, stop=stop, follow=follow)
 
-        start_background(BC_KEY, f"{', '.join(bc_strategies)} · B = {', '.join(map(str, budgets_list))} · seeds "
+        start_background(BC_KEY, f"{bc_student} · {', '.join(bc_strategies)} · B = {', '.join(map(str, budgets_list))} · seeds "
                          f"{', '.join(map(str, seeds_list))} · {', '.join(bc_tests)}", bc_work, follow)
         st.rerun()
 

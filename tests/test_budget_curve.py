@@ -8,7 +8,8 @@ import hashlib
 import pytest
 
 from conftest import copy_workspace
-from crs_core.budget_curve import BudgetCurveError, budget_curve_frame, list_experiments, run_budget_curve
+from crs_core.budget_curve import (BudgetCurveError, budget_curve_frame, describe_params, list_experiments,
+                                   run_budget_curve)
 from crs_core.cli import main
 from crs_core.evaluate import EvalError, evaluate
 from crs_core.recommenders import NBCRS, training_set_from_synthetic
@@ -195,12 +196,45 @@ def test_a_stopped_run_keeps_its_points_and_a_rerun_resumes(ws, stub):
     ({"gt_mode": "guess"}, "ground-truth mode"),
     ({"turn_sample": 0}, "at least 1"),
     ({"datasets": []}, "at least one test set"),
+    ({"student": "magic"}, "unknown student 'magic'"),
+    ({"student_config": {"epochs": 1}}, "student settings are for"),
+    ({"student": "retriever", "student_config": {"epochs": 0}}, "epochs must be >= 1"),
+    ({"student": "retriever", "student_config": {"learning_rate": 1}}, "unknown RetrieverConfig option"),
+    ({"student": "retriever-hybrid", "student_config": {"labels": "two_stage"}}, "labels='real'"),
 ])
 def test_bad_input_is_refused_before_anything_is_stored(ws, stub, kw, message):
     before = state(ws)
     with teacher_for(stub, ws) as teacher, pytest.raises(BudgetCurveError, match=message):
         run(ws, teacher, **kw)
     assert state(ws) == before and stub.chat_requests == 0
+
+
+def test_the_retriever_student_fine_tunes_per_point_and_is_an_experiment_of_its_own(ws, stub):
+    """A point of the retriever student is the bi-encoder fine-tuned on the queries of its first
+    B picks (train_retriever), evaluated like NBCRS; its item vectors never enter the workspace's
+    embedding cache, and a different student over the same picks is a different experiment whose
+    queries the teacher's cache answers."""
+    # two steps and short texts: the 1.6k INSPIRED candidates are encoded by the fine-tuned model
+    tiny = {"epochs": 1, "max_steps": 2, "batch_size": 8, "item_max_len": 32, "query_max_len": 32}
+    cached_models = "SELECT count(DISTINCT model) FROM embedding_cache"
+    # retrieved ground truth: the stub's one listing would make every item a label of every query
+    with teacher_for(stub, ws) as teacher:
+        nbcrs = run(ws, teacher, strategies=["JS"], budgets=[3], gt_mode="retrieve")
+        models_before, calls = ws.scalar(cached_models), stub.chat_requests
+        rep = run(ws, teacher, strategies=["JS"], budgets=[3], gt_mode="retrieve", student="retriever",
+                  student_config=tiny)
+    assert rep.complete and rep.computed == 1, (rep.errors, rep.notes)
+    assert rep.experiment_id != nbcrs.experiment_id
+    assert rep.teacher_calls == 0 and stub.chat_requests == calls  # the same items: every call cached
+    assert rep.params["recommender"] == {"kind": "retriever", "train": {"seed": 0, **tiny}}
+    pts = budget_curve_frame(ws, rep.experiment_id)
+    assert set(pts["strategy"]) == {"JS"} and set(pts["budget"]) == {3} and (pts["n_turns"] == TURNS).all()
+    assert {"recall@5", "ndcg@5"} <= set(pts["metric"]) and pts["value"].between(0, 1).all()
+    n_queries = ws.scalar("SELECT count(*) FROM synthetic_queries WHERE selection_id = ?", [rep.selections["JS"]])
+    assert (pts["n_train"] == n_queries).all() and n_queries > 0
+    assert ws.scalar(cached_models) == models_before
+    assert "student retriever" in list_experiments(ws).pipe(
+        lambda e: describe_params(e.set_index("experiment_id").loc[rep.experiment_id, "params"]))
 
 
 def test_unknown_test_set_and_zero_teacher_budget_are_refused(ws, stub):
@@ -242,3 +276,5 @@ def test_cli_prints_the_table_and_stores_runs(ws_path, stub, monkeypatch, capsys
     assert "0 point(s) computed now, 4 reused" in capsys.readouterr().out
     assert main(argv[:7] + ["0"] + argv[9:]) == 1
     assert "budgets must be positive" in capsys.readouterr().err
+    assert main(argv + ["--student", "retriever", "--student-config", '{"epochs": 0}']) == 1
+    assert "epochs must be >= 1" in capsys.readouterr().err
