@@ -37,11 +37,21 @@ MORE_EXAMPLES = EXAMPLES + [
 ]
 
 
-def _job_losses(tmp_path: Path, kind: str, config: dict) -> tuple[list[float], dict, Path]:
+def _job_losses(tmp_path: Path, kind: str, config: dict, *, cancel_and_resume: bool = False
+                ) -> tuple[list[float], dict, Path]:
+    """The per-step losses a job records. `cancel_and_resume`: the job is cancelled as soon as it
+    is launched (rank 0 stops every rank, before training or at a step, saving a checkpoint),
+    then resumed, on 2 processes again, to the end."""
     ws = Workspace(tmp_path / "ws.duckdb")
     try:
         job_id = train.launch_training(ws, kind, MORE_EXAMPLES, ITEMS, config, jobs_root=tmp_path / "jobs")
         folder = jobs.job_folder(ws, job_id)
+        if cancel_and_resume:
+            jobs.cancel_job(folder)
+            st = jobs.wait_for_job(folder, timeout=600, poll=0.5)
+            assert st.state == "cancelled", f"{st}\n{jobs.read_log(folder)}"
+            _assert_no_worker_left(folder)
+            jobs.resume_job(ws, job_id)
         st = jobs.wait_for_job(folder, timeout=600, poll=0.5)
     finally:
         ws.close()
@@ -107,11 +117,14 @@ def test_two_process_lm_sft_matches_one_process_with_the_doubled_batch(tmp_path)
 
 def test_two_process_retriever_gathers_in_batch_negatives(tmp_path):
     """InfoNCE with in-batch negatives: the vectors are gathered across processes, so 2 x 2 pairs
-    see the same 4 x 4 similarity matrix (and the same hard negatives) as 1 x 4 pairs."""
+    see the same 4 x 4 similarity matrix (and the same hard negatives) as 1 x 4 pairs; a
+    cancelled job resumes on its processes and still trains exactly as one process."""
     base = _minilm_without_dropout(tmp_path / "minilm-no-dropout")
     common = {"base_model": str(base), "max_steps": 3, "query_max_len": 48, "item_max_len": 48, "seed": 7,
               "hard_negatives": 1, "hard_negative_ranks": [2, 8], "val_fraction": 0.0}
-    losses2, res2, folder = _job_losses(tmp_path, train.KIND_RETRIEVER, {**common, "batch_size": 2, "nproc": 2})
+    losses2, res2, folder = _job_losses(tmp_path, train.KIND_RETRIEVER,
+                                        {**common, "batch_size": 2, "nproc": 2, "checkpoint_every": 1},
+                                        cancel_and_resume=True)
     _assert_no_worker_left(folder)
     examples, items = train.load_examples(MORE_EXAMPLES), train.load_items(ITEMS)
     one = []
