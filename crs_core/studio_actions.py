@@ -127,8 +127,7 @@ def run_budget_curves(ws: Any, *, strategies: Sequence[str], budgets: Sequence[i
     budget-curve`), one after the other; every point is stored when it is evaluated, so a chart
     that reads the experiment shows it at once. `follow` (a dict) gets "experiment" set to the
     experiment that is running (and "experiments", all of them so far). student: what each point
-    trains (`budget_curve.students()`). teacher_config: the
-    synthesis teacher (None: $CRS_TEACHER_BASE_URL or the local teacher). A stopped run keeps its
+    trains (`budget_curve.students()`). teacher_config: the synthesis teacher (None: $CRS_TEACHER_BASE_URL or the local teacher). A stopped run keeps its
     points; started again with the same settings it resumes. Returns the reports."""
     from .budget_curve import run_budget_curve
     from .teacher import Teacher, TeacherConfig
@@ -149,7 +148,8 @@ def run_budget_curves(ws: Any, *, strategies: Sequence[str], budgets: Sequence[i
                 break
             rep = run_budget_curve(ws, teacher, strategies=list(strategies), budgets=list(budgets),
                                    datasets=list(datasets), turn_sample=turn_sample, seed=int(seed), gt_mode=gt_mode,
-                                   student=student, progress=scaled(progress, i / n, (i + 1) / n), stop=stop, on_experiment=started)
+                                   student=student, progress=scaled(progress, i / n, (i + 1) / n), stop=stop,
+                                   on_experiment=started)
             reports.append(rep)
             if rep.stopped:
                 break
