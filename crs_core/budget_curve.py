@@ -298,7 +298,8 @@ def _fine_tuned_retriever(examples: Sequence[Any], catalog: Any, overrides: dict
 
     labels = dict.fromkeys(i for e in examples for i in e.labels if i in catalog.index)
     result = train_retriever(
-        load_examples([{"context": list(e.context), "labels": list(e.labels)} for e in examples], "the point's queries"),
+        load_examples([{"context": list(e.context), "labels": list(e.labels)} for e in examples],
+                      "the point's queries"),
         load_items([{"item_id": i, "text": catalog.texts[catalog.index[i]]} for i in labels], "the point's items"),
         overrides, out_dir=folder)
     return RETRIEVER.load(result["model_dir"])

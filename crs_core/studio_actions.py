@@ -127,7 +127,8 @@ def run_budget_curves(ws: Any, *, strategies: Sequence[str], budgets: Sequence[i
     budget-curve`), one after the other; every point is stored when it is evaluated, so a chart
     that reads the experiment shows it at once. `follow` (a dict) gets "experiment" set to the
     experiment that is running (and "experiments", all of them so far). student: what each point
-    trains (`budget_curve.students()`). teacher_config: the synthesis teacher (None: $CRS_TEACHER_BASE_URL or the local teacher). A stopped run keeps its
+    trains (`budget_curve.students()`). teacher_config: the synthesis teacher (None:
+    $CRS_TEACHER_BASE_URL or the local teacher). A stopped run keeps its
     points; started again with the same settings it resumes. Returns the reports."""
     from .budget_curve import run_budget_curve
     from .teacher import Teacher, TeacherConfig

@@ -120,7 +120,8 @@ if bc_start and not bc_busy:
                                                     datasets=datasets, turn_sample=sample, gt_mode=gt,
                                                     student=student, progress=progress, stop=stop, follow=follow)
 
-        start_background(BC_KEY, f"{bc_student} · {', '.join(bc_strategies)} · B = {', '.join(map(str, budgets_list))} · seeds "
+        start_background(BC_KEY, f"{bc_student} · {', '.join(bc_strategies)} · "
+                         f"B = {', '.join(map(str, budgets_list))} · seeds "
                          f"{', '.join(map(str, seeds_list))} · {', '.join(bc_tests)}", bc_work, follow)
         st.rerun()
 
