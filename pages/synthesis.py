@@ -170,8 +170,12 @@ def status() -> None:
                      f"({counters['items']:,} items)")
     if not running:
         show_time_estimate(config, gt_mode, counters["planned"] - counters["stored"])
-    if st.button("Resume synthesis" if not running and current is not None else "Start synthesis", type="primary",
-                 key="syn_start", disabled=running or config is None, icon=":material/play_arrow:") and config is not None:
+    complete = 0 < counters["planned"] <= counters["stored"]  # nothing left: no button that promises more
+    label = ("Every query of this plan is stored" if complete else
+             "Resume synthesis" if not running and current is not None else "Start synthesis")
+    if st.button(label, type="primary", key="syn_start", disabled=running or config is None or complete,
+                 icon=":material/play_arrow:", help="Raise K or the items to plan more queries." if complete else None
+                 ) and config is not None:
         start_run()
     if current is not None:
         live(current, run_counters, max(processed, run_counters["stored"]))

@@ -433,6 +433,8 @@ def test_synthesis_page_counters_agree_with_the_workspace_at_every_poll(monkeypa
             time.sleep(0.3)
     assert run.error is None, run.error
     assert polls[-1] == 5 and len(set(polls)) >= 2, polls  # seen while it ran, and at the end
+    # a finished plan offers no "Resume" that would do nothing
+    assert at.button(key="syn_start").disabled and "stored" in at.button(key="syn_start").label
 
 
 def _launch_fake_job(monkeypatch, path, **config):
