@@ -1,6 +1,7 @@
 """Training: launch a retriever or SFT job on approved dialogues (a background process), follow
 its progress, loss / learning-rate charts and log; cancel and resume; evaluate a finished job."""
 
+import altair as alt
 import streamlit as st
 
 from crs_core import jobs, model_kinds, studio_actions, train, views
@@ -118,8 +119,11 @@ def follow() -> None:
     for column, name in zip(st.columns(len(charts)) if charts else [], charts):
         with column:
             st.markdown(f"**{'Training loss' if name == 'loss' else 'Learning rate'}** per step")
-            st.line_chart(curve, x="step", y=name, x_label="step", y_label=name.replace("_", " "), height=240,
-                          color="#1f77b4" if name == "loss" else "#ff7f0e")
+            # a line with a dot per step: a short job (a demo, one epoch) still shows its points
+            st.altair_chart(alt.Chart(curve).mark_line(point=True, color="#1f77b4" if name == "loss" else "#ff7f0e")
+                            .encode(x=alt.X("step:Q", axis=alt.Axis(format="d", tickMinStep=1)),
+                                    y=alt.Y(f"{name}:Q", title=name.replace("_", " ")),
+                                    tooltip=["step", name]).properties(height=240))
     b1, b2 = st.columns(2)
     if not state.finished and b1.button("Cancel", key="tr_cancel", icon=":material/stop:",
                                         disabled=state.cancel_requested) and authorized("train"):
