@@ -220,8 +220,12 @@ class RayEngine:
                     else:
                         from .embed import usable_cores
 
+                        # Ray lowers its workers' priority by 15 by default (to keep its own
+                        # processes responsive); here they do the step's work, which in process
+                        # runs at this process's priority, so they get the same
                         ray.init(num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False,
-                                 runtime_env={"env_vars": {"PYTHONPATH": str(_repo_root())}})
+                                 runtime_env={"env_vars": {"PYTHONPATH": str(_repo_root())}},
+                                 _system_config={"worker_niceness": 0})
                         self._started_ray = True
                 except Exception as exc:  # Ray's errors are many and long: one line of it
                     where = f"at {self.address}" if self.address else "on this machine"
