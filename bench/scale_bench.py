@@ -36,12 +36,13 @@ export      ``synth.export_synthetic`` of the selection's synthetic queries (cha
             ``--export-queries`` picks is stored by SQL (its text the first 200 characters of the
             picked review, its ground truth that item), the same number at both sizes.
 
-Time is wall-clock. Peak memory is the peak resident set size (VmHWM of /proc/self/status) of a
+Time is wall-clock, with the CPU seconds of the step's process (all its threads, DuckDB's
+included) beside it: on a shared machine CPU time moves less with the load. Peak memory is the peak resident set size (VmHWM of /proc/self/status) of a
 fresh child process that runs only that step: a process's high-water mark never goes down, so
 steps measured in one process would hide each other's peaks, and tracemalloc does not see
 DuckDB's own allocations (its buffer manager is C++). "over imports" subtracts the child's peak after its
-imports, before the step. A step is flagged superlinear when its time (or its memory over
-imports) grew more than 1.5x faster than the rows did. The benchmark asserts nothing; it ends
+imports, before the step. A step is flagged superlinear when its wall time, CPU time or memory
+over imports grew more than 1.5x faster than the rows did. The benchmark asserts nothing; it ends
 with one JSON line of headline figures.
 """
 
@@ -246,16 +247,16 @@ def run_child(step: str, workspace: str, ctx: dict) -> None:
             ctx["selection"] = ws.scalar("SELECT selection_id FROM selections ORDER BY created_at DESC LIMIT 1")
             ctx["queries"] = store_export_queries(ws, ctx["selection"], ctx["export_queries"])
         base_mb = _peak_mb()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = STEP_FUNCTIONS[step](ws, ctx)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if step == "cluster":  # the map's positions, outside the timing (see the docstring)
             from crs_core.cluster import store_projection
             from crs_core.embed import load_embedding_set
 
             ids, X = load_embedding_set(ws, SET_ID)
             store_projection(ws, SET_ID, ids, X[:, :2] * 10)
-    print("RESULT " + json.dumps({"step": step, "seconds": seconds, "peak_mb": _peak_mb(),
+    print("RESULT " + json.dumps({"step": step, "seconds": seconds, "cpu_s": cpu, "peak_mb": _peak_mb(),
                                   "imports_mb": base_mb, "info": out}, default=str), flush=True)
 
 
@@ -284,7 +285,7 @@ def run_size(rows: int, reviews: list[dict], template: Path, tmp: Path, args) ->
     for step in STEPS:
         out[step] = measure(step, workspace, ctx)
         r = out[step]
-        print(f"  {rows:>9,} rows  {step:<8} {r['seconds']:>8.2f} s  peak {r['peak_mb']:>7,.0f} MB "
+        print(f"  {rows:>9,} rows  {step:<8} {r['seconds']:>8.2f} s ({r['cpu_s']:.2f} s CPU)  peak {r['peak_mb']:>7,.0f} MB "
               f"({r['peak_mb'] - r['imports_mb']:>6,.0f} over imports)  {json.dumps(r['info'])}", flush=True)
         if step == "ingest":
             reviews_file.unlink()  # hundreds of MB at 1 M rows; the workspace holds them now
@@ -356,19 +357,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{'step':<8} {'base s':>8} {'big s':>8} {'time x':>7} {'base MB':>8} {'big MB':>8} {'mem x':>6}  "
+    print(f"\n{'step':<8} {'base s':>8} {'big s':>8} {'time x':>7} {'CPU x':>6} {'base MB':>8} {'big MB':>8} {'mem x':>6}  "
           f"(rows x{row_ratio:.1f}; memory = peak RSS over imports)")
     steps, flagged = {}, []
     for step in STEPS:
         b, g = base[step], big[step]
         tx = g["seconds"] / max(b["seconds"], 1e-9)
+        cx = g["cpu_s"] / max(b["cpu_s"], 1e-2)
         bm, gm = max(b["peak_mb"] - b["imports_mb"], 1.0), max(g["peak_mb"] - g["imports_mb"], 1.0)
         mx = gm / bm
-        notes = [what for what, ratio in (("time", tx), ("memory", mx)) if ratio > SUPERLINEAR * row_ratio]
+        notes = [what for what, ratio in (("time", tx), ("CPU", cx), ("memory", mx)) if ratio > SUPERLINEAR * row_ratio]
         flagged += [f"{step} {n}" for n in notes]
-        print(f"{step:<8} {b['seconds']:>8.2f} {g['seconds']:>8.2f} {tx:>7.1f} {bm:>8,.0f} {gm:>8,.0f} {mx:>6.1f}  "
+        print(f"{step:<8} {b['seconds']:>8.2f} {g['seconds']:>8.2f} {tx:>7.1f} {cx:>6.1f} {bm:>8,.0f} {gm:>8,.0f} {mx:>6.1f}  "
               + (f"SUPERLINEAR ({', '.join(notes)})" if notes else ""))
         steps[step] = {"base_s": round(b["seconds"], 3), "big_s": round(g["seconds"], 3), "time_ratio": round(tx, 2),
+                       "base_cpu_s": round(b["cpu_s"], 3), "big_cpu_s": round(g["cpu_s"], 3), "cpu_ratio": round(cx, 2),
                        "base_peak_mb": round(b["peak_mb"]), "big_peak_mb": round(g["peak_mb"]),
                        "base_over_imports_mb": round(bm), "big_over_imports_mb": round(gm),
                        "memory_ratio": round(mx, 2), "base_info": b["info"], "big_info": g["info"]}
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 "budget": args.budget, "superlinear": flagged,
                 **{f"{s}_s": steps[s]["big_s"] for s in STEPS},
                 **{f"{s}_time_ratio": steps[s]["time_ratio"] for s in STEPS},
+                **{f"{s}_cpu_ratio": steps[s]["cpu_ratio"] for s in STEPS},
                 "peak_mb": max(steps[s]["big_peak_mb"] for s in STEPS)}
     if args.json:
         out = Path(args.json)

@@ -204,8 +204,11 @@ def reviews_table(ws: Workspace, search: str = "", genre_filter: Sequence[str] =
     if snippet is not None:
         text_sql = (f"CASE WHEN length(r.text) > {int(snippet)} THEN left(r.text, {int(snippet)}) || '…' "
                     "ELSE r.text END AS text")
-    sql = (f"SELECT r.review_id, i.title, i.year, r.rating, {cluster_sql}, {text_sql}, r.item_id, r.user_id, r.source "
-           + body + "ORDER BY r.review_id LIMIT ? OFFSET ?")
+    # the page's ids first, then its columns: sorting every matching row with its text read
+    # the whole text column (3x slower for a page of 200k reviews)
+    sql = (f"WITH page AS (SELECT r.review_id, {cluster_sql} " + body + "ORDER BY r.review_id LIMIT ? OFFSET ?) "
+           f"SELECT r.review_id, i.title, i.year, r.rating, page.cluster, {text_sql}, r.item_id, r.user_id, r.source "
+           "FROM page JOIN reviews r USING (review_id) LEFT JOIN items i ON i.item_id = r.item_id ORDER BY r.review_id")
     return ws.df(sql, params + [int(limit), max(0, int(offset))])
 
 
