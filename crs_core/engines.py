@@ -294,7 +294,14 @@ class RayEngine:
                 actor, index = running.pop(ready[0])
                 idle.append(actor)
                 returned(index)
-                yield ray.get(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as exc:
+                    # the step's own error (a teacher without a key, ...): its one line, not Ray's trace
+                    if isinstance(getattr(exc, "cause", None), CRSError):
+                        raise exc.cause from None
+                    raise
+                yield result
         finally:
             for ref in running:  # the caller stopped early (an error): nothing more is wanted
                 try:

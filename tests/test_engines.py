@@ -33,7 +33,7 @@ from crs_core.engines import EngineError, RayEngine, get_engine, spool_folder  #
 from crs_core.prompts import QUERY_SYSTEM  # noqa: E402
 from crs_core.store import Workspace  # noqa: E402
 from crs_core.synth import run_synthesis  # noqa: E402
-from crs_core.teacher import Teacher, TeacherConfig  # noqa: E402
+from crs_core.teacher import Budget, Teacher, TeacherConfig  # noqa: E402
 from openai_stub_server import OpenAIStubServer  # noqa: E402
 
 BUNDLED = ROOT / "data" / "bundled"
@@ -314,3 +314,37 @@ def test_a_killed_synthesis_worker_loses_and_repeats_nothing(tmp_path, data, eng
         assert len(bodies) - len(set(bodies)) <= 2
         assert len(set(bodies)) == 2 * N_ITEMS * K_QUERIES
         ws.close()
+
+
+def test_a_budget_is_shared_by_the_blocks_in_flight_and_a_resume_pays_nothing_twice(tmp_path, data, engine):
+    titles = [data["titles"][i][0] for i in data["items"]]
+    with OpenAIStubServer(reply=stub_reply(titles)) as stub:
+        ws = build_workspace(tmp_path / "ws.duckdb", data)
+        rep = run_synthesis(ws, "sel-ray", make_teacher(stub, ws), k_queries=K_QUERIES, gt_mode="llm",
+                            dedup_embeddings=False, engine=engine, budget=Budget(max_calls=5))
+        assert rep.stopped.startswith("budget") and stub.chat_requests <= 5
+        assert rep.stored == ws.count("synthetic_queries") < N_ITEMS * K_QUERIES
+        assert spool_folder(ws.path, "synth|sel-ray").exists()  # kept for the resume
+
+        rep = run_synthesis(ws, "sel-ray", make_teacher(stub, ws), k_queries=K_QUERIES, gt_mode="llm",
+                            dedup_embeddings=False, engine=engine)
+        assert rep.complete and ws.count("synthetic_queries") == N_ITEMS * K_QUERIES
+        bodies = [json.dumps(r.body, sort_keys=True) for r in stub.requests]
+        assert len(bodies) == len(set(bodies)) == 2 * N_ITEMS * K_QUERIES  # the stopped run's replies were kept
+        assert not spool_folder(ws.path, "synth|sel-ray").exists()
+        ws.close()
+
+
+def test_a_typed_key_stays_here_and_a_worker_side_error_is_its_own_line(tmp_path, data, engine):
+    from crs_core.teacher import TeacherSetupError
+
+    ws = build_workspace(tmp_path / "ws.duckdb", data)
+    typed = Teacher(TeacherConfig.openai("http://127.0.0.1:9/v1", "m", api_key="sk-typed-in-the-studio"), cache=ws)
+    with pytest.raises(EngineError, match="never receive a typed API key"):
+        run_synthesis(ws, "sel-ray", typed, gt_mode="llm", dedup_embeddings=False, engine=engine)
+    # no key for this endpoint where the worker runs: the worker's setup error, not Ray's traceback
+    keyless = Teacher(TeacherConfig.openai("http://192.0.2.1:9/v1", "m", max_attempts=1), cache=ws)
+    with pytest.raises(TeacherSetupError, match="no API key for http://192.0.2.1:9/v1"):
+        run_synthesis(ws, "sel-ray", keyless, gt_mode="llm", dedup_embeddings=False, engine=engine)
+    assert ws.count("synthetic_queries") == 0
+    ws.close()
