@@ -32,7 +32,17 @@ else:
     frame = metrics[(metrics["dataset"] == dataset) & metrics["metric"].str.startswith(family + "@")].copy()
     frame["run"] = frame["run_id"]  # ids name the model (e.g. "popularity-interactions-20260101-...")
     runs = list(dict.fromkeys(frame["run"]))
-    chosen = c3.multiselect("Runs", runs, default=runs[-6:], key="ev_runs")
+    # the newest six at first; a run stored since the last visit (here or from Training) joins
+    # the chart at once instead of waiting to be picked
+    known = st.session_state.get("ev_known_runs", set())
+    if "ev_runs" not in st.session_state or st.session_state.get("ev_runs_dataset") != dataset:
+        st.session_state["ev_runs"] = runs[-6:]
+    else:
+        st.session_state["ev_runs"] = ([r for r in st.session_state["ev_runs"] if r in runs]
+                                       + [r for r in runs if r not in known and r not in st.session_state["ev_runs"]])
+    st.session_state["ev_runs_dataset"] = dataset
+    st.session_state["ev_known_runs"] = set(metrics["run_id"])
+    chosen = c3.multiselect("Runs", runs, key="ev_runs")
     frame = frame[frame["run"].isin(chosen)]
     if frame.empty:
         st.caption("Pick at least one run.")
@@ -234,14 +244,18 @@ if go and authorized("evaluate"):
         run_id = None
         if store:
             run_id = evaluate.store_run(ws, meta, {test: result})
-            st.success(f"Stored run {run_id}.")
         st.session_state["ev_result"] = result
         st.session_state["ev_result_run"] = run_id  # charted once, as "this evaluation"
+        if run_id:
+            st.session_state["ev_flash"] = f"Stored run {run_id}."
+            st.rerun()  # the stored run joins the charts above
     except CRSError as exc:
         show_error(exc)
     finally:
         bar.done()
 
+if "ev_flash" in st.session_state:
+    st.success(st.session_state.pop("ev_flash"))
 result = st.session_state.get("ev_result")
 if result is None:
     st.caption("Run an evaluation to browse its turns.")

@@ -321,6 +321,23 @@ def test_evaluation_drill_down(monkeypatch, own_workspace):
         assert len(_plotly_array(trace["error_y"]["array"])) == 5  # Recall@1..50 with standard errors
 
 
+def test_a_run_stored_from_the_evaluation_form_joins_the_chart_of_runs(monkeypatch, own_workspace):
+    """The chart at the top follows the runs picked in its multiselect; a run stored from the
+    form below (or from Training) since the page was drawn joins it without being picked."""
+    at = open_page(monkeypatch, own_workspace, "pages/evaluation.py")
+    at.number_input(key="ev_sample").set_value(25)
+    at.checkbox(key="ev_store").check()
+    at.button(key="ev_go").click().run()
+    assert_clean(at)
+    stored = [s.value for s in at.success if s.value.startswith("Stored run ")]
+    assert len(stored) == 1, [s.value for s in at.success]
+    run_id = stored[0].removeprefix("Stored run ").rstrip(".")
+    assert run_id in at.multiselect(key="ev_runs").value
+    top = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "Recall@k on inspired_test" in c.proto.spec
+               and "this evaluation" not in c.proto.spec)
+    assert {t["name"] for t in top["data"]} == {"test-popularity", run_id}
+
+
 def test_synthesis_runs_in_the_background_against_an_openai_compatible_endpoint(monkeypatch, own_workspace):
     from openai_stub_server import OpenAIStubServer
 
