@@ -226,6 +226,16 @@ def _eval(ws: Workspace, args: argparse.Namespace) -> int:
     from . import model_eval
     from .recommenders import RECOMMENDERS, make_recommender, training_set_from_synthetic, training_set_from_turns
 
+    if args.engine != "local" and args.model != "lm":
+        raise CRSError(f"--engine {args.engine} runs the generative evaluation (--model lm); "
+                       f"{args.model} evaluates in this process")
+    if args.model == "lm" and args.engine != "local":
+        engine = _engine(args)
+        with TqdmProgress(f"Generating with {args.lm} ({args.engine})", unit="turn") as bar:
+            run_id = model_eval.evaluate_lm(ws, args.lm, args.dataset, engine=engine, seed=args.seed, progress=bar,
+                                            turn_sample="auto" if args.turn_sample is None else args.turn_sample)
+        _print_run(model_eval.run_results(ws, run_id), run_id)
+        return 0
     if args.model == "lm":
         sample = "auto" if args.turn_sample is None else args.turn_sample
         job_id = model_eval.launch_lm_eval(ws, args.lm, args.dataset, turn_sample=sample, seed=args.seed)
@@ -453,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true",
                    help="lm: return once the generation job has started; `jobs` imports the run later")
     p.add_argument("--seed", type=int, default=0)
+    engine_options(p)
 
     from .budget_curve import DEFAULT_STUDENT, RETRIEVER_STUDENTS, students
 

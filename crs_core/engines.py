@@ -2,7 +2,9 @@
 
 Both engines run the same step code on the same blocks: embedding calls
 ``embed.encode_block`` on each block of texts; synthesis calls ``synth.SynthWorker``, which
-produces one block of (item, k) units and returns the outcomes without writing. The process
+produces one block of (item, k) units and returns the outcomes without writing; the generative
+evaluation (``model_eval.evaluate_lm``) calls ``train.generate_titles`` on each block of
+dialogue contexts. The process
 that owns the workspace stays its one writer: it commits each block as it finishes (the
 embedding cache with INSERT OR IGNORE, a query only when its id is not stored yet), so a
 killed run resumes where it stopped, and a block Ray retried after a worker died is committed
@@ -139,6 +141,17 @@ class LocalEngine:
     def synthesize(self, work: SynthWork) -> None:
         for out in run_concurrently(work.produce, work.units, work.limit, work.should_stop):
             work.handle(out)
+
+    def generate_blocks(self, model_dir: Any, blocks: Sequence[list[list[str]]],
+                        options: dict[str, Any]) -> Iterator[tuple[int, list[list[str]]]]:
+        """(block index, generated titles per context) for each block of dialogue contexts."""
+        if not blocks:
+            return
+        from .train import generate_titles, load_lm
+
+        loaded = load_lm(model_dir)
+        for index, contexts in enumerate(blocks):
+            yield index, generate_titles(loaded, contexts, **options)
 
     def close(self) -> None:
         pass
@@ -334,6 +347,26 @@ class RayEngine:
         self._pool(key, make)
         yield from self._drain(lambda actor, i: actor.encode.remote(i, blocks[i], batch_size), len(blocks))
 
+    # -- generation (LM evaluation) ------------------------------------------------------------------
+    def generate_blocks(self, model_dir: Any, blocks: Sequence[list[list[str]]],
+                        options: dict[str, Any]) -> Iterator[tuple[int, list[list[str]]]]:
+        """(block index, generated titles per context) as blocks finish, from actors each holding
+        the LM (on its GPU with ``gpus_per_worker``, else on ``cpus_per_worker`` threads). The
+        model folder must be readable where the actors run."""
+        if not blocks:
+            return
+        ray = self.connect()
+        threads = max(1, int(self.cpus_per_worker))
+
+        def make() -> list[Any]:
+            actor_cls = ray.remote(_lm_worker_class())
+            options_ = dict(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, **_ACTOR_OPTIONS)
+            return [actor_cls.options(**options_).remote(str(model_dir), threads)
+                    for _ in range(min(len(blocks), self.pool_size(self.cpus_per_worker)))]
+
+        self._pool(("generate", str(model_dir), threads), make)
+        yield from self._drain(lambda actor, i: actor.generate.remote(i, blocks[i], options), len(blocks))
+
     # -- synthesis ------------------------------------------------------------------------------
     def synthesize(self, work: SynthWork) -> None:
         """Blocks of ``work.limit`` x 2 units over a pool of synthesis actors; each block's
@@ -419,6 +452,29 @@ def _embed_worker_class():
             return index, encode_block(self.encoder, texts, batch_size)
 
     return EmbedWorker
+
+
+def _lm_worker_class():
+    class LMWorker:
+        """A Ray actor holding one LM for generation."""
+
+        def __init__(self, model_dir: str, threads: int):
+            import torch
+
+            from .train import load_lm
+
+            torch.set_num_threads(threads)
+            self.loaded = load_lm(model_dir)
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def generate(self, index: int, contexts: list[list[str]], options: dict[str, Any]):
+            from .train import generate_titles
+
+            return index, generate_titles(self.loaded, contexts, **options)
+
+    return LMWorker
 
 
 def _synth_worker_class():

@@ -348,3 +348,26 @@ def test_a_typed_key_stays_here_and_a_worker_side_error_is_its_own_line(tmp_path
         run_synthesis(ws, "sel-ray", keyless, gt_mode="llm", dedup_embeddings=False, engine=engine)
     assert ws.count("synthetic_queries") == 0
     ws.close()
+
+
+def test_ray_generative_evaluation_has_the_in_process_metrics(tmp_path, studio_workspace_file, engine):
+    from conftest import copy_workspace
+
+    from crs_core.engines import LocalEngine
+    from crs_core.model_eval import evaluate_lm, run_results
+
+    opts = dict(datasets=["inspired_test"], turn_sample=4, n=3, batch_size=2, max_new_tokens=24)
+    with Workspace(copy_workspace(studio_workspace_file, tmp_path / "local.duckdb")) as ws:
+        run_id = evaluate_lm(ws, "zero-shot", engine=LocalEngine(), **opts)
+        expected = run_results(ws, run_id)
+    with Workspace(copy_workspace(studio_workspace_file, tmp_path / "ray.duckdb")) as ws:
+        seen = []
+        assert evaluate_lm(ws, "zero-shot", engine=engine, progress=lambda d, t: seen.append((d, t)), **opts) == run_id
+        assert run_results(ws, run_id) == expected and seen[-1] == (4, 4)
+        config = json.loads(ws.scalar("SELECT config FROM runs WHERE run_id = ?", [run_id]))
+        assert config["engine"] == "ray" and config["grounding"]["inspired_test"]["contexts"] == 4
+        assert not spool_folder(ws.path, f"lm-eval|{run_id}").exists()
+        # evaluating again returns the stored run and generates nothing
+        runs, reports = ws.count("runs"), len(seen)
+        assert evaluate_lm(ws, "zero-shot", engine=engine, progress=lambda d, t: seen.append((d, t)), **opts) == run_id
+        assert ws.count("runs") == runs and len(seen) == reports
