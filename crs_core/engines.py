@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import urllib.parse
 from dataclasses import dataclass, replace
@@ -160,14 +161,29 @@ class LocalEngine:
 # ==============================================================================================
 # Ray
 # ==============================================================================================
-def _import_ray():
+def _import_ray(local: bool = False):
+    """The ray module. ``local``: a Ray about to start on this machine alone, whose processes
+    then listen on 127.0.0.1 only (Ray's single-machine mode, which it otherwise keeps for macOS
+    and Windows; on Linux its services listen on every interface)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by Ray's processes as they start
     try:
         import ray
     except ImportError:
         raise EngineError("the ray engine needs Ray: pip install 'ray[data]==2.60.0' "
                           "(it is in requirements.txt)") from None
+    if local:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable at import
     return ray
+
+
+def _ray_running() -> bool:
+    """Whether this process is already connected to a Ray (then it is used as it is)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
@@ -222,7 +238,7 @@ class RayEngine:
                 return self._ray
             if self.address:
                 check_address(self.address)
-            ray = _import_ray()
+            ray = _import_ray(local=not self.address and not _ray_running())
             if not ray.is_initialized():
                 try:
                     if self.address:

@@ -184,8 +184,11 @@ def test_unreachable_address_is_one_clear_error_and_starts_nothing(tmp_path, dat
 @pytest.fixture(scope="module")
 def engine():
     eng = RayEngine(workers=2)  # a local Ray on this machine's cores
-    eng.connect()
+    ray = eng.connect()
     assert eng.cluster_cpus() >= 1
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    listening = [c.laddr.ip for p in ray_processes() for c in p.net_connections(kind="inet") if c.status == "LISTEN"]
+    assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}  # a local Ray: loopback only
     yield eng
     eng.close()
     import ray
