@@ -3,6 +3,7 @@
     python bench/app_bench.py                         # the default workspace (a copy of it)
     python bench/app_bench.py --workspace my.duckdb --pages map evaluation
     python bench/app_bench.py --map-points 50000 --json test-artifacts/bench/app_bench.json
+    python bench/app_bench.py --demo                  # the stakeholder demo's wall time (see run_demo)
 
 How it measures. The studio runs as a real `streamlit run app.py` server on a free port over a
 *copy* of the workspace (the studio opens its workspace for writing, and DuckDB allows one
@@ -59,7 +60,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,11 +69,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # the project, and the browser driving the tests share
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-CHROMIUM = os.environ.get("CRS_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("CRS_CHROMEDRIVER", "/usr/bin/chromedriver")
+from browser_support import CHROMEDRIVER, CHROMIUM, free_port, new_browser  # noqa: E402
+
 GOAL_S = 2.0
 QUIET_S = 1.0
 POLL_S = 0.05
@@ -136,12 +137,6 @@ class Visit:
     exception: bool
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Studio:
     """`streamlit run <script>` on a free port; stopped on exit."""
 
@@ -151,7 +146,7 @@ class Studio:
         self.url = ""
 
     def __enter__(self) -> "Studio":
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "CRS_JOBS_ROOT": str(self.tmp / "jobs")}
         if self.workspace is not None:
             env["CRS_WORKSPACE"] = str(self.workspace)
@@ -185,18 +180,7 @@ class Studio:
 
 
 def browser(profile: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager go online
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1440,1800", f"--user-data-dir={profile}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = new_browser(profile)
     driver.set_page_load_timeout(TIMEOUT_S)
     driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": WS_HOOK})
     return driver
@@ -332,6 +316,110 @@ def tile_map(path: Path, points: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- main
+# -- the stakeholder demo (issue 17) ----------------------------------------------------------------
+def demo_in_process(ws_path: Path, stub, tmp: Path) -> dict[str, float]:
+    """The demo's work without the studio: the same steps, settings and stub teacher through
+    crs_core in this process (the CLI's path), for the ratio browser demo / work. Seconds per step."""
+    from crs_core import evaluate, jobs, recommenders, review, studio_actions, train, views
+    from crs_core.accounts import User
+    from crs_core.selections import run_selection
+    from crs_core.store import Workspace
+    from crs_core.synth import run_synthesis
+    from crs_core.teacher import Teacher, TeacherConfig
+    from studio_demo import CURVE_TURNS, EVAL_TURNS, QUERY_PHRASE, TRAINED_EPOCHS
+
+    os.environ["CRS_JOBS_ROOT"] = str(tmp / "jobs-in-process")
+    times: dict[str, float] = {}
+    started = time.monotonic()
+
+    def lap(step: str) -> None:
+        nonlocal started
+        times[step] = round(time.monotonic() - started, 1)
+        started = time.monotonic()
+
+    teacher_cfg = TeacherConfig(provider="openai", base_url=stub.base_url, model="gpt-4o-mini")  # loopback: no key
+    with Workspace(ws_path) as ws:
+        set_id = ws.scalar("SELECT set_id FROM embedding_sets WHERE unit = 'review' LIMIT 1")
+        selection = run_selection(ws, "JS", 5, unit="item", set_id=set_id, name="demo JS (in process)")
+        lap("selection")
+        with Teacher(teacher_cfg, cache=ws) as teacher:
+            run_synthesis(ws, selection, teacher, gt_mode="llm", dedup_embeddings=False)
+        lap("synthesis")
+        owner = User("bench", "owner")
+        for (qid,) in ws.cursor().execute("SELECT query_id FROM synthetic_queries WHERE query LIKE ? ORDER BY 1 "
+                                          "LIMIT 3", [f"%{QUERY_PHRASE}%"]).fetchall():
+            d = review.get_dialogue(ws, qid)
+            review.save_edit(ws, qid, d.version, d.query, d.ground_truth, "", owner, status="approved")
+        lap("review")
+        studio_actions.augment_then_train(ws, "synthetic", "similarity")
+        lap("augmentation")
+        examples, items, _ = views.training_inputs(ws, ("approved",))
+        job_id = train.launch_training(ws, "train_retriever", examples, items, {"epochs": TRAINED_EPOCHS})
+        while not jobs.job_state(jobs.job_folder(ws, job_id)).finished:
+            time.sleep(0.5)
+        jobs.import_finished_jobs(ws)
+        lap("training")
+        studio_actions.evaluate_trained_model(ws, job_id, ["inspired_test"], turn_sample=EVAL_TURNS)
+        lap("evaluate trained")
+        rec = recommenders.make_recommender("dense", ws)
+        result = evaluate.evaluate(ws, rec, "inspired_test", turn_sample=EVAL_TURNS)
+        evaluate.store_run(ws, {"model": rec.name}, {"inspired_test": result})
+        lap("evaluate zero-shot")
+        studio_actions.run_budget_curves(ws, strategies=("RANDOM_UNIFORM", "JS"), budgets=(2, 4), seeds=(0,),
+                                         datasets=("inspired_test",), turn_sample=CURVE_TURNS,
+                                         teacher_config=teacher_cfg)
+        lap("budget curve")
+    return times
+
+
+def run_demo(json_path: str | None) -> int:
+    """Time the stakeholder demo in a real browser (tests/studio_demo.py) on a copy of the test
+    suite's small workspace, with the loopback stub teacher (0.6 s per reply), against the same
+    work done in process on another copy (the ratio is what the studio adds: page runs, polling,
+    the browser, and the user's waiting between steps)."""
+    from browser_support import running_studio
+    from conftest import small_workspace_file
+    from openai_stub_server import OpenAIStubServer
+    from studio_demo import play_demo, stub_reply
+
+    from crs_core.store import Workspace
+
+    src = small_workspace_file()
+    with Workspace(src, read_only=True) as ws:
+        titles = ws.df("SELECT title, year FROM items WHERE year IS NOT NULL AND item_id IN "
+                       "(SELECT item_id FROM reviews) ORDER BY item_id LIMIT 9")
+    listing = "\n".join(f"{n}. {t} ({int(y)})" for n, (t, y) in enumerate(zip(titles["title"][:8], titles["year"]), 1))
+    tmp = Path(tempfile.mkdtemp(prefix="crs-demo-bench-"))
+    try:
+        with OpenAIStubServer(reply=stub_reply(listing)) as stub:
+            ws = copy_workspace(src, tmp / "demo.duckdb")
+            with running_studio(ws, tmp, {"CRS_TEACHER_BASE_URL": stub.base_url}) as (url, _proc):
+                driver = new_browser(tmp / "profile")
+                try:
+                    browser_times = play_demo(driver, url, stub, tmp / "shots", catalog_title=titles["title"].iloc[8])
+                finally:
+                    driver.quit()
+        with OpenAIStubServer(reply=stub_reply(listing)) as stub:
+            work = demo_in_process(copy_workspace(src, tmp / "work.duckdb"), stub, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    steps = list(work)
+    print(f"\nStakeholder demo (every step from a page), seconds; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'step':<20} {'browser':>8} {'in process':>11} {'ratio':>6}")
+    for step in steps:
+        b, w = browser_times[step], work[step]
+        print(f"{step:<20} {b:>8.1f} {w:>11.1f} {b / w if w else float('nan'):>6.1f}")
+    total_b, total_w = sum(browser_times[s] for s in steps), sum(work.values())
+    print(f"{'total':<20} {total_b:>8.1f} {total_w:>11.1f} {total_b / total_w:>6.2f}")
+    headline = {"demo_browser_s": round(total_b, 1), "demo_in_process_s": round(total_w, 1),
+                "ratio": round(total_b / total_w, 2), "points_seen": browser_times.get("points seen")}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({"browser": browser_times, "in_process": work, **headline}, indent=2))
+    print(json.dumps(headline))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from crs_core.store import workspace_path
 
@@ -343,10 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-in-app", dest="in_app", action="store_false",
                     help="skip the in-app navigation measurement (sidebar clicks)")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--demo", action="store_true",
+                    help="instead: the wall time of the stakeholder demo (tests/studio_demo.py) vs its work in process")
     args = ap.parse_args(argv)
     for exe in (CHROMIUM, CHROMEDRIVER):
         if not Path(exe).exists():
             raise SystemExit(f"{exe} is missing (Debian: apt-get install chromium chromium-driver)")
+    if args.demo:
+        return run_demo(args.json)
 
     src = workspace_path(args.workspace)
     tmp = Path(tempfile.mkdtemp(prefix="crs-app-bench-"))
