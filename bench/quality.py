@@ -18,7 +18,8 @@ never written; `--out` keeps the copy, otherwise it lives in a temporary folder)
    approved; no human review in a benchmark), checked by `check_no_test_leakage`;
 4. models: popularity (interactions), NBCRS (neighbours among the synthetic queries), zero-shot
    dense retrieval (MiniLM), the dense retriever fine-tuned on (query, item text) pairs (a
-   `train_retriever` job), zero-shot LM and a LoRA SFT of SmolLM2-135M (a `train_lm` job),
+   `train_retriever` job), the hybrid over it (weights fitted on held-out synthetic queries),
+   zero-shot LM and a LoRA SFT of SmolLM2-135M (a `train_lm` job),
    both LMs evaluated through `crs_core.model_eval.launch_lm_eval` on `--lm-turns` sampled
    turns per test set (seeded; the same turns for both);
 5. one table: model x dataset -> Recall@10, Recall@20, NDCG@10 (mean ± standard error) and the
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return supervised(args)
     from crs_core import model_eval
     from crs_core.evaluate import candidate_items, check_no_test_leakage
-    from crs_core.recommenders import NBCRS, Catalog, DenseRetrieval, Popularity, training_set_from_synthetic
+    from crs_core.recommenders import (NBCRS, Catalog, DenseRetrieval, Hybrid, Popularity,
+                                       training_set_from_synthetic)
     from crs_core.selections import run_selection
     from crs_core.store import Workspace
     from crs_core.synth import run_synthesis
@@ -364,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     timings["retriever training"] = time.monotonic() - t
     rec, ref = model_eval.dense_retriever(ws, job, args.retriever_datasets, catalog=catalog)
     evaluate_in_process(rec, "dense retriever (fine-tuned)", f"synthetic, {res.get('steps')} steps",
+                        args.retriever_datasets)
+    # the hybrid over it: its weights (MovieLens co-rating, label popularity) fitted on held-out
+    # synthetic queries, so no test dialogue reaches it either
+    hybrid = Hybrid(ws, encoder=rec.encoder, catalog=rec.catalog)
+    hybrid.fit(train)
+    w_cf, w_pop = hybrid.weights
+    evaluate_in_process(hybrid, "hybrid (fine-tuned dense)", f"synthetic, cf={w_cf:g} pop={w_pop:g}",
                         args.retriever_datasets)
 
     # 6: LMs ---------------------------------------------------------------------------------------
