@@ -317,7 +317,7 @@ def tile_map(path: Path, points: int) -> dict:
 
 # ---------------------------------------------------------------------------------- main
 # -- the stakeholder demo (issue 17) ----------------------------------------------------------------
-def demo_in_process(ws_path: Path, stub, tmp: Path) -> dict[str, float]:
+def demo_in_process(ws_path: Path, stub, tmp: Path, catalog_title: str) -> dict[str, float]:
     """The demo's work without the studio: the same steps, settings and stub teacher through
     crs_core in this process (the CLI's path), for the ratio browser demo / work. Seconds per step."""
     from crs_core import evaluate, jobs, recommenders, review, studio_actions, train, views
@@ -326,6 +326,7 @@ def demo_in_process(ws_path: Path, stub, tmp: Path) -> dict[str, float]:
     from crs_core.store import Workspace
     from crs_core.synth import run_synthesis
     from crs_core.teacher import Teacher, TeacherConfig
+    import pandas as pd
     from studio_demo import CURVE_TURNS, EVAL_TURNS, QUERY_PHRASE, TRAINED_EPOCHS
 
     os.environ["CRS_JOBS_ROOT"] = str(tmp / "jobs-in-process")
@@ -346,17 +347,25 @@ def demo_in_process(ws_path: Path, stub, tmp: Path) -> dict[str, float]:
             run_synthesis(ws, selection, teacher, gt_mode="llm", dedup_embeddings=False)
         lap("synthesis")
         owner = User("bench", "owner")
-        for (qid,) in ws.cursor().execute("SELECT query_id FROM synthetic_queries WHERE query LIKE ? ORDER BY 1 "
-                                          "LIMIT 3", [f"%{QUERY_PHRASE}%"]).fetchall():
+        added = ws.df("SELECT item_id, title, year, genres FROM items WHERE title = ? ORDER BY item_id LIMIT 1",
+                      [catalog_title])
+        for n, (qid,) in enumerate(ws.cursor().execute(
+                "SELECT query_id FROM synthetic_queries WHERE query LIKE ? ORDER BY 1 LIMIT 3",
+                [f"%{QUERY_PHRASE}%"]).fetchall()):
             d = review.get_dialogue(ws, qid)
-            review.save_edit(ws, qid, d.version, d.query, d.ground_truth, "", owner, status="approved")
+            rows = d.ground_truth
+            if n == 0:  # as the demo's annotator: one catalog item added to the first list
+                rows = pd.concat([rows, added.assign(rank=len(rows) + 1, title_raw=catalog_title, match_score=1.0,
+                                                     flagged=False, note="added by bench")], ignore_index=True)
+            review.save_edit(ws, qid, d.version, d.query, rows, "", owner, status="approved")
         lap("review")
         studio_actions.augment_then_train(ws, "synthetic", "similarity")
         lap("augmentation")
         examples, items, _ = views.training_inputs(ws, ("approved",))
         job_id = train.launch_training(ws, "train_retriever", examples, items, {"epochs": TRAINED_EPOCHS})
-        while not jobs.job_state(jobs.job_folder(ws, job_id)).finished:
-            time.sleep(0.5)
+        state = jobs.wait_for_job(jobs.job_folder(ws, job_id), timeout=1800)
+        if state.state != "succeeded":
+            raise SystemExit(f"error: the training job {job_id} {state.state}: {state.error}")
         jobs.import_finished_jobs(ws)
         lap("training")
         studio_actions.evaluate_trained_model(ws, job_id, ["inspired_test"], turn_sample=EVAL_TURNS)
@@ -365,7 +374,8 @@ def demo_in_process(ws_path: Path, stub, tmp: Path) -> dict[str, float]:
         result = evaluate.evaluate(ws, rec, "inspired_test", turn_sample=EVAL_TURNS)
         evaluate.store_run(ws, {"model": rec.name}, {"inspired_test": result})
         lap("evaluate zero-shot")
-        studio_actions.run_budget_curves(ws, strategies=("RANDOM_UNIFORM", "JS"), budgets=(2, 4), seeds=(0,),
+        stub.latency = 2.0  # as in the demo: seed 1, slower replies for the curve's queries
+        studio_actions.run_budget_curves(ws, strategies=("RANDOM_UNIFORM", "JS"), budgets=(2, 4), seeds=(1,),
                                          datasets=("inspired_test",), turn_sample=CURVE_TURNS,
                                          teacher_config=teacher_cfg)
         lap("budget curve")
@@ -400,7 +410,7 @@ def run_demo(json_path: str | None) -> int:
                 finally:
                     driver.quit()
         with OpenAIStubServer(reply=stub_reply(listing)) as stub:
-            work = demo_in_process(copy_workspace(src, tmp / "work.duckdb"), stub, tmp)
+            work = demo_in_process(copy_workspace(src, tmp / "work.duckdb"), stub, tmp, titles["title"].iloc[8])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     steps = list(work)
