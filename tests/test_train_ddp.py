@@ -27,6 +27,7 @@ import pytest
 from crs_core import jobs, models, train, train_dist
 from crs_core.errors import CRSError
 from crs_core.store import Workspace
+from crs_core.train_loop import _NoJob
 
 from test_train import EXAMPLES, ITEMS
 
@@ -153,10 +154,8 @@ def test_bad_process_counts_are_one_clear_error(tmp_path):
     assert train_dist.shard_sizes(5, 2) == [3, 2] and train_dist.shard([4, 1, 3], train_dist.World(2, 1, 1)) == [3]
 
 
-class _Recorder:
+class _Recorder(_NoJob):
     """In-process hooks that keep each step's loss (what a job writes to progress.jsonl)."""
-
-    last_checkpoint_step = None
 
     def __init__(self, losses: list[float], out: Path):
         self.losses, self.out = losses, out
@@ -166,26 +165,8 @@ class _Recorder:
 
     warn = log
 
-    def cancel_requested(self) -> bool:
-        return False
-
     def report(self, step, total_steps, **kw) -> None:
         self.losses.append(kw["loss"])
-
-    def set_total(self, total_steps, step=0) -> None:
-        pass
-
-    def truncate_progress(self, step) -> None:
-        pass
-
-    def save_checkpoint(self, step, write, meta=None, keep=2):
-        return None
-
-    def load_checkpoint(self, read):
-        return None
-
-    def checkpoint_due(self, step, every_steps) -> bool:
-        return False
 
 
 def _minilm_without_dropout(dest: Path) -> Path:
